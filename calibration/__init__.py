@@ -1,0 +1,1 @@
+"""On-site threshold calibration (no torch): good frames in, thresholds.yaml and a report out."""

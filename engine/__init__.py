@@ -1,0 +1,1 @@
+"""daad-inspect runtime: model bundles, preprocessing and inference backends (no torch)."""
