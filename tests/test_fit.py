@@ -1,0 +1,121 @@
+"""Training, evaluation and export end to end on synthetic parts (small and fast)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.bundle import load_bundle
+from train.checkpoint import load_model, read_checkpoint
+from train.config import TrainConfig, preset
+from train.evaluate import evaluate
+from train.export import export_bundle
+from train.fit import fit
+from train.synthetic import write_synthetic_dataset
+
+SMALL = dict(image_size=(64, 64), channels=(16, 16, 32, 32, 32), disc_channels=(16, 16, 32, 32), memory_items=20,
+             blocks=((4, 4, 0), (2, 2, 0), (2, 2, 0), (1, 1, 0)))
+SEPARATION_AUROC = 0.9  # synthetic pits/scratches are obvious; a regression that stops separating them drops to ~0.5
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("syn")
+    write_synthetic_dataset(root, n_train=24, n_test_good=8, n_test_per_defect=3, size=96)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(data=str(dataset), out=str(out), steps=80, batch_size=8, lr=1e-3, checkpoint_every=40)
+    return fit(preset("daad_plus", **SMALL), cfg, progress=False)
+
+
+def test_short_fit_lowers_the_loss_and_separates_synthetic_defects(trained, dataset: Path) -> None:
+    first = sum(h["rec"] for h in trained.history[:5]) / 5
+    last = sum(h["rec"] for h in trained.history[-5:]) / 5
+    assert last < 0.25 * first
+    model, _ = load_model(trained.checkpoint)
+    metrics = evaluate(model, dataset, plot=False)
+    assert metrics["image_auroc"] >= SEPARATION_AUROC, metrics
+    assert trained.score_stats["n"] == 24 and trained.score_stats["max"] >= trained.score_stats["p50"]
+
+
+def test_checkpoint_is_self_describing_and_loads_with_weights_only(trained) -> None:
+    state = torch.load(str(trained.checkpoint), weights_only=True)  # no pickled classes inside
+    assert state["model_config"]["adversarial"] is True
+    assert state["step"] == 80
+    model, _ = load_model(trained.checkpoint)
+    assert model.cfg.name == "DAAD+" and not model.training
+
+
+def test_resume_continues_from_the_checkpoint(dataset: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(data=str(dataset), out=str(tmp_path), steps=6, batch_size=4, checkpoint_every=3)
+    fit(preset("daad", **SMALL), cfg, progress=False)
+    longer = TrainConfig(**{**cfg.__dict__, "steps": 9})
+    result = fit(preset("daad", **SMALL), longer, resume=True, progress=False)
+    assert [h["step"] for h in result.history] == [7, 8, 9]  # only the missing steps ran
+    assert read_checkpoint(result.checkpoint)["step"] == 9
+
+
+def test_eval_writes_metrics_and_plots(trained, dataset: Path, tmp_path: Path) -> None:
+    model, _ = load_model(trained.checkpoint)
+    metrics = evaluate(model, dataset, tmp_path / "eval")
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["image_auroc"] == pytest.approx(metrics["image_auroc"])
+    for key in ("pixel_auroc", "aupro", "best_f1", "image_auroc_per_type"):
+        assert key in saved
+    for name in ("roc.png", "scores.png", "overlays_best.png", "overlays_worst.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 5000
+
+
+def test_export_bundle_matches_pytorch_on_real_files(trained, dataset: Path, tmp_path: Path) -> None:
+    images = sorted((dataset / "test").glob("*/*.png"))[::4]
+    bundle = export_bundle(trained.checkpoint, tmp_path / "bundle", batches=(1, 2), parity_images=images)
+    reloaded = load_bundle(tmp_path / "bundle")
+    assert reloaded.sha256 == bundle.sha256 and reloaded.batch_sizes == (1, 2)
+    assert bundle.metadata["parity"]["max_abs_map"] < 1e-4
+    assert bundle.metadata["parity"]["max_abs_score"] < 1e-4
+    assert bundle.score_stats["n"] == 24
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["fit", "--data", "/nonexistent/ds"], "dataset directory not found"),
+    (["fit", "--data", ".", "--size", "40"], "multiples of 16"),
+    (["eval", "--checkpoint", "/nonexistent.pt", "--data", ".", "--out", "/tmp/x"], "checkpoint not found"),
+    (["export", "--checkpoint", "/nonexistent.pt", "--out", "/tmp/x"], "checkpoint not found"),
+])
+def test_cli_errors_are_one_line_without_traceback(args: list, expected: str) -> None:
+    proc = _cli(*args)
+    assert proc.returncode == 1
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_refuses_a_corrupt_checkpoint(tmp_path: Path) -> None:
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = _cli("export", "--checkpoint", str(bad), "--out", str(tmp_path / "b"))
+    assert proc.returncode == 1 and "not a readable checkpoint" in proc.stderr
+
+
+def test_torchrun_data_parallel_on_two_cpu_processes(dataset: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train", "fit",
+           "--data", str(dataset), "--model", "daad", "--size", "32", "--steps", "4", "--batch-size", "4",
+           "--device", "cpu", "--out", str(tmp_path), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = read_checkpoint(tmp_path / "last.pt")
+    assert state["step"] == 4
+    # both ranks contributed: throughput counts world_size * batch per step
+    assert state["images_per_s"] > 0

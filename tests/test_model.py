@@ -1,0 +1,119 @@
+"""The DAAD building blocks: division/assembly, addressing, memory read-out, presets, ONNX export."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train.config import PRESETS, preset, validate_model_config
+from train.model import DAAD, BlockMemory, assemble, divide
+
+SMALL = dict(image_size=(32, 32), channels=(8, 8, 16, 16, 16), disc_channels=(8, 8, 16, 16), memory_items=10,
+             blocks=((4, 4, 0), (2, 2, 0), (2, 2, 0), (1, 1, 0)))
+
+
+@pytest.mark.parametrize("bh,bw,bc", [
+    (1, 1, 8),  # pixel-level memory
+    (4, 4, 8),  # medium blocks, all channels
+    (2, 4, 2),  # non-square blocks cutting across channels
+    (8, 8, 8),  # the whole map is one block
+])
+def test_divide_then_assemble_is_exactly_the_identity(bh: int, bw: int, bc: int) -> None:
+    x = torch.randn(3, 8, 8, 8)
+    blocks = divide(x, bh, bw, bc)
+    assert blocks.shape == (3 * (8 // bc) * (8 // bh) * (8 // bw), bc * bh * bw)
+    assert torch.equal(assemble(blocks, tuple(x.shape), bh, bw, bc), x)
+
+
+def test_division_matches_unfold_order_when_blocks_span_all_channels() -> None:
+    x = torch.randn(2, 4, 8, 8)
+    ours = divide(x, 2, 2, 4)  # (B*nH*nW, C*2*2)
+    ref = F.unfold(x, kernel_size=2, stride=2).transpose(1, 2).reshape(-1, 16)
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("shrink", [0.0, 0.02])
+def test_addressing_weights_are_a_distribution(shrink: float) -> None:
+    memory = BlockMemory(channels=8, block=(2, 2, 0), items=20, temperature=0.1, shrink_threshold=shrink)
+    weights = memory.address(torch.randn(50, 32))
+    assert weights.shape == (50, 20)
+    assert torch.all(weights >= 0)
+    assert torch.allclose(weights.sum(dim=1), torch.ones(50), atol=1e-5)
+
+
+def test_reading_a_stored_item_returns_it() -> None:
+    torch.manual_seed(0)
+    memory = BlockMemory(channels=4, block=(2, 2, 0), items=16, temperature=0.01)
+    item = memory.items.detach()[5]
+    feature = item.reshape(1, 4, 2, 2)  # one block holding exactly memory item 5
+    out = memory(feature)
+    assert torch.allclose(out.reshape(-1), item, atol=1e-3)
+
+
+def test_low_temperature_makes_addressing_selective() -> None:
+    torch.manual_seed(0)
+    queries = torch.randn(100, 64)
+    flat = BlockMemory(16, (2, 2, 0), 50, temperature=1.0).address(queries)
+    sharp = BlockMemory(16, (2, 2, 0), 50, temperature=0.05).address(queries)
+    # T=1 on cosines in [-1, 1] is nearly uniform (max weight ~1/N); a low T concentrates it
+    assert flat.max(dim=1).values.mean() < 0.1
+    assert sharp.max(dim=1).values.mean() > 0.3
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_paper_column_builds_and_scores(name: str) -> None:
+    model = DAAD(preset(name, **SMALL)).eval()
+    out = model(torch.randn(2, 1, 32, 32))
+    assert out.anomaly_map.shape == (2, 1, 32, 32)
+    assert out.score.shape == (2,)
+    assert torch.isfinite(out.score).all()
+    assert (model.discriminator is not None) == (name == "daad_plus")
+    assert (len(model.generator.memories) == 4) == name.startswith("daad")
+
+
+def test_anomaly_map_is_larger_where_the_reconstruction_fails() -> None:
+    model = DAAD(preset("ae_skip", **SMALL)).eval()
+    x = torch.zeros(1, 1, 32, 32)
+    with torch.no_grad():
+        recon = model.reconstruct(x)
+        x_bad = x.clone()
+        x_bad[..., 10:14, 10:14] = recon[..., 10:14, 10:14] + 5.0
+        r_map, _ = model.raw_maps(x_bad, recon)
+    assert r_map[0, 0, 12, 12] > 10 * r_map[0, 0, 25, 25]
+
+
+@pytest.mark.parametrize("change,problem", [
+    ({"image_size": (40, 40)}, "multiples of 16"),  # four 2x downsamplings
+    ({"blocks": ((3, 3, 0), (2, 2, 0), (2, 2, 0), (1, 1, 0))}, "does not tile"),
+    ({"blocks": ((4, 4, 3), (2, 2, 0), (2, 2, 0), (1, 1, 0))}, "does not divide"),  # r_c must divide C
+    ({"temperature": 0.0}, "temperature"),
+])
+def test_invalid_model_configs_are_named(change: dict, problem: str) -> None:
+    problems = validate_model_config(preset("daad", **{**SMALL, **change}))
+    assert any(problem in p for p in problems), problems
+
+
+def test_export_is_static_opset17_and_matches_pytorch(tmp_path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from train.export import export_onnx
+
+    torch.manual_seed(0)
+    model = DAAD(preset("daad_plus", **SMALL)).eval()
+    model.set_score_normalisation(0.5, 2.0)
+    path = export_onnx(model, tmp_path / "m.onnx", batch=2)
+    graph = onnx.load(str(path))
+    assert graph.opset_import[0].version == 17
+    dims = [d for v in list(graph.graph.input) + list(graph.graph.output) for d in v.type.tensor_type.shape.dim]
+    assert all(d.HasField("dim_value") for d in dims)  # no symbolic (dynamic) dimension
+    ops = {n.op_type for n in graph.graph.node}
+    assert not ops & {"NonZero", "Loop", "If", "Where", "Shape", "Expand"}  # no data-dependent ops
+    x = np.random.default_rng(0).normal(size=(2, 1, 32, 32)).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    amap, score = session.run(["anomaly_map", "score"], {"image": x})
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x))
+    assert np.abs(amap - ref.anomaly_map.numpy()).max() < 1e-4
+    assert np.abs(score - ref.score.numpy()).max() < 1e-4

@@ -1,0 +1,78 @@
+"""Checkpoints that describe themselves: weights, optimiser state and both configs, stored as plain
+tensors and dicts so they load with torch.load(weights_only=True) (no pickled classes)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Tuple, Union
+
+import torch
+
+from engine.errors import DaadError
+
+from .config import ModelConfig, TrainConfig, from_dict, to_dict, validate_model_config
+from .model import DAAD
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(DaadError):
+    """A checkpoint is missing, corrupt or from an incompatible version."""
+
+
+def save_checkpoint(path: Union[str, Path], model: DAAD, train_cfg: TrainConfig, step: int,
+                    optimizers: Dict[str, Any], extra: Dict[str, Any]) -> Path:
+    """Atomic write: a crash mid-save never leaves a truncated checkpoint behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": to_dict(model.cfg),
+        "train_config": to_dict(train_cfg),
+        "model": model.state_dict(),
+        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+        "step": int(step),
+        "torch_rng": torch.get_rng_state(),
+        **extra,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; train one with `daad-train fit`")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated/foreign files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {str(exc)[:120]})") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: field `format` is {state.get('format') if isinstance(state, dict) else '?'}, expected {CHECKPOINT_FORMAT}")
+    return state
+
+
+def load_model(path: Union[str, Path]) -> Tuple[DAAD, Dict[str, Any]]:
+    """Rebuild the model from a checkpoint (config inside), in eval mode on the CPU."""
+    state = read_checkpoint(path)
+    cfg = from_dict(ModelConfig, state["model_config"], f"{path}: model_config")
+    problems = validate_model_config(cfg)
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+    model = DAAD(cfg)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, state
+
+
+def train_config_of(state: Dict[str, Any]) -> TrainConfig:
+    return from_dict(TrainConfig, state["train_config"], "checkpoint train_config")

@@ -1,0 +1,159 @@
+"""`daad-train`: fit, eval and export on the desktop.
+
+    daad-train fit --data DIR --model daad_plus --out runs/x [--steps N] [--resume]
+    daad-train eval --checkpoint runs/x/last.pt --data DIR --out runs/x/eval
+    daad-train export --checkpoint runs/x/last.pt --out bundle/ [--batch 8] [--parity-images DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from engine.errors import ConfigError, DaadError
+
+from .config import PRESETS, ModelConfig, TrainConfig, from_dict, preset, to_dict
+
+logger = logging.getLogger("train")
+
+
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    overrides: Dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        base = to_dict(preset(args.model))
+        base.update(loaded.get("model", {}) if isinstance(loaded, dict) else {})
+        cfg = from_dict(ModelConfig, base, f"{path}: model")
+    else:
+        cfg = preset(args.model)
+    if args.size:
+        overrides["image_size"] = (args.size, args.size)
+    if args.channels_in:
+        overrides["in_channels"] = args.channels_in
+    if overrides:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, **overrides)
+    return cfg
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .fit import fit
+
+    model_cfg = _model_config(args)
+    train_cfg = TrainConfig(data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                            seed=args.seed, device=args.device, amp=not args.no_amp, val_fraction=args.holdout,
+                            checkpoint_every=args.checkpoint_every)
+    result = fit(model_cfg, train_cfg, resume=args.resume, progress=not args.quiet)
+    if result.score_stats:
+        print(f"checkpoint: {result.checkpoint}")
+        print(f"throughput: {result.images_per_s:.1f} images/s; final losses: "
+              + ", ".join(f"{k}={v:.4f}" for k, v in result.history[-1].items() if k != "step") if result.history else "")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .evaluate import evaluate
+
+    model, _ = load_model(args.checkpoint)
+    metrics = evaluate(model, Path(args.data), Path(args.out), device=args.device, plot=not args.no_plots,
+                       progress=not args.quiet)
+    print(json.dumps({k: metrics[k] for k in ("model", "image_auroc", "pixel_auroc", "aupro")}, default=float))
+    print(f"per type: {json.dumps(metrics['image_auroc_per_type'], default=float)}")
+    print(f"metrics and plots: {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from engine.preprocess import list_images
+
+    from .export import export_bundle
+
+    parity_images: List[Path] = []
+    if args.parity_images:
+        parity_images = list_images(Path(args.parity_images))[: args.parity_count]
+        if not parity_images:
+            raise ConfigError(f"{args.parity_images}: no images for the parity check")
+    metrics: Optional[Dict[str, Any]] = None
+    if args.metrics:
+        metrics = json.loads(Path(args.metrics).read_text())
+        metrics.pop("plots", None)
+    batches = [1] + ([args.batch] if args.batch and args.batch > 1 else [])
+    bundle = export_bundle(args.checkpoint, args.out, batches=batches, parity_images=parity_images, metrics=metrics)
+    print(f"bundle: {bundle.root} ({bundle.name}, sha256 {bundle.sha256[:12]}, batches {list(bundle.batch_sizes)})")
+    if "parity" in bundle.metadata:
+        print(f"parity vs PyTorch: {bundle.metadata['parity']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="daad-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit_p = sub.add_parser("fit", help="train a model on good images")
+    fit_p.add_argument("--data", required=True, help="MVTec-layout dataset root or a folder of good images")
+    fit_p.add_argument("--model", default="daad_plus", choices=sorted(PRESETS), help="paper column preset")
+    fit_p.add_argument("--config", help="YAML with a `model:` mapping of ModelConfig overrides")
+    fit_p.add_argument("--out", default="runs/daad", help="run directory (checkpoint last.pt, log.jsonl)")
+    fit_p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    fit_p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    fit_p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    fit_p.add_argument("--size", type=int, help="square input size (multiple of 16)")
+    fit_p.add_argument("--channels-in", type=int, choices=(1, 3), help="1 gray, 3 RGB")
+    fit_p.add_argument("--seed", type=int, default=0)
+    fit_p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    fit_p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    fit_p.add_argument("--holdout", type=float, default=0.0, help="fraction of good images held back (validation)")
+    fit_p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    fit_p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    fit_p.add_argument("--quiet", action="store_true", help="no progress bar")
+    fit_p.set_defaults(func=cmd_fit)
+
+    eval_p = sub.add_parser("eval", help="metrics and plots on an MVTec-layout test set")
+    eval_p.add_argument("--checkpoint", required=True)
+    eval_p.add_argument("--data", required=True)
+    eval_p.add_argument("--out", required=True, help="directory for metrics.json and plots")
+    eval_p.add_argument("--device", default="auto")
+    eval_p.add_argument("--no-plots", action="store_true")
+    eval_p.add_argument("--quiet", action="store_true")
+    eval_p.set_defaults(func=cmd_eval)
+
+    exp_p = sub.add_parser("export", help="write the model bundle (model.onnx + bundle.yaml)")
+    exp_p.add_argument("--checkpoint", required=True)
+    exp_p.add_argument("--out", required=True, help="bundle directory")
+    exp_p.add_argument("--batch", type=int, default=0, help="also export a fixed larger batch")
+    exp_p.add_argument("--parity-images", help="folder of images to check ONNX Runtime vs PyTorch on")
+    exp_p.add_argument("--parity-count", type=int, default=8)
+    exp_p.add_argument("--metrics", help="metrics.json from `daad-train eval`, stored in the bundle")
+    exp_p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except DaadError as err:
+        print(f"daad-train: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("daad-train: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

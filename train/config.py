@@ -1,0 +1,168 @@
+"""Model and training configuration: dataclasses whose fields say why they have their value.
+
+The paper's table columns are presets of the same code (`PRESETS`): AE, AE+Skip, DAAD, DAAD+.
+Unknown keys and wrong types are rejected when a config is read back (checkpoint, YAML override).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional, Tuple
+
+from engine.errors import ConfigError
+
+# Block size (r_h, r_w, r_c) per memory scale, from fine (1/2) to the 1/16 bottleneck. r_c = 0 means
+# "all channels". Chosen by the block-size ablation (benchmarks/bench_block_size.py); see README.
+DEFAULT_BLOCKS: Tuple[Tuple[int, int, int], ...] = ((8, 8, 0), (4, 4, 0), (2, 2, 0), (1, 1, 0))
+
+
+@dataclass
+class ModelConfig:
+    in_channels: int = 1  # gray parts by default (MVTec textures, magnetic tile); 3 for colour
+    image_size: Tuple[int, int] = (128, 128)  # (H, W) at the model input; multiple of 16 (four 2x downsamplings)
+    channels: Tuple[int, ...] = (32, 64, 128, 256, 256)  # full res, 1/2, 1/4, 1/8, 1/16 widths
+    skips: bool = True  # UNet skip connections at 1/2, 1/4 and 1/8 (AE has none)
+    memory: bool = True  # block-wise memory on every skip and on the bottleneck (DAAD)
+    memory_items: int = 100  # N per memory; MemAE used 100-500, +10 % step time at 100 on CPU
+    blocks: Tuple[Tuple[int, int, int], ...] = DEFAULT_BLOCKS  # (r_h, r_w, r_c) at 1/2, 1/4, 1/8, 1/16
+    temperature: float = 0.1  # softmax(cos/T): at T=1 cosine in [-1,1] gives near-uniform addressing
+    shrink_threshold: float = 0.0  # MemAE hard shrinkage lambda (0 = off, paper's equations have none)
+    adversarial: bool = False  # discriminator + adversarial and alignment losses (DAAD+)
+    disc_channels: Tuple[int, ...] = (32, 64, 128, 128)  # discriminator feature extractor widths
+    gamma: float = 0.5  # A = gamma*R + (1-gamma)*L when adversarial; 1.0 otherwise
+    smoothing_sigma: float = 2.0  # Gaussian smoothing of the pixel map (pixels at model resolution)
+    score_topk: float = 0.01  # image score = mean of the top fraction of map pixels (0 = plain max)
+
+    @property
+    def name(self) -> str:
+        if not self.skips:
+            return "AE"
+        if not self.memory:
+            return "AE+Skip"
+        return "DAAD+" if self.adversarial else "DAAD"
+
+
+@dataclass
+class LossWeights:
+    rec: float = 1.0  # lambda_rec: L2 reconstruction
+    adv: float = 0.01  # lambda_adv: small, the GAN term only sharpens; larger values destabilise
+    ali: float = 0.1  # lambda_ali: discriminator-feature alignment (the "semantic latent")
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # dataset root (MVTec layout) or a folder of good images
+    out: str = "runs/daad"  # checkpoints, logs
+    steps: int = 2000  # optimiser steps (a budget comparable across configs, unlike epochs)
+    batch_size: int = 16
+    lr: float = 2e-4  # Adam, as DCGAN-style models; 1e-3 made the GAN oscillate
+    betas: Tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 0.0
+    loss: LossWeights = field(default_factory=LossWeights)
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available, else cpu
+    amp: bool = True  # mixed precision on CUDA only (ignored on CPU)
+    workers: int = 0  # data are preprocessed into memory once; workers rarely help
+    checkpoint_every: int = 500  # steps
+    log_every: int = 50
+    hflip: bool = True  # augmentations that respect the part: flips and small shifts only
+    vflip: bool = True
+    max_shift: float = 0.03  # fraction of the size
+    val_fraction: float = 0.0  # good images held back from training (for model selection)
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "ae": {"skips": False, "memory": False, "adversarial": False, "gamma": 1.0},
+    "ae_skip": {"skips": True, "memory": False, "adversarial": False, "gamma": 1.0},
+    "daad": {"skips": True, "memory": True, "adversarial": False, "gamma": 1.0},
+    "daad_plus": {"skips": True, "memory": True, "adversarial": True, "gamma": 0.5},
+}
+
+
+def _coerce(value: Any, target: Any, path: str) -> Any:
+    """Convert YAML/JSON values (lists) back into the dataclass field types (tuples), checking types."""
+    if dataclasses.is_dataclass(target):
+        return from_dict(type(target), value, path)
+    if isinstance(target, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: got {value!r}, expected true or false")
+        return value
+    if isinstance(target, (int, float)) and not isinstance(target, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: got {value!r}, expected a number")
+        return type(target)(value) if isinstance(target, float) else _as_int(value, path)
+    if isinstance(target, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: got {value!r}, expected a list")
+        if target and isinstance(target[0], tuple):
+            return tuple(tuple(_as_int(v, path) for v in item) for item in value)
+        return tuple(type(target[0])(v) if target else v for v in value)
+    if isinstance(target, str):
+        return str(value)
+    return value
+
+
+def _as_int(value: Any, path: str) -> int:
+    if isinstance(value, bool) or int(value) != value:
+        raise ConfigError(f"{path}: got {value!r}, expected an integer")
+    return int(value)
+
+
+def from_dict(cls: Any, data: Optional[Dict[str, Any]], path: str = "config") -> Any:
+    """Build a config dataclass from a mapping; unknown keys and wrong types are errors."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: got {data!r}, expected a mapping")
+    default = cls()
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    kwargs = {k: _coerce(v, getattr(default, k), f"{path}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> Dict[str, Any]:
+    """Plain dict of lists/numbers (YAML/JSON/checkpoint friendly)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(config))
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"--model: got {name!r}, expected one of {sorted(PRESETS)}")
+    return dataclasses.replace(ModelConfig(), **{**PRESETS[name], **overrides})
+
+
+def validate_model_config(cfg: ModelConfig) -> List[str]:
+    """Cross-field rules; returns a list of problems (empty when valid)."""
+    problems = []
+    h, w = cfg.image_size
+    if h % 16 or w % 16:
+        problems.append(f"model.image_size: got {list(cfg.image_size)}, expected multiples of 16 (four 2x downsamplings)")
+    if len(cfg.channels) != 5:
+        problems.append(f"model.channels: got {len(cfg.channels)} widths, expected 5 (full, 1/2, 1/4, 1/8, 1/16)")
+    if len(cfg.blocks) != 4:
+        problems.append(f"model.blocks: got {len(cfg.blocks)} block sizes, expected 4 (1/2, 1/4, 1/8, 1/16)")
+    else:
+        for level, (block, ch) in enumerate(zip(cfg.blocks, cfg.channels[1:])):
+            bh, bw, bc = block
+            fh, fw = h // 2 ** (level + 1), w // 2 ** (level + 1)
+            if bh < 1 or bw < 1 or fh % bh or fw % bw:
+                problems.append(f"model.blocks[{level}]: block {bh}x{bw} does not tile the {fh}x{fw} feature map")
+            if bc < 0 or (bc and ch % bc):
+                problems.append(f"model.blocks[{level}]: r_c={bc} does not divide {ch} channels (0 = all)")
+    if cfg.temperature <= 0:
+        problems.append(f"model.temperature: got {cfg.temperature}, expected > 0")
+    if not 0.0 <= cfg.gamma <= 1.0:
+        problems.append(f"model.gamma: got {cfg.gamma}, expected within [0, 1]")
+    if not 0.0 <= cfg.score_topk < 1.0:
+        problems.append(f"model.score_topk: got {cfg.score_topk}, expected within [0, 1)")
+    if cfg.in_channels not in (1, 3):
+        problems.append(f"model.in_channels: got {cfg.in_channels}, expected 1 or 3")
+    return problems

@@ -1,0 +1,124 @@
+"""Datasets: MVTec AD layout (train/good, test/<type>, ground_truth/<type>/*_mask.png) and plain
+folders of good images. Every image goes through engine.preprocess, the one shared function.
+
+Layout problems raise DatasetError naming the path; nothing here needs torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from engine.errors import DatasetError, ImageError
+from engine.preprocess import PreprocessSpec, list_images, preprocess, read_image
+
+GOOD = "good"
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    label: int  # 0 good, 1 defective
+    defect_type: str  # "good" or the test/<type> folder name
+    mask: Optional[Path] = None  # None for good images (all-zero mask)
+
+
+def _images_or_error(folder: Path, what: str) -> List[Path]:
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: {what} folder not found")
+    images = list_images(folder)
+    if not images:
+        raise DatasetError(f"{folder}: no images (.png/.jpg/.bmp/.tif) in the {what} folder")
+    return images
+
+
+def is_mvtec_layout(root: Path) -> bool:
+    return (root / "train" / GOOD).is_dir()
+
+
+def train_samples(root: Path) -> List[Sample]:
+    """Good training images: `root/train/good` (MVTec) or, failing that, images directly in `root`."""
+    root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"{root}: dataset directory not found")
+    if is_mvtec_layout(root):
+        return [Sample(p, 0, GOOD) for p in _images_or_error(root / "train" / GOOD, "train/good")]
+    images = list_images(root) if root.is_dir() else []
+    if not images:
+        raise DatasetError(
+            f"{root}: not an MVTec AD layout (no train/good folder) and no images directly inside; "
+            "expected root/train/good/*.png (+ test/<type>/, ground_truth/<type>/) or a folder of good images"
+        )
+    return [Sample(p, 0, GOOD) for p in images]
+
+
+def eval_samples(root: Path) -> List[Sample]:
+    """Labelled test images with masks: `root/test/<type>/*` and `root/ground_truth/<type>/<stem>_mask.png`."""
+    root = Path(root)
+    test_dir = root / "test"
+    if not test_dir.is_dir():
+        raise DatasetError(f"{test_dir}: test folder not found; evaluation needs the MVTec layout test/<type>/")
+    types = sorted(d.name for d in test_dir.iterdir() if d.is_dir())
+    if GOOD not in types:
+        raise DatasetError(f"{test_dir / GOOD}: missing; evaluation needs good test images to measure false alarms")
+    samples: List[Sample] = []
+    for defect_type in types:
+        for image in _images_or_error(test_dir / defect_type, f"test/{defect_type}"):
+            if defect_type == GOOD:
+                samples.append(Sample(image, 0, GOOD))
+                continue
+            mask = root / "ground_truth" / defect_type / f"{image.stem}_mask.png"
+            if not mask.is_file():
+                raise DatasetError(f"{mask}: ground-truth mask missing for {image}; expected ground_truth/<type>/<stem>_mask.png")
+            samples.append(Sample(image, 1, defect_type, mask))
+    if not any(s.label for s in samples):
+        raise DatasetError(f"{test_dir}: no defect folders beside test/good; evaluation needs at least one defect type")
+    return samples
+
+
+def load_images(samples: Sequence[Sample], spec: PreprocessSpec) -> np.ndarray:
+    """Preprocess every sample's image -> (N, C, H, W) float32; DatasetError names a bad file."""
+    out = np.empty((len(samples),) + spec.input_shape, dtype=np.float32)
+    for i, sample in enumerate(samples):
+        try:
+            out[i] = preprocess(read_image(sample.image), spec)
+        except ImageError as exc:
+            raise DatasetError(str(exc)) from exc
+    return out
+
+
+def load_mask(sample: Sample, spec: PreprocessSpec) -> np.ndarray:
+    """Mask at the model resolution, boolean (H, W); checks the mask matches its image's size."""
+    import cv2
+
+    if sample.mask is None:
+        return np.zeros((spec.height, spec.width), dtype=bool)
+    try:
+        mask = read_image(sample.mask)
+        image = read_image(sample.image)
+    except ImageError as exc:
+        raise DatasetError(str(exc)) from exc
+    if mask.ndim == 3:
+        mask = mask[:, :, 0]
+    if mask.shape[:2] != image.shape[:2]:
+        raise DatasetError(
+            f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {sample.image.name} is "
+            f"{image.shape[1]}x{image.shape[0]}; masks must have the image's size"
+        )
+    # nearest keeps the mask binary; same stretch as engine.preprocess
+    resized = cv2.resize(mask, (spec.width, spec.height), interpolation=cv2.INTER_NEAREST)
+    return resized > 0
+
+
+def split_holdout(samples: Sequence[Sample], fraction: float, seed: int) -> Tuple[List[Sample], List[Sample]]:
+    """Deterministic (train, held-back) split of good images for validation/calibration."""
+    if fraction <= 0:
+        return list(samples), []
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(samples))
+    n_hold = max(1, int(round(fraction * len(samples))))
+    hold = sorted(order[:n_hold].tolist())
+    keep = sorted(order[n_hold:].tolist())
+    return [samples[i] for i in keep], [samples[i] for i in hold]

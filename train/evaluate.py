@@ -1,0 +1,104 @@
+"""Evaluation on an MVTec-layout test set: metrics as JSON, plus ROC, histogram and overlay plots."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from engine.bundle import atomic_write_text
+from engine.preprocess import denormalize
+
+from .data import load_images, load_mask, eval_samples
+from .fit import preprocess_spec, resolve_device
+from .metrics import aupro, best_f1, image_auroc, pixel_auroc
+from .model import DAAD
+from . import plots
+
+logger = logging.getLogger(__name__)
+
+EVAL_BATCH = 16
+OVERLAY_CASES = 8
+
+
+@torch.no_grad()
+def predict(model: DAAD, images: np.ndarray, device: torch.device, progress: bool = False) -> Dict[str, np.ndarray]:
+    model.eval().to(device)
+    maps, scores = [], []
+    starts = range(0, len(images), EVAL_BATCH)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="score", unit="batch", dynamic_ncols=True)
+    for start in starts:
+        out = model(torch.from_numpy(images[start:start + EVAL_BATCH]).to(device))
+        maps.append(out.anomaly_map[:, 0].float().cpu().numpy())
+        scores.append(out.score.float().cpu().numpy())
+    return {"maps": np.concatenate(maps), "scores": np.concatenate(scores)}
+
+
+def compute_metrics(labels: np.ndarray, types: List[str], scores: np.ndarray, maps: np.ndarray,
+                    masks: np.ndarray) -> Dict[str, Any]:
+    per_type = {}
+    for t in sorted(set(types) - {"good"}):
+        sel = np.array([ty in ("good", t) for ty in types])
+        per_type[t] = image_auroc(labels[sel], scores[sel])
+    return {
+        "image_auroc": image_auroc(labels, scores),
+        "pixel_auroc": pixel_auroc(masks, maps),
+        "aupro": aupro(masks, maps),
+        "best_f1": best_f1(labels, scores),
+        "image_auroc_per_type": per_type,
+        "n_good": int((labels == 0).sum()),
+        "n_defective": int((labels == 1).sum()),
+    }
+
+
+def evaluate(model: DAAD, data_root: Path, out_dir: Optional[Path] = None, device: str = "auto",
+             plot: bool = True, progress: bool = False, subset: Optional[List[int]] = None) -> Dict[str, Any]:
+    """Score the test set, compute metrics, write metrics.json and plots into out_dir."""
+    spec = preprocess_spec(model.cfg)
+    samples = eval_samples(Path(data_root))
+    if subset is not None:
+        samples = [samples[i] for i in subset]
+    images = load_images(samples, spec)
+    masks = np.stack([load_mask(s, spec) for s in samples])
+    pred = predict(model, images, resolve_device(device), progress)
+    labels = np.array([s.label for s in samples])
+    types = [s.defect_type for s in samples]
+    metrics = compute_metrics(labels, types, pred["scores"], pred["maps"], masks)
+    metrics["model"] = model.cfg.name
+    metrics["data"] = str(data_root)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if plot:
+            metrics["plots"] = write_plots(out_dir, samples, images, masks, labels, types, pred, metrics, spec)
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=float))
+    return metrics
+
+
+def write_plots(out_dir: Path, samples: list, images: np.ndarray, masks: np.ndarray, labels: np.ndarray,
+                types: List[str], pred: Dict[str, np.ndarray], metrics: Dict[str, Any], spec: Any) -> Dict[str, str]:
+    from sklearn.metrics import roc_curve
+
+    scores, maps = pred["scores"], pred["maps"]
+    name = metrics["model"]
+    curves = {"all": (*roc_curve(labels, scores)[:2], metrics["image_auroc"])}
+    for t, auc in metrics["image_auroc_per_type"].items():
+        sel = np.array([ty in ("good", t) for ty in types])
+        curves[t] = (*roc_curve(labels[sel], scores[sel])[:2], auc)
+    written = {"roc": str(plots.plot_roc(curves, out_dir / "roc.png", f"{name}: image ROC"))}
+    defective = {t: scores[np.array(types) == t] for t in metrics["image_auroc_per_type"]}
+    written["histogram"] = str(plots.plot_histogram(scores[labels == 0], defective, out_dir / "scores.png",
+                                                    f"{name}: image scores", metrics["best_f1"]["threshold"]))
+    vmax = float(np.quantile(maps, 0.999))
+    for kind, idxs in plots.order_cases(labels, scores, OVERLAY_CASES).items():
+        items = [(f"{types[i]}/{samples[i].image.name} score {scores[i]:.3g}", denormalize(images[i], spec), maps[i], masks[i])
+                 for i in idxs]
+        written[f"overlays_{kind}"] = str(plots.plot_overlays(items, out_dir / f"overlays_{kind}.png",
+                                                              f"{name}: {kind} cases", vmax))
+    return written

@@ -1,0 +1,102 @@
+"""Export a checkpoint as a model bundle: model.onnx (scoring inside the graph, static shapes,
+opset 17 so TensorRT 8.5/8.6 and 10.x all parse it) and bundle.yaml (engine.bundle.write_bundle).
+
+Exporter choice: torch's default dynamo exporter emits opset 18 and its down-conversion to 17
+fails for this graph (measured with torch 2.13), so we use the TorchScript exporter
+(`dynamo=False`), which writes clean opset-17 Reshape/Transpose/MatMul/Softmax graphs. The export
+test pins that this still works on the installed torch.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from engine.bundle import MAP_OUTPUT, SCORE_OUTPUT, INPUT_NAME, Bundle, write_bundle
+from engine.errors import DaadError
+from engine.preprocess import preprocess_batch, read_image
+
+from .checkpoint import load_model
+from .config import to_dict
+from .fit import preprocess_spec
+from .model import DAAD
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+PARITY_TOLERANCE = 1e-4  # fp32: ONNX Runtime vs PyTorch eval mode, max absolute difference
+
+
+class ExportError(DaadError):
+    """The model could not be exported or the exported graph disagrees with PyTorch."""
+
+
+def export_onnx(model: DAAD, path: Path, batch: int = 1) -> Path:
+    model = model.eval().cpu()
+    h, w = model.cfg.image_size
+    dummy = torch.zeros(batch, model.cfg.in_channels, h, w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, see module doc
+        torch.onnx.export(
+            model, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[MAP_OUTPUT, SCORE_OUTPUT],
+            opset_version=OPSET, dynamic_axes=None, do_constant_folding=True, dynamo=False,
+        )
+    return path
+
+
+def parity(model: DAAD, bundle: Bundle, images: np.ndarray) -> Dict[str, float]:
+    """Max |ONNX Runtime - PyTorch| over maps and scores on the given preprocessed images."""
+    from engine.onnxruntime_backend import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(bundle, batch=1)
+    max_map, max_score = 0.0, 0.0
+    with torch.no_grad():
+        for img in images:
+            x = img[None].astype(np.float32)
+            ref = model(torch.from_numpy(x))
+            got = backend.infer(x)
+            max_map = max(max_map, float(np.abs(got.anomaly_map - ref.anomaly_map.numpy()).max()))
+            max_score = max(max_score, float(np.abs(got.score - ref.score.numpy()).max()))
+    backend.close()
+    return {"max_abs_map": max_map, "max_abs_score": max_score, "n_images": int(len(images))}
+
+
+def export_bundle(checkpoint: Union[str, Path], out: Union[str, Path], batches: Sequence[int] = (1,),
+                  parity_images: Optional[Iterable[Union[str, Path]]] = None,
+                  metrics: Optional[Dict[str, Any]] = None) -> Bundle:
+    """Write the bundle directory and check ONNX Runtime parity on `parity_images` (or training images)."""
+    model, state = load_model(checkpoint)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if 1 not in batches:
+        batches = (1,) + tuple(batches)
+    files: Dict[int, str] = {}
+    for b in sorted(set(batches)):
+        name = "model.onnx" if b == 1 else f"model_b{b}.onnx"
+        export_onnx(model, out / name, b)
+        files[b] = name
+    spec = preprocess_spec(model.cfg)
+    data = dict(state.get("training_data") or {})
+    data.pop("held_back", None)  # keep the bundle small; the checkpoint has the list
+    bundle = write_bundle(
+        out, name=model.cfg.name, preprocess=spec, graph_files=files, opset=OPSET, model_config=to_dict(model.cfg),
+        score_stats=dict(state.get("score_stats") or {}), metrics=metrics or {}, training_data=data,
+    )
+    paths = list(parity_images or [])
+    if paths:
+        images = preprocess_batch([read_image(p) for p in paths], spec)
+        result = parity(model, bundle, images)
+        if max(result["max_abs_map"], result["max_abs_score"]) > PARITY_TOLERANCE:
+            raise ExportError(f"{bundle.onnx_path()}: ONNX Runtime differs from PyTorch by {result} (> {PARITY_TOLERANCE})")
+        logger.info("parity ONNX Runtime vs PyTorch: %s", result)
+        meta = dict(bundle.metadata)
+        meta["parity"] = result
+        from engine.bundle import write_bundle_yaml, load_bundle
+
+        write_bundle_yaml(out, meta)
+        bundle = load_bundle(out)
+    return bundle

@@ -1,0 +1,233 @@
+"""The training loop: seeds, device choice, mixed precision on CUDA, data parallelism through
+torchrun (NCCL on GPUs, gloo on CPUs), checkpoints and resume, a progress bar.
+
+A run is a fixed number of optimiser steps so that configs compare under one budget.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from engine.errors import ConfigError
+from engine.preprocess import PreprocessSpec
+
+from .checkpoint import read_checkpoint, save_checkpoint
+from .config import ModelConfig, TrainConfig, validate_model_config
+from .data import load_images, split_holdout, train_samples
+from .loss import discriminator_loss, generator_loss
+from .model import DAAD
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "last.pt"
+SCORE_BATCH = 16
+
+
+@dataclass
+class FitResult:
+    checkpoint: Path
+    steps: int
+    images_per_s: float
+    history: List[Dict[str, float]]
+    score_stats: Dict[str, float]
+
+
+def preprocess_spec(cfg: ModelConfig) -> PreprocessSpec:
+    """The model's input contract; stored in the checkpoint's config and in the bundle."""
+    h, w = cfg.image_size
+    order = "gray" if cfg.in_channels == 1 else "rgb"
+    return PreprocessSpec(height=h, width=w, channel_order=order, mean=(0.5,) * cfg.in_channels, std=(0.5,) * cfg.in_channels)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device: got 'cuda', but no CUDA device is visible; use --device cpu or auto")
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise ConfigError(f"--device: got {name!r}, expected auto, cuda or cpu")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def distributed_context() -> Tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) when run plainly."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local_rank
+
+
+def augment(batch: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """Flips and small shifts only: colour or blur jitter would teach the model to rebuild defects."""
+    b, _, h, w = batch.shape
+    if cfg.hflip:
+        flip = torch.rand(b, generator=gen) < 0.5
+        batch = torch.where(flip[:, None, None, None], batch.flip(3), batch)
+    if cfg.vflip:
+        flip = torch.rand(b, generator=gen) < 0.5
+        batch = torch.where(flip[:, None, None, None], batch.flip(2), batch)
+    if cfg.max_shift > 0:
+        pad_h, pad_w = max(1, int(h * cfg.max_shift)), max(1, int(w * cfg.max_shift))
+        padded = F.pad(batch, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
+        dy = torch.randint(0, 2 * pad_h + 1, (b,), generator=gen)
+        dx = torch.randint(0, 2 * pad_w + 1, (b,), generator=gen)
+        batch = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+    return batch
+
+
+@torch.no_grad()
+def calibrate_scores(model: DAAD, images: torch.Tensor, device: torch.device) -> Dict[str, float]:
+    """Set the R/L normalisation from training images, then return score statistics (for the bundle)."""
+    model.eval()
+    r_means, l_means = [], []
+    for start in range(0, len(images), SCORE_BATCH):
+        x = images[start:start + SCORE_BATCH].to(device)
+        r_map, l_map = model.raw_maps(x, model.reconstruct(x))
+        r_means.append(float(r_map.mean()) * len(x))
+        l_means.append(float(l_map.mean()) * len(x) if l_map is not None else 0.0)
+    n = max(1, len(images))
+    model.set_score_normalisation(sum(r_means) / n, sum(l_means) / n if any(l_means) else 1.0)
+    scores = score_images(model, images, device)
+    return summarise_scores(scores)
+
+
+@torch.no_grad()
+def score_images(model: DAAD, images: torch.Tensor, device: torch.device) -> np.ndarray:
+    model.eval()
+    out = [model(images[i:i + SCORE_BATCH].to(device)).score.float().cpu().numpy() for i in range(0, len(images), SCORE_BATCH)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def summarise_scores(scores: np.ndarray) -> Dict[str, float]:
+    if scores.size == 0:
+        return {"n": 0}
+    q = np.quantile(scores, [0.5, 0.95, 0.99])
+    return {"n": int(scores.size), "mean": float(scores.mean()), "std": float(scores.std()), "min": float(scores.min()),
+            "p50": float(q[0]), "p95": float(q[1]), "p99": float(q[2]), "max": float(scores.max())}
+
+
+def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> FitResult:
+    problems = validate_model_config(model_cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    rank, world, local_rank = distributed_context()
+    device = resolve_device(cfg.device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    ckpt_path = out / CHECKPOINT_NAME
+
+    spec = preprocess_spec(model_cfg)
+    samples, held = split_holdout(train_samples(Path(cfg.data)), cfg.val_fraction, cfg.seed)
+    images = torch.from_numpy(load_images(samples, spec))
+    shard = torch.arange(rank, len(images), world)  # each rank draws from its own shard
+    if len(shard) == 0:
+        raise ConfigError(f"{cfg.data}: {len(images)} training images cannot feed {world} processes")
+
+    model = DAAD(model_cfg).to(device)
+    params_g = list(model.generator.parameters())
+    opt_g = torch.optim.Adam(params_g, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    optimizers: Dict[str, Any] = {"generator": opt_g}
+    if model.discriminator is not None:
+        optimizers["discriminator"] = torch.optim.Adam(model.discriminator.parameters(), lr=cfg.lr, betas=cfg.betas)
+    start_step = 0
+    if resume and ckpt_path.is_file():
+        state = read_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        start_step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        logger.info("resumed from %s at step %d", ckpt_path, start_step)
+
+    generator: torch.nn.Module = model.generator
+    disc: Optional[torch.nn.Module] = model.discriminator
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        generator = DistributedDataParallel(model.generator, device_ids=ids)
+        if disc is not None:
+            disc = DistributedDataParallel(disc, device_ids=ids)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + start_step)
+
+    history: List[Dict[str, float]] = []
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, desc=f"fit {model_cfg.name}", unit="step", dynamic_ncols=True)
+    model.train()
+    t0, seen = time.perf_counter(), 0
+    log_path = out / "log.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    for step in range(start_step, cfg.steps):
+        idx = shard[torch.randint(0, len(shard), (min(cfg.batch_size, len(shard)),), generator=gen)]
+        x = augment(images[idx], cfg, gen).to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            recon = generator(x)
+            loss_g, logs = generator_loss(x, recon.float(), disc, cfg.loss)
+        opt_g.zero_grad(set_to_none=True)
+        scaler.scale(loss_g).backward()
+        scaler.step(opt_g)
+        if disc is not None:
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                loss_d, logs_d = discriminator_loss(x, recon.float(), disc)
+            opt_d = optimizers["discriminator"]
+            opt_d.zero_grad(set_to_none=True)
+            scaler.scale(loss_d).backward()
+            scaler.step(opt_d)
+            logs.update(logs_d)
+        scaler.update()
+        if not math.isfinite(float(loss_g.detach())):
+            raise ConfigError(f"training diverged at step {step} (loss {float(loss_g.detach())}); lower --lr or the adversarial weight")
+        seen += len(x) * world
+        if rank == 0:
+            logs["step"] = step + 1
+            history.append(logs)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(rec=f"{logs['rec']:.4f}")
+            if (step + 1) % cfg.log_every == 0:
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps(logs) + "\n")
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                save_checkpoint(ckpt_path, model, cfg, step + 1, optimizers, {})
+    elapsed = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    images_per_s = seen / elapsed if elapsed > 0 and seen else 0.0
+
+    score_stats: Dict[str, float] = {}
+    if rank == 0:
+        score_stats = calibrate_scores(model, images, device)
+        extra = {"score_stats": score_stats, "images_per_s": images_per_s,
+                 "training_data": {"root": str(cfg.data), "n_images": len(images), "n_held_back": len(held),
+                                   "held_back": [str(s.image) for s in held]}}
+        save_checkpoint(ckpt_path, model.cpu(), cfg, cfg.steps, optimizers, extra)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return FitResult(ckpt_path, cfg.steps, images_per_s, history, score_stats)

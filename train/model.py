@@ -1,0 +1,251 @@
+"""The DAAD network: UNet-like encoder-decoder whose skip connections pass through block-wise
+memories, an optional discriminator (DAAD+), and the scoring head that makes the anomaly map and
+image score inside the graph (so every backend scores identically).
+
+Shapes use (B, C, H, W). Every reshape is static, so the model exports to ONNX with fixed shapes
+(Reshape/Transpose/MatMul/Softmax only; no data-dependent ops).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+NORM_EPS = 1e-4  # >= 1e-4 so half precision does not round it to zero (NaN in TensorRT FP16)
+
+
+class AnomalyOutput(NamedTuple):
+    """Eval-mode output; the field names are the ONNX output names."""
+
+    anomaly_map: torch.Tensor  # (B, 1, H, W)
+    score: torch.Tensor  # (B,)
+
+
+def divide(x: torch.Tensor, bh: int, bw: int, bc: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B*nC*nH*nW, bc*bh*bw): one row per block, in F.unfold's element order."""
+    b, c, h, w = x.shape
+    nc, nh, nw = c // bc, h // bh, w // bw
+    x = x.reshape(b, nc, bc, nh, bh, nw, bw)
+    x = x.permute(0, 1, 3, 5, 2, 4, 6)  # (B, nC, nH, nW, bc, bh, bw)
+    return x.reshape(b * nc * nh * nw, bc * bh * bw)
+
+
+def assemble(blocks: torch.Tensor, shape: Tuple[int, int, int, int], bh: int, bw: int, bc: int) -> torch.Tensor:
+    """Inverse of `divide`: (B*nC*nH*nW, bc*bh*bw) -> (B, C, H, W)."""
+    b, c, h, w = shape
+    nc, nh, nw = c // bc, h // bh, w // bw
+    x = blocks.reshape(b, nc, nh, nw, bc, bh, bw)
+    x = x.permute(0, 1, 4, 2, 5, 3, 6)  # (B, nC, bc, nH, bh, nW, bw)
+    return x.reshape(b, c, h, w)
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    # Division by a clamped norm: F.normalize adds Shape/Expand nodes to the exported graph.
+    return x / torch.clamp(torch.sqrt((x * x).sum(dim=-1, keepdim=True)), min=NORM_EPS)
+
+
+class BlockMemory(nn.Module):
+    """Divide a feature map into r_h x r_w x r_c blocks, rebuild each from N learned items, assemble.
+
+    w_i = softmax_i(cos(q, m_i) / T), optionally hard-shrunk (MemAE), and q_hat = sum_i w_i m_i.
+    """
+
+    def __init__(self, channels: int, block: Tuple[int, int, int], items: int, temperature: float,
+                 shrink_threshold: float = 0.0) -> None:
+        super().__init__()
+        bh, bw, bc = block
+        self.bh, self.bw, self.bc = bh, bw, bc or channels
+        self.temperature = temperature
+        self.shrink_threshold = shrink_threshold
+        dim = self.bc * bh * bw
+        self.items = nn.Parameter(torch.randn(items, dim) / math.sqrt(dim))  # learned by back-propagation
+
+    def address(self, queries: torch.Tensor) -> torch.Tensor:
+        """(Q, D) queries -> (Q, N) addressing weights, each row summing to one."""
+        similarity = l2_normalize(queries) @ l2_normalize(self.items).t()
+        weights = torch.softmax(similarity / self.temperature, dim=-1)
+        if self.shrink_threshold > 0:
+            shifted = weights - self.shrink_threshold
+            weights = F.relu(shifted) * weights / (torch.abs(shifted) + NORM_EPS)
+            weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=NORM_EPS)
+        return weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = tuple(x.shape)
+        queries = divide(x, self.bh, self.bw, self.bc)
+        readout = self.address(queries) @ self.items
+        return assemble(readout, shape, self.bh, self.bw, self.bc)  # type: ignore[arg-type]
+
+
+def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class Down(nn.Sequential):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(conv_bn_relu(cin, cout, stride=2), conv_bn_relu(cout, cout))
+
+
+class Up(nn.Module):
+    """2x upsampling (transposed conv), optional concatenation of a skip, then Conv-BN-ReLU."""
+
+    def __init__(self, cin: int, cskip: int, cout: int) -> None:
+        super().__init__()
+        self.up = nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        self.fuse = conv_bn_relu(cout + cskip, cout)
+
+    def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor]) -> torch.Tensor:
+        x = self.up(x)
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.fuse(x)
+
+
+class Generator(nn.Module):
+    """Encoder-decoder; skips at 1/2, 1/4, 1/8 and the 1/16 bottleneck pass through memories."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c = cfg.channels
+        self.cfg = cfg
+        self.stem = conv_bn_relu(cfg.in_channels, c[0])  # full resolution: no skip (the paper's figure)
+        self.downs = nn.ModuleList([Down(c[i], c[i + 1]) for i in range(4)])  # -> 1/2, 1/4, 1/8, 1/16
+        if cfg.memory:
+            self.memories = nn.ModuleList(
+                [BlockMemory(c[i + 1], cfg.blocks[i], cfg.memory_items, cfg.temperature, cfg.shrink_threshold) for i in range(4)]
+            )
+        else:
+            self.memories = nn.ModuleList()
+        skip_ch = [c[3], c[2], c[1]] if cfg.skips else [0, 0, 0]
+        # decoder: 1/16 -> 1/8 -> 1/4 -> 1/2 -> 1
+        self.ups = nn.ModuleList([
+            Up(c[4], skip_ch[0], c[3]), Up(c[3], skip_ch[1], c[2]), Up(c[2], skip_ch[2], c[1]), Up(c[1], 0, c[0]),
+        ])
+        self.head = nn.Conv2d(c[0], cfg.in_channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats: List[torch.Tensor] = []
+        h = self.stem(x)
+        for down in self.downs:
+            h = down(h)
+            feats.append(h)  # 1/2, 1/4, 1/8, 1/16
+        if self.cfg.memory:
+            feats = [memory(f) for memory, f in zip(self.memories, feats)]  # the decoder sees only memory outputs
+        h = feats[3]
+        skips: List[Optional[torch.Tensor]] = [feats[2], feats[1], feats[0], None] if self.cfg.skips else [None] * 4
+        for up, skip in zip(self.ups, skips):
+            h = up(h, skip)
+        return torch.tanh(self.head(h))  # inputs are normalised to [-1, 1] (mean 0.5, std 0.5)
+
+
+class Discriminator(nn.Module):
+    """Feature extractor f_D followed by a classifier (real image vs reconstruction)."""
+
+    def __init__(self, in_channels: int, widths: Tuple[int, ...]) -> None:
+        super().__init__()
+        layers: List[nn.Module] = []
+        cin = in_channels
+        for i, cout in enumerate(widths):
+            layers.append(nn.Conv2d(cin, cout, 4, 2, 1, bias=i == 0))
+            if i > 0:
+                layers.append(nn.BatchNorm2d(cout))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Conv2d(cin, 1, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (logit (B,), features (B, C, h, w))."""
+        f = self.features(x)
+        return self.classifier(f).mean(dim=(1, 2, 3)), f
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    xs = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k1 = torch.exp(-(xs ** 2) / (2 * sigma ** 2))
+    k2 = k1[:, None] * k1[None, :]
+    return (k2 / k2.sum())[None, None]
+
+
+class DAAD(nn.Module):
+    """Generator (+ discriminator for DAAD+) and the in-graph scoring head.
+
+    forward(x) -> AnomalyOutput: the per-pixel map A = gamma*R/r_scale + (1-gamma)*L/l_scale
+    (R: squared reconstruction error averaged over channels; L: discriminator-feature distance,
+    upsampled), Gaussian-smoothed, and the image score = mean of its top `score_topk` pixels.
+    r_scale / l_scale are the mean training-image values (set by `set_score_normalisation`)
+    so that gamma weighs two terms of comparable size.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.generator = Generator(cfg)
+        self.discriminator = Discriminator(cfg.in_channels, cfg.disc_channels) if cfg.adversarial else None
+        h, w = cfg.image_size
+        if cfg.smoothing_sigma > 0:
+            kernel = gaussian_kernel(cfg.smoothing_sigma)
+            ones = torch.ones(1, 1, h, w)
+            # zero padding darkens borders; dividing by the smoothed ones-image undoes that exactly
+            norm = F.conv2d(ones, kernel, padding=kernel.shape[-1] // 2)
+        else:
+            kernel, norm = torch.ones(1, 1, 1, 1), torch.ones(1, 1, h, w)
+        self.register_buffer("smooth_kernel", kernel)
+        self.register_buffer("smooth_norm", norm)
+        self.register_buffer("r_scale", torch.ones(()))
+        self.register_buffer("l_scale", torch.ones(()))
+        self.topk = max(1, int(round(cfg.score_topk * h * w))) if cfg.score_topk > 0 else 1
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.generator(x)
+
+    def raw_maps(self, x: torch.Tensor, recon: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Unsmoothed, unnormalised R map (B,1,H,W) and L map (B,1,H,W) or None."""
+        r_map = ((x - recon) ** 2).mean(dim=1, keepdim=True)
+        if self.discriminator is None or self.cfg.gamma >= 1.0:
+            return r_map, None
+        _, f_real = self.discriminator(x)
+        _, f_fake = self.discriminator(recon)
+        l_small = ((f_real - f_fake) ** 2).mean(dim=1, keepdim=True)
+        # a constant scale factor keeps Shape/Slice/Concat out of the exported graph
+        scale = float(self.cfg.image_size[0] // l_small.shape[-2])
+        l_map = F.interpolate(l_small, scale_factor=scale, mode="bilinear", align_corners=False)
+        return r_map, l_map
+
+    def smooth(self, m: torch.Tensor) -> torch.Tensor:
+        if self.cfg.smoothing_sigma <= 0:
+            return m
+        return F.conv2d(m, self.smooth_kernel, padding=self.smooth_kernel.shape[-1] // 2) / self.smooth_norm
+
+    def combine(self, r_map: torch.Tensor, l_map: Optional[torch.Tensor]) -> torch.Tensor:
+        if l_map is None:
+            return r_map / self.r_scale
+        g = self.cfg.gamma
+        return g * r_map / self.r_scale + (1.0 - g) * l_map / self.l_scale
+
+    def image_score(self, amap: torch.Tensor) -> torch.Tensor:
+        flat = amap.reshape(amap.shape[0], -1)
+        if self.topk == 1:
+            return flat.max(dim=1).values
+        return torch.topk(flat, self.topk, dim=1).values.mean(dim=1)
+
+    def forward(self, x: torch.Tensor) -> AnomalyOutput:
+        recon = self.generator(x)
+        r_map, l_map = self.raw_maps(x, recon)
+        amap = self.smooth(self.combine(r_map, l_map))
+        return AnomalyOutput(anomaly_map=amap, score=self.image_score(amap))
+
+    @torch.no_grad()
+    def set_score_normalisation(self, r_mean: float, l_mean: float) -> None:
+        self.r_scale.fill_(max(r_mean, 1e-8))
+        self.l_scale.fill_(max(l_mean, 1e-8))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
