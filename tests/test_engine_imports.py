@@ -1,0 +1,30 @@
+"""engine/ stays light: no torch, no TensorRT at import time, Python 3.8 syntax and APIs."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE_MODULES = ["engine.cli", "engine.tensorrt_backend", "engine.trt_build", "engine.plan_cache",
+                  "engine.calibrator", "engine.check", "engine.trt_support", "engine.bench"]
+
+
+def test_engine_imports_neither_torch_nor_tensorrt() -> None:
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in ENGINE_MODULES)
+            + "heavy = [m for m in ('torch', 'tensorrt', 'pycuda', 'onnx', 'onnxruntime', 'train') if m in sys.modules]\n"
+            + "print(','.join(heavy))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
+def test_engine_is_python_3_8_compatible() -> None:
+    if shutil.which("vermin") is None:
+        pytest.skip("vermin is not installed (dev extra)")
+    result = subprocess.run(["vermin", "-t=3.8-", "--no-tips", "--violations", "engine/"], cwd=str(ROOT),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
