@@ -1,0 +1,531 @@
+"""MQTT settings and the durable event publisher (design.md §5).
+
+Every defect event is written to the on-disk spool first, then published QoS 1; it leaves the spool
+only when the broker acknowledges it. paho keeps its own unacknowledged messages in memory only,
+so the spool is what carries events across broker outages and agent restarts.
+
+Threads: paho's network thread runs the callbacks; one pump thread of ours publishes from the
+spool, so the frame loop never touches the network. Our lock is never held while calling into paho:
+paho calls `on_publish` while holding its own message lock, and `publish()` takes that same lock.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, TypeVar
+
+import paho.mqtt.client as mqtt
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from engine.errors import ConfigError
+
+from .payloads import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE
+from .spool import DEFAULT_MAX_EVENTS, Spool, SpoolError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_KEY = "mqtt"  # where these settings live in the agent's YAML; used to name keys in errors
+QOS = 1  # at least once: consumers de-duplicate on event_id
+MAX_IN_FLIGHT = 20  # events published but not yet acknowledged; bounds paho's in-memory queue
+PUMP_IDLE_S = 0.5  # the pump wakes at least this often, even if nobody notifies it
+# After a reconnect paho resends its unacknowledged messages itself; new events wait for the first
+# acknowledgement (which comes after those resends) so the order is kept. Bound that wait.
+RESEND_HOLD_MAX_S = 2.0
+FLUSH_POLL_S = 0.05
+ERROR_LOG_INTERVAL_S = 30.0  # repeated pump errors are logged at most this often
+# paho 2.2 logs this at ERROR when its loop thread runs once more after our own clean disconnect.
+PAHO_BENIGN_ERRORS = ("Client is not connected",)
+_ENV_NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_TOPIC_FORBIDDEN_RE = re.compile(r"[+#\s\x00]")
+
+
+# -- settings ------------------------------------------------------------------------------------
+class TlsSettings(BaseModel):
+    """TLS towards the broker; without ca_file the system's CA store is used."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ca_file: Optional[Path] = Field(None, description="PEM CA bundle that signed the broker's certificate")
+    cert_file: Optional[Path] = Field(None, description="PEM client certificate, for brokers that require one")
+    key_file: Optional[Path] = Field(None, description="PEM private key of cert_file (keep it mode 0600)")
+    insecure: bool = Field(False, description="skip the broker host name check; for tests only")
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> "TlsSettings":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: give both for a client certificate, or neither")
+        return self
+
+
+class MqttSettings(BaseModel):
+    """Connection to the broker; topics are <prefix>/<station>/{availability,defects,status}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("localhost", min_length=1, max_length=253, description="broker host name or address")
+    port: int = Field(1883, ge=1, le=65535, description="broker port (8883 is the usual TLS port)")
+    prefix: str = Field("daad", min_length=1, max_length=128, description="first topic level(s), e.g. daad or plant1/daad")
+    station: str = Field(
+        ..., min_length=1, max_length=64, pattern=r"^[^+#/\s\x00]+$",
+        description="station id: one topic level, unique per agent (no + # / or spaces)",
+    )
+    client_id: Optional[str] = Field(
+        None, min_length=1, max_length=128,
+        description="MQTT client id, unique per device (duplicates make the broker kick the older client); "
+                    "default daad-agent-<station>-<hostname>",
+    )
+    username: Optional[str] = Field(None, min_length=1, max_length=256, description="broker user name")
+    password_file: Optional[Path] = Field(
+        None, description="file holding the broker password (e.g. a systemd credential); never in the YAML itself"
+    )
+    password_env: Optional[str] = Field(
+        None, pattern=_ENV_NAME_RE, description="name of the environment variable holding the broker password"
+    )
+    tls: Optional[TlsSettings] = Field(None, description="TLS settings; absent means plain TCP")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; a dead link is noticed after 1.5x this")
+    status_interval_s: float = Field(10.0, ge=0.5, le=3600.0, description="period of the retained status message")
+    reconnect_min_s: float = Field(0.5, gt=0.0, le=60.0, description="first delay before reconnecting; doubles per failure")
+    reconnect_max_s: float = Field(30.0, gt=0.0, le=3600.0, description="longest delay between reconnect attempts")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_is_topic_safe(cls, value: str) -> str:
+        if _TOPIC_FORBIDDEN_RE.search(value) or value.startswith("$"):
+            raise ValueError("must not contain + # or spaces, nor start with $ (e.g. daad or plant1/daad)")
+        if any(level == "" for level in value.split("/")):
+            raise ValueError("must not start or end with / nor contain // (e.g. daad or plant1/daad)")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "MqttSettings":
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("give either password_file or password_env, not both")
+        if (self.password_file is not None or self.password_env is not None) and self.username is None:
+            raise ValueError("a password needs a username: set username as well")
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError(
+                f"reconnect_min_s ({self.reconnect_min_s}) must not exceed reconnect_max_s ({self.reconnect_max_s})"
+            )
+        if self.client_id is None:
+            self.client_id = f"daad-agent-{self.station}-{socket.gethostname()}"
+        return self
+
+
+class SpoolSettings(BaseModel):
+    """The on-disk spool of events not yet acknowledged by the broker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path = Field(..., description="SQLite file, e.g. /var/lib/daad-agent/spool.db (StateDirectory=)")
+    max_events: int = Field(
+        DEFAULT_MAX_EVENTS, ge=1, le=10_000_000,
+        description="bound of the spool; when full the oldest event is dropped and counted",
+    )
+
+
+class Topics(NamedTuple):
+    availability: str
+    defects: str
+    status: str
+
+
+def topics(settings: MqttSettings) -> Topics:
+    base = f"{settings.prefix}/{settings.station}"
+    return Topics(availability=f"{base}/availability", defects=f"{base}/defects", status=f"{base}/status")
+
+
+def resolve_password(settings: MqttSettings) -> Optional[str]:
+    """The broker password from password_file or password_env; ConfigError naming the key if unusable."""
+    if settings.password_file is not None:
+        path = settings.password_file
+        key = f"{CONFIG_KEY}.password_file"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{key}: {path} does not exist; create it (mode 0600) holding the broker password, "
+                f"or use {CONFIG_KEY}.password_env"
+            ) from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{key}: cannot read {path} ({err}); check its permissions for the service user") from None
+        password = text.rstrip("\r\n")  # files written by `echo` end with a newline that is not part of it
+        if not password:
+            raise ConfigError(f"{key}: {path} is empty; write the broker password into it")
+        return password
+    if settings.password_env is not None:
+        value = os.environ.get(settings.password_env)
+        if not value:
+            raise ConfigError(
+                f"{CONFIG_KEY}.password_env: environment variable {settings.password_env} is not set or empty; "
+                "set it in the unit (Environment= / EnvironmentFile=) or use password_file"
+            )
+        return value
+    return None
+
+
+def _configure_tls(client: mqtt.Client, tls: TlsSettings) -> None:
+    for name in ("ca_file", "cert_file", "key_file"):
+        path = getattr(tls, name)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{CONFIG_KEY}.tls.{name}: {path} does not exist or is not a file")
+    try:
+        client.tls_set(
+            ca_certs=None if tls.ca_file is None else str(tls.ca_file),
+            certfile=None if tls.cert_file is None else str(tls.cert_file),
+            keyfile=None if tls.key_file is None else str(tls.key_file),
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+    except (ssl.SSLError, OSError, ValueError) as err:
+        raise ConfigError(
+            f"{CONFIG_KEY}.tls: cannot load the certificates ({err}); check that ca_file, cert_file and key_file are PEM"
+        ) from None
+    if tls.insecure:
+        logger.warning("MQTT: TLS host name check disabled (%s.tls.insecure); use only for tests", CONFIG_KEY)
+        client.tls_insecure_set(True)
+
+
+class _DemoteBenignPahoErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(PAHO_BENIGN_ERRORS):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_PAHO_LOGGER = logging.getLogger(f"{__name__}.paho")
+_PAHO_LOGGER.addFilter(_DemoteBenignPahoErrors())
+
+_Callback = TypeVar("_Callback", bound=Callable[..., None])
+
+
+def _never_raises(method: _Callback) -> _Callback:
+    """paho re-raises callback exceptions in its network thread, which ends reconnecting for good."""
+
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        try:
+            method(*args, **kwargs)
+        except Exception:
+            logger.exception("MQTT: error in %s", method.__name__)
+
+    guarded.__name__ = method.__name__
+    guarded.__doc__ = method.__doc__
+    return guarded  # type: ignore[return-value]
+
+
+# -- publisher -----------------------------------------------------------------------------------
+class EventPublisher:
+    """Spool-backed QoS 1 publisher of defect events, plus retained availability and status."""
+
+    def __init__(self, settings: MqttSettings, spool: Spool) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.topics = topics(settings)
+        self._cv = threading.Condition()
+        # Everything below is guarded by self._cv.
+        self._connected = False  # true only between a successful CONNACK and the next disconnect
+        self._ever_connected = False
+        self._hold = False  # see RESEND_HOLD_MAX_S
+        self._hold_since = 0.0
+        self._pending: Dict[int, Optional[str]] = {}  # paho mid -> event_id (None: availability/status)
+        self._early_acks: Set[int] = set()  # acks that arrived before publish() returned their mid
+        self._acked: List[str] = []  # acknowledged event ids not yet removed from the spool
+        self._latest_status: Optional[bytes] = None
+        self._wake = False
+        self._stopping = False
+        self._unreachable_logged = False
+        self._published = 0
+        self._acked_total = 0
+        self._reconnects = 0
+        self._spool_errors = 0
+        self._started = False
+        self._pump: Optional[threading.Thread] = None
+        self._last_error_log = float("-inf")
+        self._client = self._make_client()
+
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=mqtt.MQTTv311)
+        client.enable_logger(_PAHO_LOGGER)
+        password = resolve_password(s)
+        if s.username is not None:
+            client.username_pw_set(s.username, password)
+        if s.tls is not None:
+            _configure_tls(client, s.tls)
+        client.will_set(self.topics.availability, AVAILABILITY_OFFLINE, qos=QOS, retain=True)
+        client.reconnect_delay_set(min_delay=s.reconnect_min_s, max_delay=s.reconnect_max_s)  # type: ignore[arg-type]
+        # Unlimited in paho: MAX_IN_FLIGHT bounds our events, and paho's "queued" state would only
+        # reorder the resends after a reconnect.
+        client.max_inflight_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        return client
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect in the background; returns at once, even when the broker is down."""
+        if self._started:
+            return
+        self._started = True
+        with self._cv:
+            self._stopping = False
+        s = self.settings
+        self._pump = threading.Thread(target=self._pump_loop, name="daad-mqtt-pump", daemon=True)
+        self._pump.start()
+        self._client.connect_async(s.host, s.port, keepalive=s.keepalive_s)
+        self._client.loop_start()
+        logger.info(
+            "MQTT: connecting to %s:%d as %s; events on %s, %d waiting in the spool",
+            s.host, s.port, s.client_id, self.topics.defects, self.spool.depth(),
+        )
+
+    def stop(self, timeout_s: float = 3.0) -> None:
+        """Flush what the broker can take within timeout_s, publish retained `offline`, disconnect."""
+        if not self._started:
+            return
+        deadline = time.monotonic() + timeout_s
+        if self.connected:
+            self.flush(max(0.0, deadline - time.monotonic()))
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._pump is not None:
+            self._pump.join(max(0.1, deadline - time.monotonic()))
+        if self.connected:
+            self._send_latest_status()  # e.g. the "stopping" status published just before stop()
+            info = self._send(self.topics.availability, AVAILABILITY_OFFLINE.encode(), retain=True, event_id=None)
+            if info is not None:
+                try:
+                    info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+                except (RuntimeError, ValueError) as err:
+                    logger.warning("MQTT: could not publish offline before disconnecting (%s)", err)
+        self._client.disconnect()
+        self._client.loop_stop()
+        with self._cv:
+            self._connected = False
+            acked, self._acked = self._acked, []
+        try:
+            self._remove_acked(acked)
+            left = self.spool.depth()
+        except SpoolError as err:
+            logger.warning("MQTT: %s", err)
+            left = -1
+        self._started = False
+        logger.info("MQTT: stopped; %d event(s) left in the spool for the next start", left)
+
+    # -- API used by the agent -----------------------------------------------------------------
+    def publish_event(self, event_id: str, payload: Dict[str, Any]) -> None:
+        """Spool durably, then publish in the background. Never blocks on the network.
+
+        Raises TypeError/ValueError only for a payload that is not strict JSON (a caller bug).
+        """
+        data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        try:
+            self.spool.put(event_id, self.topics.defects, data)
+        except SpoolError as err:
+            with self._cv:
+                self._spool_errors += 1
+            # Better delivered without a durable copy than not at all.
+            logger.error("MQTT: %s; publishing event %s from memory only", err, event_id)
+            if self._send(self.topics.defects, data, retain=False, event_id=None) is not None:
+                with self._cv:
+                    self._published += 1
+            return
+        self._notify()
+
+    def publish_status(self, payload: Dict[str, Any]) -> None:
+        """Retained, QoS 1, not spooled: only the latest status is kept and sent once connected."""
+        data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        with self._cv:
+            self._latest_status = data
+            self._wake = True
+            self._cv.notify_all()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every spooled event is acknowledged; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while True:
+                if self.spool.depth() == 0 and not self._acked:
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cv.wait(min(remaining, FLUSH_POLL_S))
+
+    @property
+    def connected(self) -> bool:
+        with self._cv:
+            return self._connected
+
+    def stats(self) -> Dict[str, Any]:
+        with self._cv:
+            in_flight = sum(1 for eid in self._pending.values() if eid is not None)
+            out = {
+                "connected": self._connected,
+                "published": self._published,
+                "acked": self._acked_total,
+                "reconnects": self._reconnects,
+                "in_flight": in_flight,
+                "spool_errors": self._spool_errors,
+            }
+        out["spool_depth"] = self.spool.depth()
+        out["spool_dropped"] = self.spool.dropped
+        return out
+
+    # -- paho callbacks (network thread) ----------------------------------------------------------
+    @_never_raises
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        s = self.settings
+        if reason_code.is_failure:
+            with self._cv:
+                self._connected = False
+            logger.error(
+                "MQTT: broker %s:%d refused the connection: %s; check %s.username, the password and %s.client_id",
+                s.host, s.port, reason_code, CONFIG_KEY, CONFIG_KEY,
+            )
+            return
+        with self._cv:
+            if self._ever_connected:
+                self._reconnects += 1
+            self._ever_connected = True
+            self._connected = True
+            self._unreachable_logged = False
+            self._hold = True
+            self._hold_since = time.monotonic()
+            depth = self.spool.depth()
+        logger.info("MQTT: connected to %s:%d; %d event(s) to deliver from the spool", s.host, s.port, depth)
+        self._send(self.topics.availability, AVAILABILITY_ONLINE.encode(), retain=True, event_id=None)
+        self._notify()
+
+    @_never_raises
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        with self._cv:
+            first = not self._unreachable_logged
+            self._unreachable_logged = True
+        s = self.settings
+        log = logger.warning if first else logger.debug
+        log("MQTT: broker %s:%d unreachable; retrying (up to every %gs), events wait in the spool",
+            s.host, s.port, s.reconnect_max_s)
+
+    @_never_raises
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        with self._cv:
+            was_connected = self._connected
+            self._connected = False
+            stopping = self._stopping
+        if was_connected and not stopping:
+            logger.warning("MQTT: disconnected (%s); events wait in the spool, reconnecting", reason_code)
+
+    @_never_raises
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        with self._cv:
+            if mid in self._pending:
+                event_id = self._pending.pop(mid)
+                if event_id is not None:
+                    if getattr(reason_code, "is_failure", False):
+                        # MQTT 5 only: the broker refused it; resending would block the queue forever.
+                        logger.error("MQTT: broker refused event %s (%s); removed from the spool", event_id, reason_code)
+                    self._acked.append(event_id)
+            else:
+                self._early_acks.add(mid)
+            self._hold = False
+            self._wake = True
+            self._cv.notify_all()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _notify(self) -> None:
+        with self._cv:
+            self._wake = True
+            self._cv.notify_all()
+
+    def _send(self, topic: str, payload: bytes, retain: bool, event_id: Optional[str]) -> Optional[mqtt.MQTTMessageInfo]:
+        """Publish QoS 1 and remember mid -> event_id; None if paho did not queue it."""
+        try:
+            info = self._client.publish(topic, payload, qos=QOS, retain=retain)
+        except (ValueError, RuntimeError) as err:
+            logger.error("MQTT: cannot publish on %s (%s)", topic, err)
+            return None
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            return None
+        with self._cv:
+            if info.mid in self._early_acks:
+                self._early_acks.discard(info.mid)
+                if event_id is not None:
+                    self._acked.append(event_id)
+                    self._wake = True
+                    self._cv.notify_all()
+            else:
+                self._pending[info.mid] = event_id
+        return info
+
+    def _pump_loop(self) -> None:
+        while True:
+            with self._cv:
+                if not self._wake and not self._stopping:
+                    self._cv.wait(PUMP_IDLE_S)
+                self._wake = False
+                acked, self._acked = self._acked, []
+                if self._hold and time.monotonic() - self._hold_since > RESEND_HOLD_MAX_S:
+                    self._hold = False
+                stopping = self._stopping
+                can_send = self._connected and not self._hold and not stopping
+            try:
+                self._remove_acked(acked)
+                if can_send:
+                    self._fill_window()
+                    self._send_latest_status()
+            except Exception as err:  # the pump must outlive a bad moment (disk full, spool closed)
+                now = time.monotonic()
+                if now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
+                    self._last_error_log = now
+                    logger.error("MQTT: event pump: %s", err, exc_info=not isinstance(err, SpoolError))
+                with self._cv:
+                    if not self._stopping:
+                        self._cv.wait(PUMP_IDLE_S)
+            if stopping:
+                return
+
+    def _remove_acked(self, acked: List[str]) -> None:
+        if not acked:
+            return
+        self.spool.ack_many(acked)
+        with self._cv:
+            self._acked_total += len(acked)
+            self._cv.notify_all()  # flush() waits on this
+
+    def _fill_window(self) -> None:
+        """Publish the oldest spooled events that are not in flight, up to MAX_IN_FLIGHT."""
+        with self._cv:
+            pending_events = [eid for eid in self._pending.values() if eid is not None]
+            busy = set(pending_events)
+            busy.update(self._acked)  # acknowledged, not yet removed from the spool
+        free = MAX_IN_FLIGHT - len(pending_events)
+        if free <= 0:
+            return
+        for event in self.spool.peek(len(busy) + free):
+            if event.event_id in busy:
+                continue
+            if free <= 0 or not self.connected:
+                return
+            if self._send(event.topic, event.payload, retain=False, event_id=event.event_id) is None:
+                return
+            free -= 1
+            with self._cv:
+                self._published += 1
+
+    def _send_latest_status(self) -> None:
+        with self._cv:
+            data, self._latest_status = self._latest_status, None
+        if data is not None and self._send(self.topics.status, data, retain=True, event_id=None) is None:
+            with self._cv:
+                if self._latest_status is None:
+                    self._latest_status = data

@@ -1,0 +1,523 @@
+"""agent.mqtt: settings, and the spool-backed publisher against a real Mosquitto and a real paho subscriber.
+
+Outage tests restart the broker with persistence on and subscribe with a persistent session, so
+the subscriber misses nothing while the broker is down: what the publisher replays must arrive.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import paho.mqtt.client as mqtt
+import pytest
+from pydantic import ValidationError
+
+from agent.mqtt import (
+    MAX_IN_FLIGHT,
+    EventPublisher,
+    MqttSettings,
+    SpoolSettings,
+    TlsSettings,
+    resolve_password,
+    topics,
+)
+from agent.payloads import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE
+from agent.spool import Spool
+from engine.errors import ConfigError
+from tests.mqtt_broker import MosquittoBroker
+
+STATION = "st1"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WAIT_S = 15.0  # generous upper bound for polling; tests finish as soon as the condition holds
+CHILD_READY_S = 20.0
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def wait_for(predicate: Callable[[], bool], timeout: float = WAIT_S, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def make_settings(broker: MosquittoBroker, **overrides: Any) -> MqttSettings:
+    values: Dict[str, Any] = dict(
+        host="127.0.0.1", port=broker.port, station=STATION, client_id=f"pub-{uuid.uuid4().hex[:8]}",
+        keepalive_s=5, reconnect_min_s=0.1, reconnect_max_s=0.5,
+    )
+    values.update(overrides)
+    return MqttSettings(**values)
+
+
+def event(n: int) -> Tuple[str, Dict[str, Any]]:
+    event_id = f"ev{n:04d}"
+    return event_id, {"event_id": event_id, "n": n}
+
+
+def broker_scratch(stack: contextlib.ExitStack) -> Path:
+    """A directory the broker can use: mosquitto started as root drops to its own user, which cannot
+    enter pytest's private tmp_path."""
+    scratch = Path(tempfile.mkdtemp(prefix="daad-mosquitto-"))
+    os.chmod(scratch, 0o777)
+    stack.callback(shutil.rmtree, scratch, True)
+    return scratch
+
+
+def enable_persistence(broker: MosquittoBroker, stack: contextlib.ExitStack) -> None:
+    """Restart the fixture's broker (same port) keeping sessions and queued messages across restarts."""
+    store = broker_scratch(stack)
+    stack.callback(broker.stop)  # before the store is removed
+    broker.stop()
+    with open(broker.conf, "a") as fh:
+        fh.write(f"persistence true\npersistence_location {store}/\nautosave_interval 0\n")
+    broker.start()
+
+
+class Subscriber:
+    """A real paho subscriber recording everything under <prefix>/<station>/#."""
+
+    def __init__(self, port: int, persistent: bool = False, topic: str = f"daad/{STATION}/#") -> None:
+        self.topic = topic
+        self.messages: List[Tuple[str, bytes, bool, int]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"sub-{uuid.uuid4().hex[:8]}", clean_session=not persistent
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *args: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.05, 0.2)
+        self.client.connect("127.0.0.1", port, keepalive=5)
+        self.client.loop_start()
+        if not self._subscribed.wait(WAIT_S):
+            raise RuntimeError("test subscriber could not subscribe")
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        client.subscribe(self.topic, qos=1)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, msg.payload, bool(msg.retain), msg.qos))
+
+    def on(self, suffix: str) -> List[Tuple[bytes, bool, int]]:
+        with self._lock:
+            return [(p, r, q) for t, p, r, q in self.messages if t.endswith("/" + suffix)]
+
+    def event_ids(self) -> List[str]:
+        return [json.loads(p)["event_id"] for p, _, _ in self.on("defects")]
+
+    def last(self, suffix: str) -> Optional[bytes]:
+        got = self.on(suffix)
+        return got[-1][0] if got else None
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def retained(port: int, suffix: str) -> Optional[bytes]:
+    """What a consumer connecting now gets as the retained message of daad/<station>/<suffix>."""
+    sub = Subscriber(port, topic=f"daad/{STATION}/{suffix}")
+    try:
+        wait_for(lambda: bool(sub.on(suffix)), timeout=1.0)
+        got = sub.on(suffix)
+        return got[-1][0] if got and got[-1][1] else None
+    finally:
+        sub.close()
+
+
+@pytest.fixture()
+def stack() -> Iterator[contextlib.ExitStack]:
+    """Teardown in reverse order even when an assertion fails (publishers, subscribers, spools)."""
+    with contextlib.ExitStack() as s:
+        yield s
+
+
+def started_publisher(stack: contextlib.ExitStack, settings: MqttSettings, spool: Spool) -> EventPublisher:
+    pub = EventPublisher(settings, spool)
+    stack.callback(pub.stop, 1.0)
+    pub.start()
+    return pub
+
+
+def open_spool(stack: contextlib.ExitStack, path: Path) -> Spool:
+    spool = Spool(path)
+    stack.callback(spool.close)
+    return spool
+
+
+def subscriber(stack: contextlib.ExitStack, port: int, persistent: bool = False) -> Subscriber:
+    sub = Subscriber(port, persistent=persistent)
+    stack.callback(sub.close)
+    return sub
+
+
+def child_publisher(stack: contextlib.ExitStack, settings: MqttSettings, spool_path: Path, marker: Path,
+                    events: int, wait_connected: bool) -> subprocess.Popen:
+    """A separate agent process: starts an EventPublisher, publishes, writes `marker`, then idles until killed."""
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from pathlib import Path
+        from agent.mqtt import EventPublisher, MqttSettings
+        from agent.spool import Spool
+        settings = MqttSettings.model_validate_json(sys.argv[1])
+        pub = EventPublisher(settings, Spool(Path(sys.argv[2])))
+        pub.start()
+        if sys.argv[5] == "1":
+            deadline = time.monotonic() + 15
+            while not pub.connected and time.monotonic() < deadline:
+                time.sleep(0.02)
+        for n in range(int(sys.argv[4])):
+            pub.publish_event("ev%04d" % n, {"event_id": "ev%04d" % n, "n": n})
+        Path(sys.argv[3]).write_text("connected" if pub.connected else "ready")
+        time.sleep(120)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, settings.model_dump_json(), str(spool_path), str(marker), str(events),
+         "1" if wait_connected else "0"],
+        cwd=str(REPO_ROOT),
+    )
+
+    def kill() -> None:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+    stack.callback(kill)
+    assert wait_for(lambda: marker.exists() or proc.poll() is not None, timeout=CHILD_READY_S)
+    assert proc.poll() is None, "the child publisher exited early"
+    return proc
+
+
+# -- settings --------------------------------------------------------------------------------------
+def test_settings_defaults_and_topics() -> None:
+    s = MqttSettings(station="line-3")
+    assert (s.host, s.port, s.prefix, s.keepalive_s) == ("localhost", 1883, "daad", 30)
+    assert s.client_id is not None and s.client_id.startswith("daad-agent-line-3-")
+    t = topics(MqttSettings(station="line-3", prefix="plant1/daad"))
+    assert t == ("plant1/daad/line-3/availability", "plant1/daad/line-3/defects", "plant1/daad/line-3/status")
+    assert SpoolSettings(path=Path("/var/lib/daad-agent/spool.db")).max_events == 10000
+
+
+@pytest.mark.parametrize(
+    "values, key",
+    [
+        ({"station": "a/b"}, "station"),  # would add a topic level
+        ({"station": "a+"}, "station"),  # wildcard
+        ({"station": ""}, "station"),
+        ({}, "station"),  # required
+        ({"station": "s", "prefix": "daad/"}, "prefix"),
+        ({"station": "s", "prefix": "da#ad"}, "prefix"),
+        ({"station": "s", "port": 0}, "port"),
+        ({"station": "s", "keepalive_s": 1}, "keepalive_s"),
+        ({"station": "s", "hots": "x"}, "hots"),  # unknown key (typo) is refused
+        ({"station": "s", "password_env": "MQTT_PW"}, "username"),  # password without a user
+        ({"station": "s", "username": "u", "password_env": "A", "password_file": "/f"}, "not both"),
+        ({"station": "s", "password_env": "1BAD"}, "password_env"),
+        ({"station": "s", "reconnect_min_s": 5, "reconnect_max_s": 1}, "reconnect_min_s"),
+        ({"station": "s", "tls": {"cert_file": "/c.pem"}}, "key_file"),
+        ({"station": "s", "tls": {"verify": False}}, "verify"),
+    ],
+)
+def test_invalid_settings_name_the_key(values: Dict[str, Any], key: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        MqttSettings(**values)
+    assert key in str(info.value)
+
+
+def test_spool_settings_bounds() -> None:
+    with pytest.raises(ValidationError, match="max_events"):
+        SpoolSettings(path=Path("x.db"), max_events=0)
+
+
+def test_missing_password_file_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "mqtt-password"
+    settings = MqttSettings(station="s", username="agent", password_file=missing)
+    with pytest.raises(ConfigError) as info:
+        EventPublisher(settings, Spool(tmp_path / "spool.db"))
+    assert "mqtt.password_file" in str(info.value) and str(missing) in str(info.value)
+
+
+def test_password_from_file_or_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pw_file = tmp_path / "pw"
+    pw_file.write_text("s3cret\n")  # `echo s3cret > pw` adds a newline that is not part of it
+    assert resolve_password(MqttSettings(station="s", username="u", password_file=pw_file)) == "s3cret"
+    pw_file.write_text("\n")
+    with pytest.raises(ConfigError, match="mqtt.password_file: .* is empty"):
+        resolve_password(MqttSettings(station="s", username="u", password_file=pw_file))
+    monkeypatch.delenv("DAAD_TEST_MQTT_PW", raising=False)
+    env_settings = MqttSettings(station="s", username="u", password_env="DAAD_TEST_MQTT_PW")
+    with pytest.raises(ConfigError, match="mqtt.password_env: environment variable DAAD_TEST_MQTT_PW"):
+        resolve_password(env_settings)
+    monkeypatch.setenv("DAAD_TEST_MQTT_PW", "from-env")
+    assert resolve_password(env_settings) == "from-env"
+    assert resolve_password(MqttSettings(station="s")) is None
+
+
+def test_missing_tls_file_is_a_clear_error(tmp_path: Path) -> None:
+    settings = MqttSettings(station="s", tls=TlsSettings(ca_file=tmp_path / "ca.pem"))
+    with pytest.raises(ConfigError, match="mqtt.tls.ca_file: .*ca.pem does not exist"):
+        EventPublisher(settings, Spool(tmp_path / "spool.db"))
+    (tmp_path / "ca.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError, match="mqtt.tls: cannot load"):
+        EventPublisher(settings, Spool(tmp_path / "spool.db"))
+
+
+# -- delivery with the broker up ------------------------------------------------------------------
+def test_delivers_events_in_order_and_empties_the_spool(
+    mosquitto: MosquittoBroker, tmp_path: Path, stack: contextlib.ExitStack
+) -> None:
+    n_events = 120
+    sub = subscriber(stack, mosquitto.port)
+    spool = open_spool(stack, tmp_path / "spool.db")
+    pub = started_publisher(stack, make_settings(mosquitto), spool)
+    assert wait_for(lambda: pub.connected)
+    most_in_flight = 0
+    for n in range(n_events):
+        pub.publish_event(*event(n))
+        most_in_flight = max(most_in_flight, pub.stats()["in_flight"])
+    assert pub.flush(WAIT_S)
+    assert wait_for(lambda: len(sub.on("defects")) >= n_events)
+    assert sub.event_ids() == [event(n)[0] for n in range(n_events)]
+    assert {qos for _, _, qos in sub.on("defects")} == {1}
+    assert most_in_flight <= MAX_IN_FLIGHT
+    stats = pub.stats()
+    assert stats["published"] == n_events and stats["acked"] == n_events
+    assert stats["spool_depth"] == 0 and stats["in_flight"] == 0 and stats["connected"] is True
+    assert spool.depth() == 0
+
+
+def test_events_leave_the_spool_only_when_the_broker_acknowledges(
+    mosquitto: MosquittoBroker, tmp_path: Path, stack: contextlib.ExitStack
+) -> None:
+    n_events = MAX_IN_FLIGHT + 15
+    sub = subscriber(stack, mosquitto.port)
+    spool = open_spool(stack, tmp_path / "spool.db")
+    pub = started_publisher(stack, make_settings(mosquitto), spool)
+    assert wait_for(lambda: pub.connected)
+    assert mosquitto.proc is not None
+    broker_pid = mosquitto.proc.pid
+    os.kill(broker_pid, signal.SIGSTOP)  # connection stays up, but no PUBACK can come
+    stack.callback(os.kill, broker_pid, signal.SIGCONT)
+    try:
+        for n in range(n_events):
+            pub.publish_event(*event(n))
+        assert wait_for(lambda: pub.stats()["in_flight"] == MAX_IN_FLIGHT)
+        time.sleep(0.2)  # give a wrong implementation time to overfill the window or ack early
+        stats = pub.stats()
+        assert stats["in_flight"] == MAX_IN_FLIGHT and stats["published"] == MAX_IN_FLIGHT
+        assert stats["acked"] == 0 and spool.depth() == n_events
+    finally:
+        os.kill(broker_pid, signal.SIGCONT)
+    assert pub.flush(WAIT_S)
+    assert wait_for(lambda: len(sub.on("defects")) >= n_events)
+    assert sub.event_ids() == [event(n)[0] for n in range(n_events)]
+
+
+def test_online_retained_after_connect_and_offline_on_stop(
+    mosquitto: MosquittoBroker, tmp_path: Path, stack: contextlib.ExitStack
+) -> None:
+    spool = open_spool(stack, tmp_path / "spool.db")
+    pub = EventPublisher(make_settings(mosquitto), spool)
+    pub.start()
+    assert wait_for(lambda: pub.connected)
+    assert wait_for(lambda: retained(mosquitto.port, "availability") == AVAILABILITY_ONLINE.encode())
+    pub.publish_status({"state": "stopping"})
+    pub.stop()  # sends the last status before going offline
+    assert not pub.connected
+    assert retained(mosquitto.port, "availability") == AVAILABILITY_OFFLINE.encode()
+    assert retained(mosquitto.port, "status") == b'{"state":"stopping"}'
+
+
+def test_status_is_retained_latest_wins_and_not_spooled(
+    mosquitto: MosquittoBroker, tmp_path: Path, stack: contextlib.ExitStack
+) -> None:
+    sub = subscriber(stack, mosquitto.port)
+    spool = open_spool(stack, tmp_path / "spool.db")
+    pub = started_publisher(stack, make_settings(mosquitto), spool)
+    assert wait_for(lambda: pub.connected)
+    pub.publish_status({"n": 1})
+    pub.publish_status({"n": 2})
+    assert spool.depth() == 0
+    assert wait_for(lambda: sub.last("status") == b'{"n":2}')
+    assert {qos for _, _, qos in sub.on("status")} == {1}
+    assert retained(mosquitto.port, "status") == b'{"n":2}'
+
+
+# -- outages and restarts -------------------------------------------------------------------------
+def test_broker_outage_mid_run_loses_nothing(
+    mosquitto: MosquittoBroker, tmp_path: Path, stack: contextlib.ExitStack
+) -> None:
+    enable_persistence(mosquitto, stack)
+    sub = subscriber(stack, mosquitto.port, persistent=True)
+    spool = open_spool(stack, tmp_path / "spool.db")
+    pub = started_publisher(stack, make_settings(mosquitto), spool)
+    assert wait_for(lambda: pub.connected)
+    for n in range(30):  # not flushed: some are still in flight when the broker goes
+        pub.publish_event(*event(n))
+    mosquitto.stop()
+    assert wait_for(lambda: not pub.connected)
+    began = time.monotonic()
+    for n in range(30, 60):
+        pub.publish_event(*event(n))
+    assert time.monotonic() - began < 2.0, "publish_event blocked while the broker was down"
+    assert pub.stats()["spool_depth"] >= 30
+    assert not pub.flush(0.2)
+    mosquitto.start()
+    assert pub.flush(WAIT_S)
+    expected = {event(n)[0] for n in range(60)}
+    assert wait_for(lambda: set(sub.event_ids()) >= expected)
+    assert set(sub.event_ids()) == expected  # every event at least once, nothing else
+    assert spool.depth() == 0
+    assert pub.stats()["reconnects"] >= 1
+
+
+def test_starts_without_broker_and_delivers_once_it_appears(
+    mosquitto: MosquittoBroker, tmp_path: Path, stack: contextlib.ExitStack
+) -> None:
+    enable_persistence(mosquitto, stack)
+    sub = subscriber(stack, mosquitto.port, persistent=True)
+    mosquitto.stop()
+    spool = open_spool(stack, tmp_path / "spool.db")
+    began = time.monotonic()
+    pub = started_publisher(stack, make_settings(mosquitto), spool)
+    for n in range(5):
+        pub.publish_event(*event(n))
+    pub.publish_status({"n": 1})
+    assert time.monotonic() - began < 2.0, "start/publish blocked without a broker"
+    time.sleep(0.3)  # several failed connection attempts
+    assert not pub.connected and pub.stats()["connected"] is False
+    assert spool.depth() == 5
+    mosquitto.start()
+    assert pub.flush(WAIT_S)
+    assert wait_for(lambda: len(sub.event_ids()) >= 5)
+    assert sub.event_ids() == [event(n)[0] for n in range(5)]
+    assert wait_for(lambda: sub.last("status") == b'{"n":1}')
+
+
+def test_stopped_publisher_spool_is_delivered_by_the_next_one(
+    mosquitto: MosquittoBroker, tmp_path: Path, stack: contextlib.ExitStack
+) -> None:
+    enable_persistence(mosquitto, stack)
+    sub = subscriber(stack, mosquitto.port, persistent=True)
+    mosquitto.stop()
+    path = tmp_path / "spool.db"
+    spool_a = Spool(path)
+    pub_a = EventPublisher(make_settings(mosquitto), spool_a)
+    pub_a.start()
+    for n in range(8):
+        pub_a.publish_event(*event(n))
+    pub_a.stop(timeout_s=0.5)  # no broker: nothing acknowledged
+    spool_a.close()
+
+    spool_b = open_spool(stack, path)
+    assert spool_b.depth() == 8
+    pub_b = started_publisher(stack, make_settings(mosquitto), spool_b)
+    mosquitto.start()
+    assert pub_b.flush(WAIT_S)
+    assert wait_for(lambda: len(sub.event_ids()) >= 8)
+    assert sub.event_ids() == [event(n)[0] for n in range(8)]  # replayed in order
+
+
+def test_killed_agent_spool_is_delivered_by_the_next_one(
+    mosquitto: MosquittoBroker, tmp_path: Path, stack: contextlib.ExitStack
+) -> None:
+    enable_persistence(mosquitto, stack)
+    sub = subscriber(stack, mosquitto.port, persistent=True)
+    mosquitto.stop()
+    path = tmp_path / "spool.db"
+    proc = child_publisher(stack, make_settings(mosquitto), path, tmp_path / "ready", events=6, wait_connected=False)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+    spool = open_spool(stack, path)
+    assert spool.depth() == 6
+    pub = started_publisher(stack, make_settings(mosquitto), spool)
+    mosquitto.start()
+    assert pub.flush(WAIT_S)
+    assert wait_for(lambda: len(sub.event_ids()) >= 6)
+    assert sub.event_ids() == [event(n)[0] for n in range(6)]
+
+
+def test_last_will_offline_when_the_agent_is_killed(
+    mosquitto: MosquittoBroker, tmp_path: Path, stack: contextlib.ExitStack
+) -> None:
+    sub = subscriber(stack, mosquitto.port)
+    marker = tmp_path / "ready"
+    proc = child_publisher(stack, make_settings(mosquitto), tmp_path / "spool.db", marker, events=0,
+                           wait_connected=True)
+    assert marker.read_text() == "connected"
+    assert wait_for(lambda: sub.last("availability") == AVAILABILITY_ONLINE.encode())
+    proc.send_signal(signal.SIGKILL)  # no DISCONNECT packet: the broker publishes the will
+    proc.wait(10)
+    assert wait_for(lambda: sub.last("availability") == AVAILABILITY_OFFLINE.encode())
+    assert retained(mosquitto.port, "availability") == AVAILABILITY_OFFLINE.encode()
+
+
+# -- authentication --------------------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd not installed")
+def test_refused_connection_is_not_connected_and_password_file_works(
+    mosquitto: MosquittoBroker, tmp_path: Path, stack: contextlib.ExitStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = f"pw-{uuid.uuid4().hex}"
+    passwd = broker_scratch(stack) / "passwd"
+    stack.callback(mosquitto.stop)  # before the password file is removed
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "agent", secret], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.chmod(passwd, 0o644)  # readable by the user mosquitto drops to
+    mosquitto.stop()
+    with open(mosquitto.conf, "a") as fh:
+        fh.write(f"allow_anonymous false\npassword_file {passwd}\n")
+    mosquitto.start()
+
+    anonymous = EventPublisher(make_settings(mosquitto), open_spool(stack, tmp_path / "a.db"))
+    stack.callback(anonymous.stop, 1.0)
+    seen_connected = []
+    sampling = threading.Event()
+
+    def sample() -> None:  # a refused CONNACK must never count as connected, not even briefly
+        while not sampling.is_set():
+            if anonymous.connected:
+                seen_connected.append(True)
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    anonymous.start()
+    anonymous.publish_event(*event(0))
+    refusals = lambda: sum("refused the connection" in r.getMessage() for r in caplog.records)  # noqa: E731
+    assert wait_for(lambda: refusals() >= 3)  # paho keeps retrying; each try is refused
+    sampling.set()
+    sampler.join()
+    assert not seen_connected and not anonymous.connected
+    stats = anonymous.stats()
+    assert stats["connected"] is False and stats["published"] == 0 and stats["reconnects"] == 0
+    assert stats["spool_depth"] == 1
+
+    pw_file = tmp_path / "mqtt-password"
+    pw_file.write_text(secret + "\n")
+    spool = open_spool(stack, tmp_path / "b.db")
+    authed = started_publisher(stack, make_settings(mosquitto, username="agent", password_file=pw_file), spool)
+    authed.publish_event(*event(1))
+    assert authed.flush(WAIT_S)
+    assert authed.connected
+    assert secret not in caplog.text
