@@ -4,6 +4,7 @@ from the desktop to the Jetson. train/ writes it (train.export), everything else
 from __future__ import annotations
 
 import hashlib
+import sys
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -204,11 +205,10 @@ def software_versions() -> Dict[str, str]:
 
     versions = {"python": platform.python_version()}
     for module in ("numpy", "torch", "onnx", "onnxruntime", "cv2"):
-        try:
-            mod = __import__(module)
+        # only modules the caller already loaded: importing torch here would cost seconds on a Jetson
+        mod = sys.modules.get(module)
+        if mod is not None:
             versions[module] = str(getattr(mod, "__version__", "?"))
-        except ImportError:
-            continue
     try:
         from importlib.metadata import version
 
