@@ -36,7 +36,10 @@ CAMERA_STREAMING = "streaming"
 CAMERA_STALLED = "stalled"  # opened but no frame for too long
 CAMERA_RECONNECTING = "reconnecting"  # waiting between reopen attempts
 CAMERA_CLOSED = "closed"
-CAMERA_STATES = (CAMERA_CONNECTING, CAMERA_STREAMING, CAMERA_STALLED, CAMERA_RECONNECTING, CAMERA_CLOSED)
+CAMERA_ENDED = "ended"  # a file or non-watched folder source reached its end
+CAMERA_ERROR = "error"  # the source failed in a way reopening cannot fix
+CAMERA_STATES = (CAMERA_CONNECTING, CAMERA_STREAMING, CAMERA_STALLED, CAMERA_RECONNECTING, CAMERA_CLOSED,
+                 CAMERA_ENDED, CAMERA_ERROR)
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 SCHEMA_SUFFIX = ".schema.json"

@@ -1,0 +1,447 @@
+"""The composition root of daad-agent: init_* then start_* in order, reversed by stop().
+
+    init_bundle -> init_thresholds -> init_backend -> init_frames_store -> init_publisher -> init_capture -> init_metrics
+    start_publisher -> start_metrics -> start_capture -> loop() -> stop()
+
+The scoring loop runs in the thread that called run() (the main thread under the CLI): the
+backend is opened and used in that one thread, as TensorRT/pycuda need. Capture runs in its own
+thread; MQTT in paho's and the publisher's; metrics in http.server's. Camera, backend, publisher,
+notifier and clock are injectable, so tests drive the real loop with their own parts.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional
+
+import numpy as np
+
+from calibration.thresholds import Thresholds, load_thresholds
+from engine.backend import Backend, open_backend
+from engine.bundle import Bundle, describe, load_bundle
+from engine.errors import ConfigError, ImageError
+
+from . import capture as cap
+from .capture import Capture
+from .config import AgentConfig
+from .frames_store import FramesStore, encode_crop
+from .metrics_http import MetricsServer
+from .payloads import (
+    CAMERA_STATES,
+    STATE_DEGRADED,
+    STATE_RUNNING,
+    STATE_STARTING,
+    STATE_STOPPING,
+    defect_event,
+    make_event_id,
+    new_boot_id,
+    status_payload,
+)
+from .scoring import Scorer, frame_size_of, judge
+from .sdnotify import SystemdNotifier
+from .sources import SYSTEM_CLOCK, Clock, Frame, FrameSource, open_source
+from .thresholds_watch import ThresholdsWatch
+
+logger = logging.getLogger(__name__)
+
+LOOP_TICK_S = 0.1  # the loop wakes at least this often without frames (signals, reloads, status, watchdog)
+LATENCY_WINDOW = 2048  # recent frames behind the latency percentiles
+CAPTURE_STOP_TIMEOUT_S = 2.0
+PUBLISHER_STOP_TIMEOUT_S = 3.0
+# Capture states that the status schema does not name (yet) -> the nearest it does.
+
+
+class App:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        camera: Optional[FrameSource] = None,
+        backend: Optional[Backend] = None,
+        publisher: Optional[Any] = None,
+        clock: Optional[Clock] = None,
+        notifier: Optional[SystemdNotifier] = None,
+        max_frames: Optional[int] = None,
+        boot_id: Optional[str] = None,
+        config_file: Optional[str] = None,
+    ) -> None:
+        self.config = config
+        self.config_file = config_file  # names the file in the ConfigErrors found at start
+        self.clock = clock or SYSTEM_CLOCK
+        self.notifier = notifier if notifier is not None else SystemdNotifier()
+        self.max_frames = max_frames
+        self.boot_id = boot_id or new_boot_id()
+        self._camera = camera
+        self._stop_requested = threading.Event()
+        self._stop_reason = ""
+        self._status_due = False  # set from other threads (camera state change): a plain flag is enough
+        self._started_at = self.clock.monotonic()
+        self._stopped = False
+        # parts, made by init_*
+        self.bundle: Optional[Bundle] = None
+        self.watch: Optional[ThresholdsWatch] = None
+        self.backend: Optional[Backend] = backend
+        self._own_backend = backend is None
+        self.scorer: Optional[Scorer] = None
+        self.frames: Optional[FramesStore] = None
+        self.spool: Optional[Any] = None
+        self.publisher: Optional[Any] = publisher
+        self.capture: Optional[Capture] = None
+        self.metrics: Optional[MetricsServer] = None
+        self._started: List[str] = []
+        # counters (written by the loop thread only)
+        self.frames_scored = 0
+        self.defects = 0
+        self.frames_failed = 0
+        self.ready = False
+        self.state = STATE_STARTING
+        self._latencies: Deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._latency_lock = threading.Lock()  # the metrics thread reads while the loop appends
+        self._fps = 0.0
+        self._fps_count = 0
+        self._fps_since = self._started_at
+        self._next_status = self._started_at
+
+    # -- init, in order ----------------------------------------------------------------------------
+    def init(self) -> "App":
+        self.init_bundle()
+        self.init_thresholds()
+        self.init_backend()
+        self.init_frames_store()
+        self.init_publisher()
+        self.init_capture()
+        self.init_metrics()
+        return self
+
+    def init_bundle(self) -> None:
+        self.bundle = load_bundle(self.config.model.bundle)
+        logger.info("bundle: %s", describe(self.bundle))
+
+    def init_thresholds(self) -> None:
+        cfg = self.config.thresholds
+        thresholds = load_thresholds(cfg.path, self.bundle)
+        self.watch = ThresholdsWatch(cfg.path, self.bundle, thresholds, poll_s=cfg.poll_s, monotonic=self.clock.monotonic)
+        logger.info(
+            "thresholds: image %.6g, pixel %.6g, min area %d (%s, %s)",
+            thresholds.image_threshold, thresholds.pixel_threshold, thresholds.min_defect_area,
+            thresholds.strategy, cfg.path,
+        )
+
+    def init_backend(self) -> None:
+        if self.backend is None:
+            m = self.config.model
+            self.backend = open_backend(self.bundle, prefer=m.backend, precision=m.precision, plan_cache=m.plan_cache)
+        self.scorer = Scorer(self.backend, self.bundle.preprocess)
+
+    def init_frames_store(self) -> None:
+        f = self.config.frames
+        if f.dir is not None:
+            self.frames = FramesStore(f.dir, f.max_files, f.max_bytes, f.jpeg_quality)
+            try:
+                self.frames.open()
+            except OSError as exc:
+                raise self._config_error(
+                    f"frames.dir: got '{f.dir}' ({exc.strerror or exc}), expected a folder the service can write "
+                    "(e.g. under StateDirectory=)"
+                ) from None
+
+    def init_publisher(self) -> None:
+        if self.publisher is not None:
+            return
+        from .mqtt import EventPublisher
+        from .spool import Spool
+
+        try:
+            self.config.spool.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._config_error(
+                f"spool.path: got '{self.config.spool.path}' ({exc.strerror or exc}), expected a file in a folder "
+                "the service can write (e.g. under StateDirectory=)"
+            ) from None
+        self.spool = Spool(self.config.spool.path, self.config.spool.max_events)
+        self.publisher = EventPublisher(self.config.mqtt, self.spool)
+
+    def init_capture(self) -> None:
+        c = self.config.camera
+        source = self._camera if self._camera is not None else open_source(c, clock=self.clock)
+        self.capture = Capture(
+            source, mode=c.mode, queue_size=c.queue_size, stall_timeout_s=c.stall_timeout_s,
+            reopen_min_s=c.reopen_min_s, reopen_max_s=c.reopen_max_s, clock=self.clock, on_state=self._on_camera_state,
+        )
+
+    def init_metrics(self) -> None:
+        m = self.config.metrics
+        if m.prometheus_port is not None:
+            self.metrics = MetricsServer(m.bind, m.prometheus_port, self.snapshot)
+
+    # -- start, in order -------------------------------------------------------------------------
+    def start(self) -> "App":
+        self.start_publisher()
+        self.start_metrics()
+        self.start_capture()
+        return self
+
+    def start_publisher(self) -> None:
+        self.publisher.start()
+        self._started.append("publisher")
+        self.publish_status()
+
+    def start_metrics(self) -> None:
+        if self.metrics is not None:
+            try:
+                self.metrics.start()
+            except ConfigError as exc:
+                raise self._config_error(str(exc)) from None
+            self._started.append("metrics")
+
+    def _config_error(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.config_file}: {message}" if self.config_file else message)
+
+    def start_capture(self) -> None:
+        self.capture.start()
+        self._started.append("capture")
+        logger.info(
+            "agent: station %s, camera %s (%s, mode %s), boot %s",
+            self.config.mqtt.station, self.config.camera.name, self.capture.source.describe(),
+            self.config.camera.mode, self.boot_id[:8],
+        )
+
+    # -- run ---------------------------------------------------------------------------------------
+    def run(self) -> int:
+        """init, start, score until stopped or the source ended, stop; the exit code (0)."""
+        try:
+            self.init()
+            self.start()
+            return self.loop()
+        finally:
+            self.stop()
+
+    def request_stop(self, why: str = "requested") -> None:
+        """Safe from a signal handler and any thread."""
+        if not self._stop_requested.is_set():
+            self._stop_reason = why  # logged by the loop: no logging inside a signal handler
+        self._stop_requested.set()
+
+    def request_reload(self) -> None:
+        if self.watch is not None:
+            self.watch.request_reload()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: stop and drain; SIGHUP: reload thresholds. Main thread only."""
+        signal.signal(signal.SIGTERM, lambda signum, _frame: self.request_stop(signal.Signals(signum).name))
+        signal.signal(signal.SIGINT, lambda signum, _frame: self.request_stop(signal.Signals(signum).name))
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, lambda _signum, _frame: self.request_reload())
+
+    def loop(self) -> int:
+        capture = self.capture
+        while not self._stop_requested.is_set():
+            self._tick()
+            frame = capture.get(LOOP_TICK_S)
+            if frame is None:
+                if capture.finished:
+                    logger.info("agent: the source ended and every frame was scored (%d)", self.frames_scored)
+                    break
+                continue
+            self.process(frame)
+            if self.max_frames is not None and self.frames_scored >= self.max_frames:
+                logger.info("agent: scored --max-frames %d", self.max_frames)
+                break
+        if self._stop_requested.is_set():
+            logger.info("agent: stopping (%s)", self._stop_reason)
+        self.stop_capture()
+        if self._stop_requested.is_set():  # drain: frames already grabbed are scored, not lost
+            drained = 0
+            while True:
+                frame = capture.get(0.0)
+                if frame is None:
+                    break
+                self.process(frame)
+                drained += 1
+            if drained:
+                logger.info("agent: scored %d frame(s) still queued", drained)
+        return 0
+
+    def process(self, frame: Frame) -> None:
+        """Score one frame; publish an event if defective."""
+        thresholds = self.watch.current
+        try:
+            scored = self.scorer.score(frame.image)
+        except ImageError as exc:
+            self.frames_failed += 1
+            logger.warning("frame %s seq %d: not scored: %s", frame.source_id, frame.seq, exc)
+            return
+        size = frame_size_of(frame.image)
+        result = judge(scored, thresholds, size)
+        if result.defective:
+            self._publish_defect(frame, result, thresholds, size)
+        self.frames_scored += 1
+        self._fps_count += 1
+        with self._latency_lock:
+            self._latencies.append(self.clock.monotonic() - frame.grabbed)
+        if not self.ready:
+            self.ready = True
+            self.state = STATE_RUNNING
+            self._status_due = True
+            logger.info(
+                "agent: ready, first frame scored %.2fs after start", self.clock.monotonic() - self._started_at
+            )
+            self.notifier.ready(f"scoring camera {self.config.camera.name}")
+        self._watchdog()
+
+    def _publish_defect(self, frame: Frame, result: Any, thresholds: Thresholds, size: Any) -> None:
+        cam = self.config.camera.name
+        station = self.config.mqtt.station
+        fcfg = self.config.frames
+        frame_path = None
+        if self.frames is not None:
+            saved = self.frames.save(frame.image, frame.timestamp, cam, frame.seq)
+            frame_path = None if saved is None else str(saved)
+        crop = None
+        if fcfg.crop_in_event and result.regions:
+            try:
+                crop = encode_crop(frame.image, result.regions, fcfg.crop_max_px, fcfg.jpeg_quality)
+            except ValueError as exc:
+                logger.warning("frame %s seq %d: no crop: %s", frame.source_id, frame.seq, exc)
+        event_id = make_event_id(station, cam, self.boot_id, frame.seq)
+        payload = defect_event(
+            event_id=event_id, station=station, camera=cam, seq=frame.seq, timestamp=frame.timestamp,
+            image_score=result.score, image_threshold=result.image_threshold,
+            regions=[r.to_dict() for r in result.regions], bundle_name=self.bundle.name,
+            bundle_sha256=self.bundle.sha256, frame_path=frame_path, crop_jpeg_b64=crop, frame_size=size,
+        )
+        self.publisher.publish_event(event_id, payload)
+        self.defects += 1
+        logger.info(
+            "defect: camera %s seq %d (%s) score %.4f > %.4f, %d region(s), event %s",
+            cam, frame.seq, frame.source_id, result.score, result.image_threshold, len(result.regions), event_id,
+            extra={"event_id": event_id, "seq": frame.seq, "score": result.score, "source_id": frame.source_id},
+        )
+
+    # -- periodic work, from the loop ------------------------------------------------------------
+    def _tick(self) -> None:
+        if self.watch.poll() is not None:
+            self._status_due = True
+        now = self.clock.monotonic()
+        if self._status_due or now >= self._next_status:
+            self._status_due = False
+            self.publish_status()
+        self._watchdog()
+
+    def _watchdog(self) -> None:
+        # The loop is alive; withhold the ping only if the capture thread is wedged in a driver call,
+        # so that systemd restarts a process that cannot recover by itself.
+        if not self.capture.wedged():
+            self.notifier.watchdog()
+
+    def _on_camera_state(self, state: str) -> None:
+        self._status_due = True
+
+    def camera_state(self) -> str:
+        state = self.capture.state if self.capture is not None else cap.CONNECTING
+        return state if state in CAMERA_STATES else "closed"  # every capture state is a payload state
+
+    def recent_latencies_s(self) -> np.ndarray:
+        """Grab-to-done seconds of the last LATENCY_WINDOW frames."""
+        with self._latency_lock:
+            return np.array(self._latencies, dtype=np.float64)
+
+    def latency_ms(self) -> Dict[str, Optional[float]]:
+        recent = self.recent_latencies_s()
+        if recent.size == 0:
+            return {"p50": None, "p99": None}
+        p50, p99 = np.percentile(recent, [50, 99])
+        return {"p50": float(p50) * 1e3, "p99": float(p99) * 1e3}
+
+    def publish_status(self) -> None:
+        now = self.clock.monotonic()
+        elapsed = now - self._fps_since
+        if elapsed >= self.config.mqtt.status_interval_s / 2:  # an early status (state change) keeps the last rate
+            self._fps = self._fps_count / elapsed
+            self._fps_count = 0
+            self._fps_since = now
+        self._next_status = now + self.config.mqtt.status_interval_s
+        if self.state not in (STATE_STARTING, STATE_STOPPING):
+            streaming = self.capture.state in (cap.STREAMING, cap.ENDED)
+            self.state = STATE_RUNNING if streaming else STATE_DEGRADED
+        stats = self.publisher.stats()
+        thresholds = self.watch.current
+        payload = status_payload(
+            station=self.config.mqtt.station, state=self.state, fps=self._fps, latency_ms=self.latency_ms(),
+            frames_scored=self.frames_scored, frames_dropped=self.capture.dropped if self.capture else 0,
+            defects=self.defects, spool_depth=int(stats.get("spool_depth", 0)),
+            spool_dropped=int(stats.get("spool_dropped", 0)), camera_state=self.camera_state(),
+            mqtt_connected=bool(stats.get("connected", False)), image_threshold=thresholds.image_threshold,
+            pixel_threshold=thresholds.pixel_threshold, bundle_name=self.bundle.name,
+            bundle_sha256=self.bundle.sha256, uptime_s=now - self._started_at, timestamp=self.clock.now(),
+        )
+        self.publisher.publish_status(payload)
+        self.notifier.status(
+            f"{self.state}: {self._fps:.1f} fps, {self.frames_scored} scored, {self.defects} defects, "
+            f"camera {payload['camera_state']}, spool {payload['spool_depth']}"
+        )
+
+    def snapshot(self) -> Dict[str, Any]:
+        """Counters for the Prometheus endpoint (read from its thread; plain reads are enough)."""
+        stats = self.publisher.stats() if self.publisher is not None else {}
+        lat = self.latency_ms()
+        thresholds = self.watch.current if self.watch is not None else None
+        return {
+            "up": 1,
+            "frames_scored_total": self.frames_scored,
+            "frames_dropped_total": self.capture.dropped if self.capture else 0,
+            "defects_total": self.defects,
+            "fps": self._fps,
+            "latency_p50_seconds": None if lat["p50"] is None else lat["p50"] / 1e3,
+            "latency_p99_seconds": None if lat["p99"] is None else lat["p99"] / 1e3,
+            "camera_reconnects_total": self.capture.reconnects if self.capture else 0,
+            "camera_streaming": int(self.capture is not None and self.capture.state == cap.STREAMING),
+            "spool_depth": stats.get("spool_depth"),
+            "spool_dropped_total": stats.get("spool_dropped"),
+            "mqtt_connected": int(bool(stats.get("connected", False))),
+            "image_threshold": None if thresholds is None else thresholds.image_threshold,
+            "pixel_threshold": None if thresholds is None else thresholds.pixel_threshold,
+            "thresholds_reloads_total": self.watch.reloads if self.watch else 0,
+            "thresholds_rejected_total": self.watch.rejected if self.watch else 0,
+            "uptime_seconds": self.clock.monotonic() - self._started_at,
+        }
+
+    # -- stop, in reverse --------------------------------------------------------------------------
+    def stop_capture(self) -> None:
+        if "capture" in self._started:
+            self._started.remove("capture")
+            self.capture.stop(CAPTURE_STOP_TIMEOUT_S)
+
+    def stop(self) -> None:
+        """Reverse of start, then of init. Idempotent; each step runs even if another failed."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.notifier.stopping("stopping")
+        self.state = STATE_STOPPING
+        self.stop_capture()
+        if "metrics" in self._started:
+            self._started.remove("metrics")
+            _quietly(self.metrics.stop, "metrics")
+        if "publisher" in self._started:
+            self._started.remove("publisher")
+            _quietly(self.publish_status, "final status")
+            _quietly(lambda: self.publisher.stop(PUBLISHER_STOP_TIMEOUT_S), "publisher")
+        if self.spool is not None:
+            _quietly(self.spool.close, "spool")
+        if self.backend is not None and self._own_backend:
+            _quietly(self.backend.close, "backend")
+        self.notifier.close()
+        logger.info(
+            "agent: stopped; %d frames scored, %d defects, %d dropped",
+            self.frames_scored, self.defects, self.capture.dropped if self.capture else 0,
+        )
+
+
+def _quietly(step: Any, what: str) -> None:
+    try:
+        step()
+    except Exception:  # stopping must go on; the error is still visible
+        logger.exception("agent: stopping %s failed", what)

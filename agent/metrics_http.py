@@ -1,0 +1,110 @@
+"""Optional Prometheus text endpoint: http.server in a daemon thread, GET /metrics.
+
+The app passes a function that returns a snapshot of its counters; rendering is a pure function.
+Bound to 127.0.0.1 by default: expose it deliberately (metrics.bind) or scrape through a proxy.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from engine.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PREFIX = "daad_agent_"
+
+# name -> (type, help); the app's snapshot uses these names without the prefix
+METRICS: Dict[str, Tuple[str, str]] = {
+    "up": ("gauge", "1 while the agent runs"),
+    "frames_scored_total": ("counter", "frames scored since start"),
+    "frames_dropped_total": ("counter", "frames replaced before scoring (mode latest) or refused at stop"),
+    "defects_total": ("counter", "defective frames"),
+    "fps": ("gauge", "frames scored per second over the last status interval"),
+    "latency_p50_seconds": ("gauge", "grab-to-publish latency, median of recent frames"),
+    "latency_p99_seconds": ("gauge", "grab-to-publish latency, 99th percentile of recent frames"),
+    "camera_reconnects_total": ("counter", "times the camera was reopened"),
+    "camera_streaming": ("gauge", "1 while frames arrive"),
+    "spool_depth": ("gauge", "events on disk waiting for the broker's acknowledgement"),
+    "spool_dropped_total": ("counter", "events dropped because the spool was full"),
+    "mqtt_connected": ("gauge", "1 while connected to the broker"),
+    "image_threshold": ("gauge", "image score threshold in force"),
+    "pixel_threshold": ("gauge", "anomaly-map pixel threshold in force"),
+    "thresholds_reloads_total": ("counter", "successful thresholds reloads"),
+    "thresholds_rejected_total": ("counter", "thresholds files rejected on reload"),
+    "uptime_seconds": ("gauge", "seconds since start"),
+}
+
+
+def render_prometheus(values: Dict[str, Any]) -> str:
+    """Snapshot -> Prometheus text exposition format (unknown names are skipped; None is omitted)."""
+    lines: List[str] = []
+    for name, (kind, help_text) in METRICS.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        number = float(value)
+        if math.isnan(number):
+            continue
+        lines.append(f"# HELP {PREFIX}{name} {help_text}")
+        lines.append(f"# TYPE {PREFIX}{name} {kind}")
+        lines.append(f"{PREFIX}{name} {number:.10g}")
+    return "\n".join(lines) + "\n"
+
+
+class MetricsServer:
+    def __init__(self, bind: str, port: int, snapshot: Callable[[], Dict[str, Any]]) -> None:
+        self.bind = bind
+        self.port = port
+        self.snapshot = snapshot
+        self._server: Optional[ThreadingHTTPServer] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        snapshot = self.snapshot
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                if self.path.split("?", 1)[0] != "/metrics":
+                    self.send_error(404, "only /metrics here")
+                    return
+                try:
+                    body = render_prometheus(snapshot()).encode("utf-8")
+                except Exception:
+                    logger.exception("metrics: snapshot failed")
+                    self.send_error(500)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt: str, *args: Any) -> None:
+                logger.debug("metrics: " + fmt, *args)
+
+        try:
+            self._server = ThreadingHTTPServer((self.bind, self.port), Handler)
+        except OSError as exc:
+            raise ConfigError(
+                f"metrics.prometheus_port: got {self.port} on {self.bind} ({exc.strerror or exc}), "
+                "expected a free port on a local address"
+            ) from None
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
+        logger.info("metrics: Prometheus endpoint on http://%s:%d/metrics", self.bind, self.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(2.0)
+            self._thread = None

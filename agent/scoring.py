@@ -1,0 +1,53 @@
+"""Frame -> score -> verdict: the one preprocessing function, the backend, then pure functions.
+
+The backend is injected (ONNX Runtime, TensorRT, or anything with `infer`), so a frame is scored
+here exactly as calibration scored the frames its thresholds came from.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, List, NamedTuple
+
+import numpy as np
+
+from engine.backend import Backend
+from engine.preprocess import PreprocessSpec, preprocess
+
+from .regions import Verdict, find_regions, verdict
+
+logger = logging.getLogger(__name__)
+
+
+class Scored(NamedTuple):
+    score: float
+    anomaly_map: np.ndarray  # (H, W) at the model's input resolution
+
+
+class Scorer:
+    """preprocess (bundle spec) + backend.infer for one frame at a time (batch 1)."""
+
+    def __init__(self, backend: Backend, spec: PreprocessSpec) -> None:
+        self.backend = backend
+        self.spec = spec
+
+    def score(self, image: np.ndarray) -> Scored:
+        batch = preprocess(image, self.spec)[None]  # (1, C, H, W)
+        out = self.backend.infer(batch)
+        return Scored(score=float(out.score[0]), anomaly_map=out.anomaly_map[0, 0])
+
+
+def judge(scored: Scored, thresholds: Any, frame_size: Any) -> Verdict:
+    """The verdict for one scored frame, with its regions (frame coordinates) when it is defective;
+    good frames skip the component search (most frames are good). frame_size is (w, h)."""
+    result = verdict(scored.score, [], thresholds)
+    if not result.defective:
+        return result
+    regions: List[Any] = find_regions(
+        scored.anomaly_map, thresholds.pixel_threshold, thresholds.min_defect_area, frame_size
+    )
+    return result._replace(regions=regions)
+
+
+def frame_size_of(image: np.ndarray) -> tuple:
+    """(width, height) of an OpenCV image."""
+    return (int(image.shape[1]), int(image.shape[0]))
