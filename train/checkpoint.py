@@ -68,7 +68,7 @@ def load_model(path: Union[str, Path]) -> Tuple[DAAD, Dict[str, Any]]:
     problems = validate_model_config(cfg)
     if problems:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
-    model = DAAD(cfg)
+    model = DAAD(cfg, load_backbone=False)  # backbone weights are in the checkpoint
     model.load_state_dict(state["model"])
     model.eval()
     return model, state

@@ -41,6 +41,8 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
         overrides["image_size"] = (args.size, args.size)
     if args.channels_in:
         overrides["in_channels"] = args.channels_in
+    if getattr(args, "backbone", None) is not None:
+        overrides["backbone"] = args.backbone
     if overrides:
         import dataclasses
 
@@ -69,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, _ = load_model(args.checkpoint)
     metrics = evaluate(model, Path(args.data), Path(args.out), device=args.device, plot=not args.no_plots,
-                       progress=not args.quiet)
+                       progress=not args.quiet, split=args.split)
     print(json.dumps({k: metrics[k] for k in ("model", "image_auroc", "pixel_auroc", "aupro")}, default=float))
     print(f"per type: {json.dumps(metrics['image_auroc_per_type'], default=float)}")
     print(f"metrics and plots: {args.out}")
@@ -113,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit_p.add_argument("--lr", type=float, default=TrainConfig.lr)
     fit_p.add_argument("--size", type=int, help="square input size (multiple of 16)")
     fit_p.add_argument("--channels-in", type=int, choices=(1, 3), help="1 gray, 3 RGB")
+    fit_p.add_argument("--backbone", choices=("", "efficientnet_lite0"), help="memories on frozen ImageNet features")
     fit_p.add_argument("--seed", type=int, default=0)
     fit_p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     fit_p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
@@ -127,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_p.add_argument("--data", required=True)
     eval_p.add_argument("--out", required=True, help="directory for metrics.json and plots")
     eval_p.add_argument("--device", default="auto")
+    eval_p.add_argument("--split", default="all", choices=("all", "val", "test"),
+                        help="a fixed half of test/ per defect type: choose settings on val, report on test")
     eval_p.add_argument("--no-plots", action="store_true")
     eval_p.add_argument("--quiet", action="store_true")
     eval_p.set_defaults(func=cmd_eval)

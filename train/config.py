@@ -32,14 +32,23 @@ class ModelConfig:
     gamma: float = 0.5  # A = gamma*R + (1-gamma)*L when adversarial; 1.0 otherwise
     smoothing_sigma: float = 2.0  # Gaussian smoothing of the pixel map (pixels at model resolution)
     score_topk: float = 0.01  # image score = mean of the top fraction of map pixels (0 = plain max)
+    backbone: str = ""  # "" = pixel-space DAAD (the paper); "efficientnet_lite0" = memories on frozen ImageNet features
 
     @property
     def name(self) -> str:
         if not self.skips:
-            return "AE"
-        if not self.memory:
-            return "AE+Skip"
-        return "DAAD+" if self.adversarial else "DAAD"
+            base = "AE"
+        elif not self.memory:
+            base = "AE+Skip"
+        else:
+            base = "DAAD+" if self.adversarial else "DAAD"
+        return f"{base}@{self.backbone}" if self.backbone else base
+
+    @property
+    def target_size(self) -> Tuple[int, int]:
+        """(H, W) of what the generator rebuilds: the image, or the 1/8 backbone feature map."""
+        h, w = self.image_size
+        return (h // 8, w // 8) if self.backbone else (h, w)
 
 
 @dataclass
@@ -70,6 +79,8 @@ class TrainConfig:
     max_shift: float = 0.03  # fraction of the size
     val_fraction: float = 0.0  # good images held back from training (for model selection)
 
+
+BACKBONES = ("", "efficientnet_lite0")
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "ae": {"skips": False, "memory": False, "adversarial": False, "gamma": 1.0},
@@ -142,9 +153,13 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 def validate_model_config(cfg: ModelConfig) -> List[str]:
     """Cross-field rules; returns a list of problems (empty when valid)."""
     problems = []
-    h, w = cfg.image_size
+    if cfg.backbone not in BACKBONES:
+        problems.append(f"model.backbone: got {cfg.backbone!r}, expected one of {BACKBONES}")
+    h, w = cfg.target_size
     if h % 16 or w % 16:
-        problems.append(f"model.image_size: got {list(cfg.image_size)}, expected multiples of 16 (four 2x downsamplings)")
+        unit = 128 if cfg.backbone else 16
+        problems.append(f"model.image_size: got {list(cfg.image_size)}, expected multiples of {unit} (four 2x downsamplings"
+                        + (" of the 1/8 feature map)" if cfg.backbone else ")"))
     if len(cfg.channels) != 5:
         problems.append(f"model.channels: got {len(cfg.channels)} widths, expected 5 (full, 1/2, 1/4, 1/8, 1/16)")
     if len(cfg.blocks) != 4:

@@ -122,3 +122,23 @@ def split_holdout(samples: Sequence[Sample], fraction: float, seed: int) -> Tupl
     hold = sorted(order[:n_hold].tolist())
     keep = sorted(order[n_hold:].tolist())
     return [samples[i] for i in keep], [samples[i] for i in hold]
+
+
+SPLIT_PARTS = ("all", "val", "test")
+
+
+def split_eval(samples: Sequence[Sample], part: str, seed: int = 0) -> List[int]:
+    """Indices of a fixed half of the labelled test set, per defect type (the honest protocol):
+    settings are chosen on `val` and reported once on `test`; `all` is everything."""
+    if part not in SPLIT_PARTS:
+        raise DatasetError(f"split: got {part!r}, expected one of {SPLIT_PARTS}")
+    if part == "all":
+        return list(range(len(samples)))
+    chosen: List[int] = []
+    for defect_type in sorted({s.defect_type for s in samples}):
+        idx = [i for i, s in enumerate(samples) if s.defect_type == defect_type]
+        order = np.random.default_rng([seed, len(idx)]).permutation(len(idx))
+        half = len(idx) // 2
+        picked = order[:half] if part == "val" else order[half:]
+        chosen.extend(idx[j] for j in sorted(picked.tolist()))
+    return sorted(chosen)

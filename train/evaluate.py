@@ -12,7 +12,7 @@ import torch
 from engine.bundle import atomic_write_text
 from engine.preprocess import denormalize
 
-from .data import load_images, load_mask, eval_samples
+from .data import eval_samples, load_images, load_mask, split_eval
 from .fit import preprocess_spec, resolve_device
 from .metrics import aupro, best_f1, image_auroc, pixel_auroc
 from .model import DAAD
@@ -58,12 +58,12 @@ def compute_metrics(labels: np.ndarray, types: List[str], scores: np.ndarray, ma
 
 
 def evaluate(model: DAAD, data_root: Path, out_dir: Optional[Path] = None, device: str = "auto",
-             plot: bool = True, progress: bool = False, subset: Optional[List[int]] = None) -> Dict[str, Any]:
-    """Score the test set, compute metrics, write metrics.json and plots into out_dir."""
+             plot: bool = True, progress: bool = False, split: str = "all", split_seed: int = 0) -> Dict[str, Any]:
+    """Score the test set (or a fixed half of it, see data.split_eval), compute metrics, write
+    metrics.json and plots into out_dir."""
     spec = preprocess_spec(model.cfg)
     samples = eval_samples(Path(data_root))
-    if subset is not None:
-        samples = [samples[i] for i in subset]
+    samples = [samples[i] for i in split_eval(samples, split, split_seed)]
     images = load_images(samples, spec)
     masks = np.stack([load_mask(s, spec) for s in samples])
     pred = predict(model, images, resolve_device(device), progress)
@@ -72,6 +72,7 @@ def evaluate(model: DAAD, data_root: Path, out_dir: Optional[Path] = None, devic
     metrics = compute_metrics(labels, types, pred["scores"], pred["maps"], masks)
     metrics["model"] = model.cfg.name
     metrics["data"] = str(data_root)
+    metrics["split"] = split
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbone import FEATURE_CHANNELS, FEATURE_STRIDE, EfficientNetLite0Features
 from .config import ModelConfig
 
 NORM_EPS = 1e-4  # >= 1e-4 so half precision does not round it to zero (NaN in TensorRT FP16)
@@ -113,7 +114,7 @@ class Generator(nn.Module):
         super().__init__()
         c = cfg.channels
         self.cfg = cfg
-        self.stem = conv_bn_relu(cfg.in_channels, c[0])  # full resolution: no skip (the paper's figure)
+        self.stem = conv_bn_relu(FEATURE_CHANNELS if cfg.backbone else cfg.in_channels, c[0])  # full resolution: no skip (the paper's figure)
         self.downs = nn.ModuleList([Down(c[i], c[i + 1]) for i in range(4)])  # -> 1/2, 1/4, 1/8, 1/16
         if cfg.memory:
             self.memories = nn.ModuleList(
@@ -126,7 +127,8 @@ class Generator(nn.Module):
         self.ups = nn.ModuleList([
             Up(c[4], skip_ch[0], c[3]), Up(c[3], skip_ch[1], c[2]), Up(c[2], skip_ch[2], c[1]), Up(c[1], 0, c[0]),
         ])
-        self.head = nn.Conv2d(c[0], cfg.in_channels, 3, 1, 1)
+        self.out_channels = FEATURE_CHANNELS if cfg.backbone else cfg.in_channels
+        self.head = nn.Conv2d(c[0], self.out_channels, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats: List[torch.Tensor] = []
@@ -140,7 +142,9 @@ class Generator(nn.Module):
         skips: List[Optional[torch.Tensor]] = [feats[2], feats[1], feats[0], None] if self.cfg.skips else [None] * 4
         for up, skip in zip(self.ups, skips):
             h = up(h, skip)
-        return torch.tanh(self.head(h))  # inputs are normalised to [-1, 1] (mean 0.5, std 0.5)
+        out = self.head(h)
+        # pixels are normalised to [-1, 1] (mean 0.5, std 0.5); standardised features are unbounded
+        return out if self.cfg.backbone else torch.tanh(out)
 
 
 class Discriminator(nn.Module):
@@ -183,11 +187,16 @@ class DAAD(nn.Module):
     so that gamma weighs two terms of comparable size.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, load_backbone: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
+        self.backbone = EfficientNetLite0Features(cfg.image_size, load_weights=load_backbone) if cfg.backbone else None
+        target_channels = FEATURE_CHANNELS if cfg.backbone else cfg.in_channels
+        # per-channel standardisation of backbone features (set from training images before training)
+        self.register_buffer("feat_mean", torch.zeros(1, target_channels, 1, 1))
+        self.register_buffer("feat_std", torch.ones(1, target_channels, 1, 1))
         self.generator = Generator(cfg)
-        self.discriminator = Discriminator(cfg.in_channels, cfg.disc_channels) if cfg.adversarial else None
+        self.discriminator = Discriminator(target_channels, cfg.disc_channels) if cfg.adversarial else None
         h, w = cfg.image_size
         if cfg.smoothing_sigma > 0:
             kernel = gaussian_kernel(cfg.smoothing_sigma)
@@ -202,20 +211,35 @@ class DAAD(nn.Module):
         self.register_buffer("l_scale", torch.ones(()))
         self.topk = max(1, int(round(cfg.score_topk * h * w))) if cfg.score_topk > 0 else 1
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.generator(x)
+    def targets(self, x: torch.Tensor) -> torch.Tensor:
+        """What the generator must rebuild: the image itself, or its standardised backbone features."""
+        if self.backbone is None:
+            return x
+        return (self.backbone(x) - self.feat_mean) / self.feat_std
 
-    def raw_maps(self, x: torch.Tensor, recon: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Unsmoothed, unnormalised R map (B,1,H,W) and L map (B,1,H,W) or None."""
-        r_map = ((x - recon) ** 2).mean(dim=1, keepdim=True)
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of `targets(x)`."""
+        return self.generator(self.targets(x))
+
+    @torch.no_grad()
+    def set_feature_normalisation(self, raw_features: torch.Tensor) -> None:
+        """Per-channel mean/std of backbone features of the training images (B, C, h, w)."""
+        self.feat_mean.copy_(raw_features.mean(dim=(0, 2, 3), keepdim=True))
+        self.feat_std.copy_(raw_features.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-3))
+
+    def to_image_size(self, m: torch.Tensor) -> torch.Tensor:
+        # a constant scale factor keeps Shape/Slice/Concat out of the exported graph
+        scale = self.cfg.image_size[0] // m.shape[-2]
+        return m if scale == 1 else F.interpolate(m, scale_factor=float(scale), mode="bilinear", align_corners=False)
+
+    def raw_maps(self, target: torch.Tensor, recon: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Unsmoothed, unnormalised R map (B,1,H,W) and L map (B,1,H,W) or None, at image resolution."""
+        r_map = self.to_image_size(((target - recon) ** 2).mean(dim=1, keepdim=True))
         if self.discriminator is None or self.cfg.gamma >= 1.0:
             return r_map, None
-        _, f_real = self.discriminator(x)
+        _, f_real = self.discriminator(target)
         _, f_fake = self.discriminator(recon)
-        l_small = ((f_real - f_fake) ** 2).mean(dim=1, keepdim=True)
-        # a constant scale factor keeps Shape/Slice/Concat out of the exported graph
-        scale = float(self.cfg.image_size[0] // l_small.shape[-2])
-        l_map = F.interpolate(l_small, scale_factor=scale, mode="bilinear", align_corners=False)
+        l_map = self.to_image_size(((f_real - f_fake) ** 2).mean(dim=1, keepdim=True))
         return r_map, l_map
 
     def smooth(self, m: torch.Tensor) -> torch.Tensor:
@@ -236,8 +260,8 @@ class DAAD(nn.Module):
         return torch.topk(flat, self.topk, dim=1).values.mean(dim=1)
 
     def forward(self, x: torch.Tensor) -> AnomalyOutput:
-        recon = self.generator(x)
-        r_map, l_map = self.raw_maps(x, recon)
+        target = self.targets(x)
+        r_map, l_map = self.raw_maps(target, self.generator(target))
         amap = self.smooth(self.combine(r_map, l_map))
         return AnomalyOutput(anomaly_map=amap, score=self.image_score(amap))
 

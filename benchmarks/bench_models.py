@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Train and evaluate the paper's columns (AE, AE+Skip, DAAD, DAAD+) and variants under one budget
+on a dataset directory; print them beside the paper's figures and write JSON.
+
+    python benchmarks/bench_models.py --data ../shared/datasets/magnetic_tile --steps 1000 --size 128
+
+Protocol: every config gets the same number of optimiser steps, batch size, seed and input size.
+Metrics are reported on --split (default `test`: a fixed half of test/ per defect type, the other half
+`val` being the one used to choose settings).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train.checkpoint import load_model  # noqa: E402
+from train.config import PRESETS, TrainConfig, preset  # noqa: E402
+from train.evaluate import evaluate  # noqa: E402
+from train.fit import fit  # noqa: E402
+
+# Image AUROC from the paper's MVTec AD table (../shared/docs/daad.md): category -> column -> value
+PAPER = {
+    "carpet": (0.411, 0.385, 0.671, 0.866), "grid": (0.841, 0.879, 0.975, 0.957), "leather": (0.615, 0.570, 0.628, 0.862),
+    "tile": (0.696, 0.986, 0.825, 0.882), "wood": (0.961, 0.977, 0.957, 0.982), "bottle": (0.955, 0.713, 0.975, 0.976),
+    "cable": (0.688, 0.579, 0.720, 0.844), "capsule": (0.819, 0.747, 0.866, 0.767), "hazelnut": (0.884, 0.828, 0.893, 0.921),
+    "metal_nut": (0.565, 0.336, 0.552, 0.758), "pill": (0.882, 0.853, 0.898, 0.900), "screw": (0.956, 1.000, 1.000, 0.987),
+    "toothbrush": (0.977, 0.742, 0.989, 0.992), "transistor": (0.776, 0.749, 0.814, 0.876), "zipper": (0.878, 0.696, 0.906, 0.859),
+    "mean": (0.794, 0.736, 0.845, 0.895),
+}
+COLUMN = {"ae": 0, "ae_skip": 1, "daad": 2, "daad_plus": 3}
+
+
+def parse_variant(text: str) -> Dict[str, Any]:
+    """`daad_plus` or `daad_plus:backbone=efficientnet_lite0,memory_items=50` -> preset + overrides."""
+    name, _, rest = text.partition(":")
+    overrides: Dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value) if value[:1] in "[{0123456789-.tf" and value not in ("",) else value
+        if isinstance(overrides[key], list):
+            overrides[key] = tuple(tuple(v) if isinstance(v, list) else v for v in overrides[key])
+    return {"preset": name, "overrides": overrides, "label": text}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--configs", nargs="+", default=["ae", "ae_skip", "daad", "daad_plus"],
+                        help=f"presets {sorted(PRESETS)}, optionally with :key=value overrides")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", default="test", choices=("all", "val", "test"))
+    parser.add_argument("--out", default="benchmarks/results/models")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    data = Path(args.data)
+    category = data.name.lower()
+    out = Path(args.out)
+    rows: List[Dict[str, Any]] = []
+    for text in args.configs:
+        variant = parse_variant(text)
+        cfg = preset(variant["preset"], image_size=(args.size, args.size), **variant["overrides"])
+        run = out / text.replace(":", "_").replace(",", "_").replace("=", "-")
+        t0 = time.perf_counter()
+        result = fit(cfg, TrainConfig(data=str(data), out=str(run / "run"), steps=args.steps, batch_size=args.batch_size,
+                                      lr=args.lr, seed=args.seed, device=args.device, checkpoint_every=args.steps))
+        train_s = time.perf_counter() - t0
+        model, _ = load_model(result.checkpoint)
+        metrics = evaluate(model, data, run / "eval", device=args.device, split=args.split)
+        paper = PAPER.get(category, PAPER["mean"])[COLUMN[variant["preset"]]] if variant["preset"] in COLUMN else None
+        rows.append({"config": text, "model": cfg.name, "image_auroc": metrics["image_auroc"],
+                     "pixel_auroc": metrics["pixel_auroc"], "aupro": metrics["aupro"],
+                     "per_type": metrics["image_auroc_per_type"], "train_images_per_s": result.images_per_s,
+                     "train_s": train_s, "paper": paper, "paper_source": category if category in PAPER else "mean"})
+        print(json.dumps(rows[-1], default=float), flush=True)
+
+    print(f"\n{category}: {args.steps} steps x batch {args.batch_size} at {args.size}px, seed {args.seed}, "
+          f"reported on split `{args.split}`")
+    header = f"{'config':44s} {'image AUROC':>11s} {'paper':>6s} {'pixel AUROC':>11s} {'AUPRO':>6s} {'img/s':>6s}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        paper = f"{r['paper']:.3f}" if r["paper"] is not None else "-"
+        print(f"{r['config']:44s} {r['image_auroc']:11.3f} {paper:>6s} {r['pixel_auroc']:11.3f} {r['aupro']:6.3f} "
+              f"{r['train_images_per_s']:6.1f}")
+    types = sorted({t for r in rows for t in r["per_type"]})
+    print("\nper defect type (image AUROC):")
+    print(f"{'config':44s} " + " ".join(f"{t:>9s}" for t in types))
+    for r in rows:
+        print(f"{r['config']:44s} " + " ".join(f"{r['per_type'].get(t, float('nan')):9.3f}" for t in types))
+    out.mkdir(parents=True, exist_ok=True)
+    result_path = out / "results.json"
+    result_path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=float))
+    print(f"\nJSON: {result_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
