@@ -33,6 +33,7 @@ STATES = (CONNECTING, STREAMING, STALLED, RECONNECTING, ENDED, ERROR)
 MODES = ("latest", "every")
 PUT_TICK_S = 0.1  # a blocked put in mode every re-checks stop this often
 WAIT_TICK_S = 0.25  # backoff waits re-check stop and refresh the heartbeat this often
+STOP_GRACE_S = 1.0  # a healthy read returns well within this
 
 
 class Mailbox:
@@ -202,8 +203,13 @@ class Capture:
         """Stop reading; frames already queued stay available to get() (the app drains them)."""
         self._stop.set()
         if self._thread is not None and self._thread.is_alive():
-            self.source.close()  # unblocks a read stuck in the driver
-            self._thread.join(timeout_s)
+            # Let the thread finish its current read first: releasing an OpenCV capture while another
+            # thread is inside read() can deadlock in the driver. Close it from here only when the
+            # read is stuck (a dead camera), to unblock it.
+            self._thread.join(min(timeout_s, STOP_GRACE_S))
+            if self._thread.is_alive():
+                self.source.close()
+                self._thread.join(timeout_s)
             if self._thread.is_alive():
                 logger.warning("camera %s: capture thread did not stop within %.1fs", self.source.source_id, timeout_s)
         if self._watchdog is not None:

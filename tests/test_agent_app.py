@@ -337,7 +337,10 @@ def test_video_every_defect_one_event_with_regions_in_frame_coordinates(
     statuses = subscriber.payloads("status")
     for status in statuses:
         jsonschema.validate(status, load_schema("status"))
-    assert statuses[0]["state"] == "starting" and statuses[0]["latency_ms"] == {"p50": None, "p99": None}
+    # status is latest-wins and not spooled: "starting" may be superseded before the first connect
+    assert statuses[0]["state"] in ("starting", "running")
+    if statuses[0]["state"] == "starting":
+        assert statuses[0]["latency_ms"] == {"p50": None, "p99": None}
     scoring = [s for s in statuses if s["frames_scored"] > 0]
     assert scoring and scoring[-1]["state"] in ("running", "stopping")
     lat = scoring[-1]["latency_ms"]
