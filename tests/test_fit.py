@@ -83,6 +83,11 @@ def test_export_bundle_matches_pytorch_on_real_files(trained, dataset: Path, tmp
     assert bundle.metadata["parity"]["max_abs_map"] < 1e-4
     assert bundle.metadata["parity"]["max_abs_score"] < 1e-4
     assert bundle.score_stats["n"] == 24
+    # every graph of the bundle passes the static TensorRT 8.5/8.6/10 check (ops, opset, static shapes)
+    from engine.check import check_graph
+
+    for batch in bundle.batch_sizes:
+        assert check_graph(bundle.onnx_path(batch)) == []
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
