@@ -117,3 +117,14 @@ def test_export_is_static_opset17_and_matches_pytorch(tmp_path) -> None:
         ref = model(torch.from_numpy(x))
     assert np.abs(amap - ref.anomaly_map.numpy()).max() < 1e-4
     assert np.abs(score - ref.score.numpy()).max() < 1e-4
+
+
+def test_illumination_norm_makes_the_score_independent_of_brightness() -> None:
+    torch.manual_seed(0)
+    model = DAAD(preset("daad", illumination_norm=True, **SMALL)).eval()
+    x = torch.rand(1, 1, 32, 32) * 0.5 - 0.5
+    with torch.no_grad():
+        dark, bright = model(x).score, model(x * 1.5 + 0.4).score  # same part, other exposure
+        plain = DAAD(preset("daad", **SMALL)).eval()
+        assert not torch.allclose(plain(x).score, plain(x * 1.5 + 0.4).score, rtol=0.1)
+    assert torch.allclose(dark, bright, rtol=1e-2)  # equal up to the variance epsilon (1e-4, FP16-safe)

@@ -32,6 +32,7 @@ class ModelConfig:
     gamma: float = 0.5  # A = gamma*R + (1-gamma)*L when adversarial; 1.0 otherwise
     smoothing_sigma: float = 2.0  # Gaussian smoothing of the pixel map (pixels at model resolution)
     score_topk: float = 0.01  # image score = mean of the top fraction of map pixels (0 = plain max)
+    illumination_norm: bool = False  # per-image zero mean / unit std before the generator (lighting varies per crop)
     backbone: str = ""  # "" = pixel-space DAAD (the paper); "efficientnet_lite0" = memories on frozen ImageNet features
 
     @property

@@ -156,7 +156,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
         raise ConfigError(f"{cfg.data}: {len(images)} training images cannot feed {world} processes")
 
     model = DAAD(model_cfg).to(device)
-    raw_features = backbone_features(model, images, device) if model.backbone is not None else None
+    raw_features = backbone_features(model, model.normalise_input(images), device) if model.backbone is not None else None
     if raw_features is not None:
         model.set_feature_normalisation(raw_features)  # overwritten by the checkpoint on resume
     params_g = list(model.generator.parameters())
@@ -180,7 +180,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
     if raw_features is not None:
         bank = (raw_features - model.feat_mean.cpu()) / model.feat_std.cpu()
     else:
-        bank = images
+        bank = model.normalise_input(images)
     generator: torch.nn.Module = model.generator
     disc: Optional[torch.nn.Module] = model.discriminator
     if world > 1:

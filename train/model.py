@@ -143,8 +143,8 @@ class Generator(nn.Module):
         for up, skip in zip(self.ups, skips):
             h = up(h, skip)
         out = self.head(h)
-        # pixels are normalised to [-1, 1] (mean 0.5, std 0.5); standardised features are unbounded
-        return out if self.cfg.backbone else torch.tanh(out)
+        # pixels are normalised to [-1, 1] (mean 0.5, std 0.5); standardised images and features are unbounded
+        return out if (self.cfg.backbone or self.cfg.illumination_norm) else torch.tanh(out)
 
 
 class Discriminator(nn.Module):
@@ -211,8 +211,16 @@ class DAAD(nn.Module):
         self.register_buffer("l_scale", torch.ones(()))
         self.topk = max(1, int(round(cfg.score_topk * h * w))) if cfg.score_topk > 0 else 1
 
+    def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-image zero mean and unit std when `illumination_norm` (a brighter or darker part is not a defect)."""
+        if not self.cfg.illumination_norm:
+            return x
+        centred = x - x.mean(dim=(1, 2, 3), keepdim=True)
+        return centred / torch.sqrt((centred * centred).mean(dim=(1, 2, 3), keepdim=True) + NORM_EPS)
+
     def targets(self, x: torch.Tensor) -> torch.Tensor:
-        """What the generator must rebuild: the image itself, or its standardised backbone features."""
+        """What the generator must rebuild: the (normalised) image, or its standardised backbone features."""
+        x = self.normalise_input(x)
         if self.backbone is None:
             return x
         return (self.backbone(x) - self.feat_mean) / self.feat_std
