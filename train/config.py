@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from engine.errors import ConfigError
 
 # Block size (r_h, r_w, r_c) per memory scale, from fine (1/2) to the 1/16 bottleneck. r_c = 0 means
-# "all channels". Chosen by the block-size ablation (benchmarks/bench_block_size.py); see README.
+# "all channels". Each block covers 1/8 of its map's side at 128 px; the ablation is still to be run (README).
 DEFAULT_BLOCKS: Tuple[Tuple[int, int, int], ...] = ((8, 8, 0), (4, 4, 0), (2, 2, 0), (1, 1, 0))
 
 
@@ -23,7 +23,7 @@ class ModelConfig:
     channels: Tuple[int, ...] = (32, 64, 128, 256, 256)  # full res, 1/2, 1/4, 1/8, 1/16 widths
     skips: bool = True  # UNet skip connections at 1/2, 1/4 and 1/8 (AE has none)
     memory: bool = True  # block-wise memory on every skip and on the bottleneck (DAAD)
-    memory_items: int = 100  # N per memory; MemAE used 100-500, +10 % step time at 100 on CPU
+    memory_items: int = 100  # N per memory; MemAE used 100-500
     blocks: Tuple[Tuple[int, int, int], ...] = DEFAULT_BLOCKS  # (r_h, r_w, r_c) at 1/2, 1/4, 1/8, 1/16
     temperature: float = 0.1  # softmax(cos/T): at T=1 cosine in [-1,1] gives near-uniform addressing
     shrink_threshold: float = 0.0  # MemAE hard shrinkage lambda (0 = off, paper's equations have none)
@@ -55,7 +55,7 @@ class ModelConfig:
 @dataclass
 class LossWeights:
     rec: float = 1.0  # lambda_rec: L2 reconstruction
-    adv: float = 0.01  # lambda_adv: small, the GAN term only sharpens; larger values destabilise
+    adv: float = 0.01  # lambda_adv: small so reconstruction dominates (not tuned yet)
     ali: float = 0.1  # lambda_ali: discriminator-feature alignment (the "semantic latent")
 
 
@@ -65,7 +65,7 @@ class TrainConfig:
     out: str = "runs/daad"  # checkpoints, logs
     steps: int = 2000  # optimiser steps (a budget comparable across configs, unlike epochs)
     batch_size: int = 16
-    lr: float = 2e-4  # Adam, as DCGAN-style models; 1e-3 made the GAN oscillate
+    lr: float = 2e-4  # Adam with DCGAN's betas; short CPU runs use 1e-3 (benchmarks, demo)
     betas: Tuple[float, float] = (0.5, 0.999)
     weight_decay: float = 0.0
     loss: LossWeights = field(default_factory=LossWeights)
