@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from engine.backend import Backend, open_backend
-from engine.bundle import Bundle, atomic_write_bytes, atomic_write_text, load_bundle
+from engine.bundle import Bundle, atomic_write_bytes, atomic_write_text, load_bundle, read_yaml
 from engine.errors import CameraError, DaadError, ImageError
 from engine.preprocess import list_images, preprocess, read_image
 
@@ -384,10 +384,7 @@ def load_capture(path: Union[str, Path], bundle: Optional[Bundle] = None) -> Cap
         raise CaptureError(f"{root}: capture folder not found; create it with `daad-calibrate capture`")
     if not yaml_path.is_file():
         raise CaptureError(f"{yaml_path}: not found; {root} is not a capture folder (create one with `daad-calibrate capture`)")
-    try:
-        meta = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise CaptureError(f"{yaml_path}: not valid YAML ({exc.__class__.__name__}); capture again") from exc
+    meta = read_yaml(yaml_path, CaptureError, "capture again")
     if not isinstance(meta, dict) or meta.get("format_version") != CAPTURE_FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise CaptureError(f"{yaml_path}: field `format_version` is {version!r}, expected {CAPTURE_FORMAT_VERSION}; capture again")

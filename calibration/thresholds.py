@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Union
 
 import yaml
 
-from engine.bundle import Bundle, atomic_write_text
+from engine.bundle import Bundle, atomic_write_text, read_yaml
 from engine.errors import ThresholdsError
 
 THRESHOLDS_FORMAT_VERSION = 1
@@ -99,10 +99,7 @@ def load_thresholds(path: Union[str, Path], bundle: Optional[Bundle] = None) -> 
     path = Path(path)
     if not path.is_file():
         raise ThresholdsError(f"{path}: thresholds file not found; create it with `daad-calibrate fit`")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ThresholdsError(f"{path}: not valid YAML ({exc.__class__.__name__}); regenerate it with `daad-calibrate fit`") from exc
+    data = read_yaml(path, ThresholdsError, "regenerate it with `daad-calibrate fit`")
     thresholds = parse_thresholds(data, path)
     if bundle is not None and thresholds.bundle_sha256 != bundle.sha256:
         raise ThresholdsError(

@@ -9,11 +9,11 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Type, Union
 
 import yaml
 
-from .errors import BundleError
+from .errors import BundleError, DaadError
 from .preprocess import PreprocessSpec
 
 BUNDLE_FORMAT_VERSION = 1
@@ -61,6 +61,14 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
 
 def atomic_write_text(path: Union[str, Path], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_yaml(path: Path, error: Type[DaadError], fix: str) -> Any:
+    """Parse a YAML file; a syntax or encoding error becomes `error` naming the file and the fix."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid YAML ({exc.__class__.__name__}); {fix}") from exc
 
 
 @dataclass(frozen=True)
@@ -149,10 +157,7 @@ def load_bundle(path: Union[str, Path], verify: bool = True) -> Bundle:
         raise BundleError(f"{root}: bundle directory not found; pass the directory written by `daad-train export`")
     if not yaml_path.is_file():
         raise BundleError(f"{yaml_path}: not found; a bundle is a directory with {BUNDLE_YAML} and model.onnx")
-    try:
-        meta = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{yaml_path}: not valid YAML ({exc.__class__.__name__}); the file is damaged, copy it again") from exc
+    meta = read_yaml(yaml_path, BundleError, "the file is damaged, copy it again")
     if not isinstance(meta, dict):
         raise BundleError(f"{yaml_path}: expected a mapping at the top level; the file is damaged, copy it again")
     version = _require(meta, "format_version", yaml_path)
