@@ -638,7 +638,9 @@ def test_systemd_notify_and_sigterm(tmp_path, template_bundle, calibrated, mosqu
 
     try:
         until("READY=1")
-        assert agent.logged("agent: ready")  # READY only once a frame was scored
+        # READY only once a frame was scored; the log line is written just before the datagram but read
+        # from the child's stderr by another thread, so wait for it rather than race it
+        assert agent.wait_log("agent: ready")
         until("WATCHDOG=1", count=3)
         t0 = time.monotonic()
         agent.proc.send_signal(signal.SIGTERM)
