@@ -435,6 +435,7 @@ class EventPublisher:
                         # MQTT 5 only: the broker refused it; resending would block the queue forever.
                         logger.error("MQTT: broker refused event %s (%s); removed from the spool", event_id, reason_code)
                     self._acked.append(event_id)
+                    self._acked_total += 1
             else:
                 self._early_acks.add(mid)
             self._hold = False
@@ -461,6 +462,7 @@ class EventPublisher:
                 self._early_acks.discard(info.mid)
                 if event_id is not None:
                     self._acked.append(event_id)
+                    self._acked_total += 1
                     self._wake = True
                     self._cv.notify_all()
             else:
@@ -499,7 +501,6 @@ class EventPublisher:
             return
         self.spool.ack_many(acked)
         with self._cv:
-            self._acked_total += len(acked)
             self._cv.notify_all()  # flush() waits on this
 
     def _fill_window(self) -> None:
