@@ -36,11 +36,23 @@ PAPER = {
 COLUMN = {"ae": 0, "ae_skip": 1, "daad": 2, "daad_plus": 3}
 
 
+def split_top_level(text: str) -> List[str]:
+    """Split on commas outside brackets: `a=1,blocks=[[2,2,0],[1,1,0]]` -> two items."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
+
+
 def parse_variant(text: str) -> Dict[str, Any]:
     """`daad_plus` or `daad_plus:backbone=efficientnet_lite0,memory_items=50` -> preset + overrides."""
     name, _, rest = text.partition(":")
     overrides: Dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, split_top_level(rest)):
         key, _, value = item.partition("=")
         overrides[key] = json.loads(value) if value[:1] in "[{0123456789-.tf" and value not in ("",) else value
         if isinstance(overrides[key], list):

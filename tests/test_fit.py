@@ -64,6 +64,17 @@ def test_resume_continues_from_the_checkpoint(dataset: Path, tmp_path: Path) -> 
     assert read_checkpoint(result.checkpoint)["step"] == 9
 
 
+def test_fit_with_a_data_initialised_full_resolution_memory(dataset: Path, tmp_path: Path) -> None:
+    model_cfg = preset("daad", full_skip_block=(2, 2, 0), full_skip_items=64, memory_init="data", **SMALL)
+    result = fit(model_cfg, TrainConfig(data=str(dataset), out=str(tmp_path), steps=3, batch_size=4), progress=False)
+    model, _ = load_model(result.checkpoint)
+    assert model.cfg.full_skip_items == 64 and model.cfg.memory_init == "data"
+    items = model.generator.full_memory.items
+    assert items.shape == (64, 4)
+    levels = items * 127.5 + 127.5  # back to 8-bit levels; 3 Adam steps at lr 2e-4 move an item < 0.1 level
+    assert float((levels - levels.round()).abs().max()) < 0.15  # items are pixel blocks (randn items would not be)
+
+
 def test_eval_writes_metrics_and_plots(trained, dataset: Path, tmp_path: Path) -> None:
     model, _ = load_model(trained.checkpoint)
     metrics = evaluate(model, dataset, tmp_path / "eval")

@@ -88,20 +88,26 @@ def test_anomaly_map_is_larger_where_the_reconstruction_fails() -> None:
     ({"blocks": ((3, 3, 0), (2, 2, 0), (2, 2, 0), (1, 1, 0))}, "does not tile"),
     ({"blocks": ((4, 4, 3), (2, 2, 0), (2, 2, 0), (1, 1, 0))}, "does not divide"),  # r_c must divide C
     ({"temperature": 0.0}, "temperature"),
+    ({"full_skip_block": (3, 3, 0)}, "full_skip_block"),
+    ({"score_topk": 1.5}, "score_topk"),
 ])
 def test_invalid_model_configs_are_named(change: dict, problem: str) -> None:
     problems = validate_model_config(preset("daad", **{**SMALL, **change}))
     assert any(problem in p for p in problems), problems
 
 
-def test_export_is_static_opset17_and_matches_pytorch(tmp_path) -> None:
+@pytest.mark.parametrize("variant", [
+    {},  # the paper's pixel model
+    {"full_skip_block": (1, 1, 0), "score_topk": 1.0},  # the memory-gated full-resolution skip, whole-map score
+])
+def test_export_is_static_opset17_and_matches_pytorch(tmp_path, variant: dict) -> None:
     import onnx
     import onnxruntime as ort
 
     from train.export import export_onnx
 
     torch.manual_seed(0)
-    model = DAAD(preset("daad_plus", **SMALL)).eval()
+    model = DAAD(preset("daad_plus", **{**SMALL, **variant})).eval()
     model.set_score_normalisation(0.5, 2.0)
     path = export_onnx(model, tmp_path / "m.onnx", batch=2)
     graph = onnx.load(str(path))
@@ -128,3 +134,46 @@ def test_illumination_norm_makes_the_score_independent_of_brightness() -> None:
         plain = DAAD(preset("daad", **SMALL)).eval()
         assert not torch.allclose(plain(x).score, plain(x * 1.5 + 0.4).score, rtol=0.1)
     assert torch.allclose(dark, bright, rtol=1e-2)  # equal up to the variance epsilon (1e-4, FP16-safe)
+
+
+def test_full_resolution_skip_passes_through_its_memory_only_when_memories_are_on() -> None:
+    daad = DAAD(preset("daad", full_skip_block=(2, 2, 0), **SMALL)).generator
+    ae_skip = DAAD(preset("ae_skip", full_skip_block=(2, 2, 0), **SMALL)).generator
+    ae = DAAD(preset("ae", full_skip_block=(2, 2, 0), **SMALL)).generator
+    assert daad.full_memory is not None and (daad.full_memory.bh, daad.full_memory.bw) == (2, 2)
+    assert ae_skip.full_skip and ae_skip.full_memory is None  # a plain skip, as AE+Skip's others
+    assert not ae.full_skip  # AE has no skips at all
+    x = torch.randn(2, 1, 32, 32)
+    for generator in (daad, ae_skip, ae):
+        assert generator.eval()(x).shape == x.shape
+
+
+def test_whole_map_score_is_the_mean_of_the_map() -> None:
+    model = DAAD(preset("daad", score_topk=1.0, **SMALL))
+    amap = torch.rand(3, 1, 32, 32)
+    assert torch.allclose(model.image_score(amap), amap.mean(dim=(1, 2, 3)))
+
+
+def test_data_initialised_memory_items_are_blocks_of_the_training_inputs() -> None:
+    model = DAAD(preset("daad", full_skip_block=(2, 2, 0), full_skip_items=16, memory_init="data", **SMALL))
+    x = torch.randn(4, 1, 32, 32)
+    bn_before = model.generator.stem[1].running_mean.clone()
+    model.generator.init_memories_from_data(x, torch.Generator().manual_seed(0))
+    blocks = divide(x, 2, 2, 1)  # (4 * 16 * 16, 4)
+    items = model.generator.full_memory.items
+    assert items.shape == (16, 4)
+    assert all(((blocks - item).abs().sum(dim=1) == 0).any() for item in items)  # every item is one of the blocks
+    assert len({tuple(item.tolist()) for item in items}) == 16  # drawn without replacement
+    assert torch.equal(model.generator.stem[1].running_mean, bn_before)  # the draw does not train batch-norm
+    assert model.training
+
+
+def test_unknown_memory_init_is_named() -> None:
+    problems = validate_model_config(preset("daad", memory_init="kmeans", **SMALL))
+    assert any("model.memory_init" in p for p in problems), problems
+
+
+def test_target_channels_match_the_backbone() -> None:
+    from train.backbone import FEATURE_CHANNELS
+
+    assert preset("daad", backbone="efficientnet_lite0").target_channels == FEATURE_CHANNELS

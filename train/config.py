@@ -25,13 +25,19 @@ class ModelConfig:
     memory: bool = True  # block-wise memory on every skip and on the bottleneck (DAAD)
     memory_items: int = 100  # N per memory; MemAE used 100-500
     blocks: Tuple[Tuple[int, int, int], ...] = DEFAULT_BLOCKS  # (r_h, r_w, r_c) at 1/2, 1/4, 1/8, 1/16
+    # (r_h, r_w, r_c) of a memory on a skip from the generator's input straight to its last layer;
+    # (0, 0, 0) = none. The paper's pixel model has none; on a backbone's 1/8 feature map this is the
+    # resolution the defects live at, and the memory (not a copy) is what the decoder receives.
+    full_skip_block: Tuple[int, int, int] = (0, 0, 0)
+    full_skip_items: int = 0  # N of that memory; 0 = memory_items. Normal feature patches are many: give it more
+    memory_init: str = "random"  # "random" (MemAE) or "data": items start as blocks drawn from training inputs/encodings
     temperature: float = 0.1  # softmax(cos/T): at T=1 cosine in [-1,1] gives near-uniform addressing
     shrink_threshold: float = 0.0  # MemAE hard shrinkage lambda (0 = off, paper's equations have none)
     adversarial: bool = False  # discriminator + adversarial and alignment losses (DAAD+)
     disc_channels: Tuple[int, ...] = (32, 64, 128, 128)  # discriminator feature extractor widths
     gamma: float = 0.5  # A = gamma*R + (1-gamma)*L when adversarial; 1.0 otherwise
     smoothing_sigma: float = 2.0  # Gaussian smoothing of the pixel map (pixels at model resolution)
-    score_topk: float = 0.01  # image score = mean of the top fraction of map pixels (0 = plain max)
+    score_topk: float = 0.01  # image score = mean of the top fraction of map pixels (0 = plain max, 1 = whole-map mean)
     illumination_norm: bool = False  # per-image zero mean / unit std before the generator (lighting varies per crop)
     backbone: str = ""  # "" = pixel-space DAAD (the paper); "efficientnet_lite0" = memories on frozen ImageNet features
 
@@ -44,6 +50,11 @@ class ModelConfig:
         else:
             base = "DAAD+" if self.adversarial else "DAAD"
         return f"{base}@{self.backbone}" if self.backbone else base
+
+    @property
+    def target_channels(self) -> int:
+        """Channels of what the generator rebuilds: the image's, or the backbone features'."""
+        return 176 if self.backbone else self.in_channels  # 176 = train.backbone.FEATURE_CHANNELS (no torch import here)
 
     @property
     def target_size(self) -> Tuple[int, int]:
@@ -82,6 +93,7 @@ class TrainConfig:
 
 
 BACKBONES = ("", "efficientnet_lite0")
+MEMORY_INITS = ("random", "data")
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "ae": {"skips": False, "memory": False, "adversarial": False, "gamma": 1.0},
@@ -173,12 +185,21 @@ def validate_model_config(cfg: ModelConfig) -> List[str]:
                 problems.append(f"model.blocks[{level}]: block {bh}x{bw} does not tile the {fh}x{fw} feature map")
             if bc < 0 or (bc and ch % bc):
                 problems.append(f"model.blocks[{level}]: r_c={bc} does not divide {ch} channels (0 = all)")
+    fbh, fbw, fbc = cfg.full_skip_block
+    target_channels = cfg.target_channels
+    if (fbh, fbw) != (0, 0) and (fbh < 1 or fbw < 1 or h % fbh or w % fbw or fbc < 0 or (fbc and target_channels % fbc)):
+        problems.append(f"model.full_skip_block: block {fbh}x{fbw}x{fbc} does not tile the {h}x{w}x{target_channels} "
+                        "generator input ((0, 0, 0) = no full-resolution skip)")
+    if cfg.full_skip_items < 0 or cfg.memory_items < 1:
+        problems.append(f"model.memory_items / full_skip_items: got {cfg.memory_items} / {cfg.full_skip_items}, expected >= 1 / >= 0")
+    if cfg.memory_init not in MEMORY_INITS:
+        problems.append(f"model.memory_init: got {cfg.memory_init!r}, expected one of {MEMORY_INITS}")
     if cfg.temperature <= 0:
         problems.append(f"model.temperature: got {cfg.temperature}, expected > 0")
     if not 0.0 <= cfg.gamma <= 1.0:
         problems.append(f"model.gamma: got {cfg.gamma}, expected within [0, 1]")
-    if not 0.0 <= cfg.score_topk < 1.0:
-        problems.append(f"model.score_topk: got {cfg.score_topk}, expected within [0, 1)")
+    if not 0.0 <= cfg.score_topk <= 1.0:
+        problems.append(f"model.score_topk: got {cfg.score_topk}, expected within [0, 1] (1 = whole-map mean)")
     if cfg.in_channels not in (1, 3):
         problems.append(f"model.in_channels: got {cfg.in_channels}, expected 1 or 3")
     return problems

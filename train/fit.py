@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.pt"
 SCORE_BATCH = 16
+MEMORY_INIT_IMAGES = 256  # training inputs that memory items are drawn from when memory_init is "data"
 
 
 @dataclass
@@ -181,6 +182,11 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
         bank = (raw_features - model.feat_mean.cpu()) / model.feat_std.cpu()
     else:
         bank = model.normalise_input(images)
+    if model_cfg.memory_init == "data" and start_step == 0:
+        # same seed on every rank: DDP replicas must start identical
+        draw_rng = torch.Generator().manual_seed(cfg.seed)
+        subset = torch.randperm(len(bank), generator=draw_rng)[:MEMORY_INIT_IMAGES]
+        model.generator.init_memories_from_data(bank[subset].to(device), draw_rng)
     generator: torch.nn.Module = model.generator
     disc: Optional[torch.nn.Module] = model.discriminator
     if world > 1:

@@ -108,13 +108,16 @@ class Up(nn.Module):
 
 
 class Generator(nn.Module):
-    """Encoder-decoder; skips at 1/2, 1/4, 1/8 and the 1/16 bottleneck pass through memories."""
+    """Encoder-decoder; skips at 1/2, 1/4, 1/8 and the 1/16 bottleneck pass through memories.
+
+    `full_skip_block` adds a memory-gated skip at the input resolution (off for pixels, as in the paper).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         c = cfg.channels
         self.cfg = cfg
-        self.stem = conv_bn_relu(FEATURE_CHANNELS if cfg.backbone else cfg.in_channels, c[0])  # full resolution: no skip (the paper's figure)
+        self.stem = conv_bn_relu(cfg.target_channels, c[0])
         self.downs = nn.ModuleList([Down(c[i], c[i + 1]) for i in range(4)])  # -> 1/2, 1/4, 1/8, 1/16
         if cfg.memory:
             self.memories = nn.ModuleList(
@@ -122,16 +125,48 @@ class Generator(nn.Module):
             )
         else:
             self.memories = nn.ModuleList()
+        self.full_skip = cfg.skips and cfg.full_skip_block[0] > 0
+        in_ch = cfg.target_channels
+        self.full_memory = (BlockMemory(in_ch, cfg.full_skip_block, cfg.full_skip_items or cfg.memory_items, cfg.temperature,
+                                        cfg.shrink_threshold) if self.full_skip and cfg.memory else None)
         skip_ch = [c[3], c[2], c[1]] if cfg.skips else [0, 0, 0]
         # decoder: 1/16 -> 1/8 -> 1/4 -> 1/2 -> 1
         self.ups = nn.ModuleList([
-            Up(c[4], skip_ch[0], c[3]), Up(c[3], skip_ch[1], c[2]), Up(c[2], skip_ch[2], c[1]), Up(c[1], 0, c[0]),
+            Up(c[4], skip_ch[0], c[3]), Up(c[3], skip_ch[1], c[2]), Up(c[2], skip_ch[2], c[1]),
+            Up(c[1], in_ch if self.full_skip else 0, c[0]),
         ])
-        self.out_channels = FEATURE_CHANNELS if cfg.backbone else cfg.in_channels
+        self.out_channels = cfg.target_channels
         self.head = nn.Conv2d(c[0], self.out_channels, 3, 1, 1)
+
+    @torch.no_grad()
+    def init_memories_from_data(self, x: torch.Tensor, rng: torch.Generator) -> None:
+        """Set every memory's items to blocks drawn at random from `x` (training inputs) and their encodings.
+
+        Items still learn by back-propagation; they start on the data instead of in empty space, so a
+        large memory is used from the first step (with random items most are never addressed).
+        """
+        was_training = self.training
+        self.eval()  # batch-norm in eval mode: the draw must not move the running statistics
+        def draw(memory: BlockMemory, fmap: torch.Tensor) -> None:
+            blocks = divide(fmap, memory.bh, memory.bw, memory.bc)
+            n = memory.items.shape[0]
+            rows = torch.randint(0, blocks.shape[0], (n,), generator=rng) if blocks.shape[0] < n else \
+                torch.randperm(blocks.shape[0], generator=rng)[:n]
+            memory.items.copy_(blocks[rows].to(memory.items))
+        if self.full_memory is not None:
+            draw(self.full_memory, x)
+        h = self.stem(x)
+        for level, down in enumerate(self.downs):
+            h = down(h)
+            if self.cfg.memory:
+                draw(self.memories[level], h)
+        self.train(was_training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats: List[torch.Tensor] = []
+        full: Optional[torch.Tensor] = None
+        if self.full_skip:
+            full = self.full_memory(x) if self.full_memory is not None else x
         h = self.stem(x)
         for down in self.downs:
             h = down(h)
@@ -139,7 +174,7 @@ class Generator(nn.Module):
         if self.cfg.memory:
             feats = [memory(f) for memory, f in zip(self.memories, feats)]  # the decoder sees only memory outputs
         h = feats[3]
-        skips: List[Optional[torch.Tensor]] = [feats[2], feats[1], feats[0], None] if self.cfg.skips else [None] * 4
+        skips: List[Optional[torch.Tensor]] = [feats[2], feats[1], feats[0], full] if self.cfg.skips else [None] * 4
         for up, skip in zip(self.ups, skips):
             h = up(h, skip)
         out = self.head(h)
@@ -263,6 +298,8 @@ class DAAD(nn.Module):
 
     def image_score(self, amap: torch.Tensor) -> torch.Tensor:
         flat = amap.reshape(amap.shape[0], -1)
+        if self.cfg.score_topk >= 1.0:
+            return flat.mean(dim=1)  # the whole map: for defects that change a part's overall texture
         if self.topk == 1:
             return flat.max(dim=1).values
         return torch.topk(flat, self.topk, dim=1).values.mean(dim=1)

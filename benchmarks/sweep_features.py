@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Fast ablations of DAAD on frozen EfficientNet-Lite0 features, with a kNN reference, on one dataset.
+
+    python benchmarks/sweep_features.py --data ../shared/datasets/magnetic_tile --split val \
+        --configs daad_plus daad_plus:memory_items=500 --out benchmarks/results/sweep_features
+
+The backbone is frozen, so its features are computed once per dataset and size (cached in --out) and
+every variant trains on them: minutes per variant on 2 CPU cores instead of tens. The training step is
+fit()'s (same augmentation, losses and optimisers); a chosen variant is then confirmed end to end with
+`bench_models.py` (which runs the real `fit` and `evaluate`). Every variant is scored with four image
+score functions on one trained model (max, mean of the top 1 % and 10 % of the map, whole-map mean),
+so the score function is an ablation too. The kNN reference is the distance of each feature patch to
+the nearest of --knn-bank random training patches (PatchCore without coreset), scored the same ways.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_models import parse_variant  # noqa: E402
+from train.backbone import EfficientNetLite0Features  # noqa: E402
+from train.config import TrainConfig, preset  # noqa: E402
+from train.data import eval_samples, load_images, load_mask, split_eval, train_samples  # noqa: E402
+from train.fit import augment, preprocess_spec  # noqa: E402
+from train.loss import discriminator_loss, generator_loss  # noqa: E402
+from train.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
+from train.model import DAAD  # noqa: E402
+
+SCORES = ("max", "top1%", "top10%", "mean")
+BATCH = 32
+
+
+def image_scores(maps: torch.Tensor) -> Dict[str, np.ndarray]:
+    """(B, 1, H, W) anomaly maps -> each score function's (B,) image scores."""
+    flat = maps.reshape(len(maps), -1)
+    top = lambda frac: flat.topk(max(1, int(flat.shape[1] * frac)), dim=1).values.mean(dim=1)  # noqa: E731
+    return {"max": flat.max(dim=1).values.numpy(), "top1%": top(0.01).numpy(), "top10%": top(0.10).numpy(),
+            "mean": flat.mean(dim=1).numpy()}
+
+
+def cached_features(data: Path, size: int, out: Path) -> Dict[str, np.ndarray]:
+    path = out / "cache" / f"features_{data.name}_{size}.npz"  # ~0.3 GB at 256 px: never committed
+    if path.is_file():
+        return dict(np.load(path))
+    cfg = preset("daad", image_size=(size, size), backbone="efficientnet_lite0")
+    spec = preprocess_spec(cfg)
+    backbone = EfficientNetLite0Features(cfg.image_size)
+    arrays: Dict[str, np.ndarray] = {}
+    for name, samples in (("train", train_samples(data)), ("test", eval_samples(data))):
+        images = torch.from_numpy(load_images(samples, spec))
+        with torch.no_grad():
+            feats = torch.cat([backbone(images[i:i + BATCH]) for i in range(0, len(images), BATCH)])
+        arrays[name] = feats.numpy().astype(np.float16)
+        if name == "test":
+            arrays["labels"] = np.array([s.label for s in samples])
+            arrays["types"] = np.array([s.defect_type for s in samples])
+            arrays["masks"] = np.stack([load_mask(s, spec) for s in samples])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def metrics(labels: np.ndarray, types: np.ndarray, masks: np.ndarray, maps: torch.Tensor) -> Dict[str, Any]:
+    scores = image_scores(maps)
+    defect_types = sorted(set(types.tolist()) - {"good"})
+    per_type = {s: {t: image_auroc(labels[np.isin(types, ["good", t])], v[np.isin(types, ["good", t])])
+                    for t in defect_types} for s, v in scores.items()}
+    up = torch.nn.functional.interpolate(maps, size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0].numpy()
+    return {"image_auroc": {s: image_auroc(labels, v) for s, v in scores.items()}, "per_type": per_type,
+            "pixel_auroc": pixel_auroc(masks, up), "aupro": aupro(masks, up)}
+
+
+def knn_maps(train: torch.Tensor, test: torch.Tensor, bank_size: int, seed: int, size: int) -> torch.Tensor:
+    patches = train.permute(0, 2, 3, 1).reshape(-1, train.shape[1])
+    bank = patches[torch.randperm(len(patches), generator=torch.Generator().manual_seed(seed))[:bank_size]]
+    h, w = test.shape[-2:]
+    rows = [torch.cdist(q.permute(1, 2, 0).reshape(-1, q.shape[0]), bank).min(dim=1).values.reshape(1, 1, h, w)
+            for q in test]
+    return torch.nn.functional.interpolate(torch.cat(rows), size=(size, size), mode="bilinear", align_corners=False)
+
+
+def train_variant(cfg: Any, bank: torch.Tensor, tcfg: TrainConfig) -> DAAD:
+    torch.manual_seed(tcfg.seed)
+    model = DAAD(cfg, load_backbone=False)
+    gen = torch.Generator().manual_seed(tcfg.seed)
+    if cfg.memory_init == "data":
+        model.generator.init_memories_from_data(bank[torch.randperm(len(bank), generator=gen)[:256]], gen)
+    opt_g = torch.optim.Adam(model.generator.parameters(), lr=tcfg.lr, betas=tcfg.betas)
+    opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=tcfg.lr, betas=tcfg.betas) if model.discriminator else None
+    model.train()
+    for _ in range(tcfg.steps):
+        x = augment(bank[torch.randint(0, len(bank), (tcfg.batch_size,), generator=gen)], tcfg, gen)
+        recon = model.generator(x)
+        loss_g, _ = generator_loss(x, recon, model.discriminator, tcfg.loss)
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+        if opt_d is not None:
+            loss_d, _ = discriminator_loss(x, recon, model.discriminator)
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def daad_maps(model: DAAD, train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    def raw(t: torch.Tensor):
+        parts = [model.raw_maps(t[i:i + BATCH], model.generator(t[i:i + BATCH])) for i in range(0, len(t), BATCH)]
+        return torch.cat([p[0] for p in parts]), (torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None)
+    r_train, l_train = raw(train[::4])  # score normalisation from training images, as fit() does
+    model.set_score_normalisation(float(r_train.mean()), float(l_train.mean()) if l_train is not None else 1.0)
+    r_map, l_map = raw(test)
+    return model.smooth(model.combine(r_map, l_map))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--configs", nargs="*", default=["daad_plus"], help="presets with :key=value overrides")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
+    parser.add_argument("--knn-bank", type=int, default=30000, help="kNN reference bank size (0: skip)")
+    parser.add_argument("--out", default="benchmarks/results/sweep_features")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    data, out = Path(args.data), Path(args.out)
+    arrays = cached_features(data, args.size, out)
+    labels, types = arrays["labels"], arrays["types"]
+    idx = np.array(split_eval(list(eval_samples(data)), args.split, args.seed))
+    labels, types, masks = labels[idx], types[idx], arrays["masks"][idx]
+    raw_train = torch.from_numpy(arrays["train"].astype(np.float32))
+    raw_test = torch.from_numpy(arrays["test"][idx].astype(np.float32))
+    rows: List[Dict[str, Any]] = []
+    if args.knn_bank:
+        t0 = time.perf_counter()
+        maps = knn_maps(raw_train, raw_test, args.knn_bank, args.seed, args.size)
+        rows.append({"config": f"kNN reference (bank {args.knn_bank})", **metrics(labels, types, masks, maps),
+                     "train_s": 0.0, "score_s": time.perf_counter() - t0})
+        print(json.dumps(rows[-1], default=float), flush=True)
+    for text in args.configs:
+        variant = parse_variant(text)
+        cfg = preset(variant["preset"], image_size=(args.size, args.size), backbone="efficientnet_lite0",
+                     **variant["overrides"])
+        tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        probe = DAAD(cfg, load_backbone=False)
+        probe.set_feature_normalisation(raw_train)
+        bank = (raw_train - probe.feat_mean) / probe.feat_std
+        t0 = time.perf_counter()
+        model = train_variant(cfg, bank, tcfg)
+        model.load_state_dict({**model.state_dict(), "feat_mean": probe.feat_mean, "feat_std": probe.feat_std})
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        maps = daad_maps(model, bank, (raw_test - probe.feat_mean) / probe.feat_std)
+        rows.append({"config": text, **metrics(labels, types, masks, maps), "train_s": train_s,
+                     "score_s": time.perf_counter() - t0})
+        print(json.dumps(rows[-1], default=float), flush=True)
+
+    print(f"\n{data.name}: {args.size}px, {args.steps} steps x batch {args.batch_size}, lr {args.lr}, seed {args.seed}, "
+          f"split `{args.split}` ({len(idx)} images); image AUROC per score function")
+    header = f"{'config':64s} " + " ".join(f"{s:>7s}" for s in SCORES) + f" {'pixel':>6s} {'AUPRO':>6s} {'train s':>7s}"
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        print(f"{r['config']:64s} " + " ".join(f"{r['image_auroc'][s]:7.3f}" for s in SCORES)
+              + f" {r['pixel_auroc']:6.3f} {r['aupro']:6.3f} {r['train_s']:7.0f}")
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = "_".join([args.split, str(args.size), str(args.steps)])
+    path = out / f"results_{stamp}_{int(time.time())}.json"
+    path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=float))
+    print(f"\nJSON: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
