@@ -1,6 +1,8 @@
 """The DAAD building blocks: division/assembly, addressing, memory read-out, presets, ONNX export."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -177,3 +179,16 @@ def test_target_channels_match_the_backbone() -> None:
     from train.backbone import FEATURE_CHANNELS
 
     assert preset("daad", backbone="efficientnet_lite0").target_channels == FEATURE_CHANNELS
+
+
+def test_example_training_configs_are_valid() -> None:
+    import yaml
+
+    from train.config import ModelConfig, from_dict, to_dict
+
+    paths = sorted(Path(__file__).resolve().parents[1].glob("examples/train_*.yaml"))
+    assert paths
+    for path in paths:
+        loaded = yaml.safe_load(path.read_text())["model"]
+        cfg = from_dict(ModelConfig, {**to_dict(preset("daad_plus")), **loaded}, str(path))
+        assert validate_model_config(cfg) == [], path
