@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -82,7 +83,7 @@ def main() -> int:
     for text in args.configs:
         variant = parse_variant(text)
         cfg = preset(variant["preset"], image_size=(args.size, args.size), **variant["overrides"])
-        run = out / text.replace(":", "_").replace(",", "_").replace("=", "-")
+        run = out / re.sub(r"[^A-Za-z0-9_.-]", "", text.replace(":", "_").replace(",", "_").replace("=", "-"))
         t0 = time.perf_counter()
         result = fit(cfg, TrainConfig(data=str(data), out=str(run / "run"), steps=args.steps, batch_size=args.batch_size,
                                       lr=args.lr, seed=args.seed, device=args.device, checkpoint_every=args.steps))
