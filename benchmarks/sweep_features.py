@@ -141,7 +141,7 @@ def main() -> int:
     data, out = Path(args.data), Path(args.out)
     arrays = cached_features(data, args.size, out)
     labels, types = arrays["labels"], arrays["types"]
-    idx = np.array(split_eval(list(eval_samples(data)), args.split, args.seed))
+    idx = np.array(split_eval(list(eval_samples(data)), args.split))  # the fixed halves (seed 0), whatever --seed is
     labels, types, masks = labels[idx], types[idx], arrays["masks"][idx]
     raw_train = torch.from_numpy(arrays["train"].astype(np.float32))
     raw_test = torch.from_numpy(arrays["test"][idx].astype(np.float32))
