@@ -69,7 +69,7 @@ def test_fit_with_a_data_initialised_full_resolution_memory(dataset: Path, tmp_p
     result = fit(model_cfg, TrainConfig(data=str(dataset), out=str(tmp_path), steps=3, batch_size=4), progress=False)
     model, _ = load_model(result.checkpoint)
     assert model.cfg.full_skip_items == 64 and model.cfg.memory_init == "data"
-    items = model.generator.full_memory.items
+    items = model.generator.full_memory.items.detach()
     assert items.shape == (64, 4)
     levels = items * 127.5 + 127.5  # back to 8-bit levels; 3 Adam steps at lr 2e-4 move an item < 0.1 level
     assert float((levels - levels.round()).abs().max()) < 0.15  # items are pixel blocks (randn items would not be)
