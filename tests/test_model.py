@@ -53,6 +53,36 @@ def test_reading_a_stored_item_returns_it() -> None:
     assert torch.allclose(out.reshape(-1), item, atol=1e-3)
 
 
+def test_hard_readout_returns_the_nearest_item_by_cosine() -> None:
+    torch.manual_seed(0)
+    memory = BlockMemory(channels=4, block=(1, 1, 0), items=300, temperature=0.1, readout="hard").eval()
+    x = torch.randn(2, 4, 8, 8)
+    out = memory(x)
+    queries = divide(x, 1, 1, 4)
+    cosine = F.normalize(queries, dim=1) @ F.normalize(memory.items.detach(), dim=1).t()
+    assert torch.equal(divide(out, 1, 1, 4), memory.items.detach()[cosine.argmax(dim=1)])  # exactly a stored item
+
+
+def test_hard_readout_chunks_give_the_whole_answer(monkeypatch) -> None:
+    import train.model as model_module
+
+    torch.manual_seed(0)
+    memory = BlockMemory(channels=8, block=(1, 1, 0), items=50, temperature=0.1, readout="hard")
+    queries = torch.randn(37, 8)
+    whole = memory.nearest(queries)
+    monkeypatch.setattr(model_module, "NEAREST_CHUNK", 5)  # 37 queries in 8 chunks, the last one short
+    assert torch.equal(memory.nearest(queries), whole)
+
+
+def test_hard_readout_still_trains_the_encoder_and_the_chosen_items() -> None:
+    torch.manual_seed(0)
+    memory = BlockMemory(channels=4, block=(1, 1, 0), items=30, temperature=0.1, readout="hard").train()
+    x = torch.randn(1, 4, 4, 4, requires_grad=True)
+    memory(x).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # straight-through: the encoder is not cut off
+    assert memory.items.grad is not None and memory.items.grad.abs().sum() > 0
+
+
 def test_low_temperature_makes_addressing_selective() -> None:
     torch.manual_seed(0)
     queries = torch.randn(100, 64)
@@ -92,6 +122,7 @@ def test_anomaly_map_is_larger_where_the_reconstruction_fails() -> None:
     ({"temperature": 0.0}, "temperature"),
     ({"full_skip_block": (3, 3, 0)}, "full_skip_block"),
     ({"score_topk": 1.5}, "score_topk"),
+    ({"memory_readout": "nearest"}, "memory_readout"),
 ])
 def test_invalid_model_configs_are_named(change: dict, problem: str) -> None:
     problems = validate_model_config(preset("daad", **{**SMALL, **change}))
@@ -101,6 +132,7 @@ def test_invalid_model_configs_are_named(change: dict, problem: str) -> None:
 @pytest.mark.parametrize("variant", [
     {},  # the paper's pixel model
     {"full_skip_block": (1, 1, 0), "score_topk": 1.0},  # the memory-gated full-resolution skip, whole-map score
+    {"full_skip_block": (1, 1, 0), "memory_readout": "hard"},  # nearest-item read-out: ArgMax + Gather
 ])
 def test_export_is_static_opset17_and_matches_pytorch(tmp_path, variant: dict) -> None:
     import onnx

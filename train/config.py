@@ -31,6 +31,9 @@ class ModelConfig:
     full_skip_block: Tuple[int, int, int] = (0, 0, 0)
     full_skip_items: int = 0  # N of that memory; 0 = memory_items. Normal feature patches are many: give it more
     memory_init: str = "random"  # "random" (MemAE) or "data": items start as blocks drawn from training inputs/encodings
+    # "soft" (the paper, MemAE: a softmax-weighted blend of items) or "hard" (the nearest item by cosine;
+    # with memory_init "data" a large memory then behaves like a bank of normal blocks)
+    memory_readout: str = "soft"
     temperature: float = 0.1  # softmax(cos/T): at T=1 cosine in [-1,1] gives near-uniform addressing
     shrink_threshold: float = 0.0  # MemAE hard shrinkage lambda (0 = off, paper's equations have none)
     adversarial: bool = False  # discriminator + adversarial and alignment losses (DAAD+)
@@ -94,6 +97,7 @@ class TrainConfig:
 
 BACKBONES = ("", "efficientnet_lite0")
 MEMORY_INITS = ("random", "data")
+MEMORY_READOUTS = ("soft", "hard")
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "ae": {"skips": False, "memory": False, "adversarial": False, "gamma": 1.0},
@@ -194,6 +198,8 @@ def validate_model_config(cfg: ModelConfig) -> List[str]:
         problems.append(f"model.memory_items / full_skip_items: got {cfg.memory_items} / {cfg.full_skip_items}, expected >= 1 / >= 0")
     if cfg.memory_init not in MEMORY_INITS:
         problems.append(f"model.memory_init: got {cfg.memory_init!r}, expected one of {MEMORY_INITS}")
+    if cfg.memory_readout not in MEMORY_READOUTS:
+        problems.append(f"model.memory_readout: got {cfg.memory_readout!r}, expected one of {MEMORY_READOUTS}")
     if cfg.temperature <= 0:
         problems.append(f"model.temperature: got {cfg.temperature}, expected > 0")
     if not 0.0 <= cfg.gamma <= 1.0:

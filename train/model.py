@@ -18,6 +18,7 @@ from .backbone import FEATURE_CHANNELS, FEATURE_STRIDE, EfficientNetLite0Feature
 from .config import ModelConfig
 
 NORM_EPS = 1e-4  # >= 1e-4 so half precision does not round it to zero (NaN in TensorRT FP16)
+NEAREST_CHUNK = 2048  # queries per similarity chunk in hard read-out (2048 x 30 000 items = 240 MB)
 
 
 class AnomalyOutput(NamedTuple):
@@ -53,16 +54,20 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 class BlockMemory(nn.Module):
     """Divide a feature map into r_h x r_w x r_c blocks, rebuild each from N learned items, assemble.
 
-    w_i = softmax_i(cos(q, m_i) / T), optionally hard-shrunk (MemAE), and q_hat = sum_i w_i m_i.
+    Soft read-out: w_i = softmax_i(cos(q, m_i) / T), optionally hard-shrunk (MemAE), q_hat = sum_i w_i m_i.
+    Hard read-out: q_hat = the item of highest cosine (a blend of items rebuilds an unseen block too well;
+    the nearest normal item does not); in training, gradients reach the queries through the soft weights
+    (straight-through), so the encoder still learns.
     """
 
     def __init__(self, channels: int, block: Tuple[int, int, int], items: int, temperature: float,
-                 shrink_threshold: float = 0.0) -> None:
+                 shrink_threshold: float = 0.0, readout: str = "soft") -> None:
         super().__init__()
         bh, bw, bc = block
         self.bh, self.bw, self.bc = bh, bw, bc or channels
         self.temperature = temperature
         self.shrink_threshold = shrink_threshold
+        self.hard = readout == "hard"
         dim = self.bc * bh * bw
         self.items = nn.Parameter(torch.randn(items, dim) / math.sqrt(dim))  # learned by back-propagation
 
@@ -76,10 +81,24 @@ class BlockMemory(nn.Module):
             weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=NORM_EPS)
         return weights
 
+    def nearest(self, queries: torch.Tensor) -> torch.Tensor:
+        """(Q, D) queries -> (Q,) index of the item of highest cosine similarity."""
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return (l2_normalize(queries) @ l2_normalize(self.items).t()).argmax(dim=-1)  # ArgMax: static, TensorRT-parsable
+        with torch.no_grad():  # in chunks: (Q, N) similarities of a large memory do not fit at once
+            items = l2_normalize(self.items).t()
+            return torch.cat([(l2_normalize(q) @ items).argmax(dim=-1) for q in queries.split(NEAREST_CHUNK)])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = tuple(x.shape)
         queries = divide(x, self.bh, self.bw, self.bc)
-        readout = self.address(queries) @ self.items
+        if not self.hard:
+            readout = self.address(queries) @ self.items
+        else:
+            readout = self.items[self.nearest(queries)]  # Gather
+            if self.training and queries.requires_grad:
+                soft = self.address(queries) @ self.items
+                readout = soft + (readout - soft).detach()  # forward: the nearest item; backward: the soft weights
         return assemble(readout, shape, self.bh, self.bw, self.bc)  # type: ignore[arg-type]
 
 
@@ -121,14 +140,15 @@ class Generator(nn.Module):
         self.downs = nn.ModuleList([Down(c[i], c[i + 1]) for i in range(4)])  # -> 1/2, 1/4, 1/8, 1/16
         if cfg.memory:
             self.memories = nn.ModuleList(
-                [BlockMemory(c[i + 1], cfg.blocks[i], cfg.memory_items, cfg.temperature, cfg.shrink_threshold) for i in range(4)]
+                [BlockMemory(c[i + 1], cfg.blocks[i], cfg.memory_items, cfg.temperature, cfg.shrink_threshold,
+                             cfg.memory_readout) for i in range(4)]
             )
         else:
             self.memories = nn.ModuleList()
         self.full_skip = cfg.skips and cfg.full_skip_block[0] > 0
         in_ch = cfg.target_channels
         self.full_memory = (BlockMemory(in_ch, cfg.full_skip_block, cfg.full_skip_items or cfg.memory_items, cfg.temperature,
-                                        cfg.shrink_threshold) if self.full_skip and cfg.memory else None)
+                                        cfg.shrink_threshold, cfg.memory_readout) if self.full_skip and cfg.memory else None)
         skip_ch = [c[3], c[2], c[1]] if cfg.skips else [0, 0, 0]
         # decoder: 1/16 -> 1/8 -> 1/4 -> 1/2 -> 1
         self.ups = nn.ModuleList([
