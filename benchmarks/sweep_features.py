@@ -33,7 +33,7 @@ from train.data import eval_samples, load_images, load_mask, split_eval, train_s
 from train.fit import augment, preprocess_spec  # noqa: E402
 from train.loss import discriminator_loss, generator_loss  # noqa: E402
 from train.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
-from train.model import DAAD  # noqa: E402
+from train.model import DAAD, RawMaps  # noqa: E402
 
 SCORES = ("max", "top1%", "top10%", "mean")
 BATCH = 32
@@ -93,7 +93,7 @@ def train_variant(cfg: Any, bank: torch.Tensor, tcfg: TrainConfig) -> DAAD:
     model = DAAD(cfg, load_backbone=False)
     gen = torch.Generator().manual_seed(tcfg.seed)
     if cfg.memory_init == "data":
-        model.generator.init_memories_from_data(bank[torch.randperm(len(bank), generator=gen)[:256]], gen)
+        model.generator.init_memories_from_data(bank[torch.randperm(len(bank), generator=gen)[:256]], gen, full_x=bank)
     opt_g = torch.optim.Adam(model.generator.parameters(), lr=tcfg.lr, betas=tcfg.betas)
     opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=tcfg.lr, betas=tcfg.betas) if model.discriminator else None
     model.train()
@@ -114,13 +114,12 @@ def train_variant(cfg: Any, bank: torch.Tensor, tcfg: TrainConfig) -> DAAD:
 
 @torch.no_grad()
 def daad_maps(model: DAAD, train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
-    def raw(t: torch.Tensor):
-        parts = [model.raw_maps(t[i:i + BATCH], model.generator(t[i:i + BATCH])) for i in range(0, len(t), BATCH)]
-        return torch.cat([p[0] for p in parts]), (torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None)
-    r_train, l_train = raw(train[::4])  # score normalisation from training images, as fit() does
-    model.set_score_normalisation(float(r_train.mean()), float(l_train.mean()) if l_train is not None else 1.0)
-    r_map, l_map = raw(test)
-    return model.smooth(model.combine(r_map, l_map))
+    def raw(t: torch.Tensor) -> RawMaps:
+        parts = [model.maps(t[i:i + BATCH]) for i in range(0, len(t), BATCH)]
+        return RawMaps(*(torch.cat(list(ms)) if ms[0] is not None else None for ms in zip(*parts)))
+    train_maps = raw(train[::4])  # score normalisation from training images, as fit() does
+    model.set_score_normalisation(*(float(m.mean()) if m is not None else 1.0 for m in train_maps))
+    return model.smooth(model.combine(raw(test)))
 
 
 def main() -> int:

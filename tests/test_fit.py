@@ -75,6 +75,16 @@ def test_fit_with_a_data_initialised_full_resolution_memory(dataset: Path, tmp_p
     assert float((levels - levels.round()).abs().max()) < 0.15  # items are pixel blocks (randn items would not be)
 
 
+def test_fit_scored_by_the_memory_rebuild_error_separates_synthetic_defects(dataset: Path, tmp_path: Path) -> None:
+    model_cfg = preset("daad_plus", full_skip_block=(2, 2, 0), full_skip_items=2000, memory_init="data",
+                       memory_readout="hard", memory_score_weight=1.0, score_topk=0.01, **SMALL)
+    result = fit(model_cfg, TrainConfig(data=str(dataset), out=str(tmp_path), steps=5, batch_size=4), progress=False)
+    model, _ = load_model(result.checkpoint)
+    assert float(model.m_scale) != 1.0  # normalised by the training images' mean rebuild error
+    metrics = evaluate(model, dataset, plot=False)
+    assert metrics["image_auroc"] >= SEPARATION_AUROC, metrics
+
+
 def test_eval_writes_metrics_and_plots(trained, dataset: Path, tmp_path: Path) -> None:
     model, _ = load_model(trained.checkpoint)
     metrics = evaluate(model, dataset, tmp_path / "eval")

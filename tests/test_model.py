@@ -111,7 +111,7 @@ def test_anomaly_map_is_larger_where_the_reconstruction_fails() -> None:
         recon = model.reconstruct(x)
         x_bad = x.clone()
         x_bad[..., 10:14, 10:14] = recon[..., 10:14, 10:14] + 5.0
-        r_map, _ = model.raw_maps(x_bad, recon)
+        r_map = model.raw_maps(x_bad, recon).rec
     assert r_map[0, 0, 12, 12] > 10 * r_map[0, 0, 25, 25]
 
 
@@ -123,6 +123,8 @@ def test_anomaly_map_is_larger_where_the_reconstruction_fails() -> None:
     ({"full_skip_block": (3, 3, 0)}, "full_skip_block"),
     ({"score_topk": 1.5}, "score_topk"),
     ({"memory_readout": "nearest"}, "memory_readout"),
+    ({"memory_score_weight": 0.5}, "set full_skip_block"),  # M needs the full-resolution memory
+    ({"memory_score_weight": 1.5, "full_skip_block": (1, 1, 0)}, "within [0, 1]"),
 ])
 def test_invalid_model_configs_are_named(change: dict, problem: str) -> None:
     problems = validate_model_config(preset("daad", **{**SMALL, **change}))
@@ -132,7 +134,7 @@ def test_invalid_model_configs_are_named(change: dict, problem: str) -> None:
 @pytest.mark.parametrize("variant", [
     {},  # the paper's pixel model
     {"full_skip_block": (1, 1, 0), "score_topk": 1.0},  # the memory-gated full-resolution skip, whole-map score
-    {"full_skip_block": (1, 1, 0), "memory_readout": "hard"},  # nearest-item read-out: ArgMax + Gather
+    {"full_skip_block": (1, 1, 0), "memory_readout": "hard", "memory_score_weight": 0.5},  # ArgMax + Gather, M term
 ])
 def test_export_is_static_opset17_and_matches_pytorch(tmp_path, variant: dict) -> None:
     import onnx
@@ -200,6 +202,40 @@ def test_data_initialised_memory_items_are_blocks_of_the_training_inputs() -> No
     assert len({tuple(item.tolist()) for item in items}) == 16  # drawn without replacement
     assert torch.equal(model.generator.stem[1].running_mean, bn_before)  # the draw does not train batch-norm
     assert model.training
+
+
+def test_memory_score_is_the_rebuild_error_of_the_full_resolution_memory() -> None:
+    torch.manual_seed(0)
+    cfg = preset("daad_plus", full_skip_block=(2, 2, 0), full_skip_items=64, memory_init="data", memory_readout="hard",
+                 memory_score_weight=1.0, smoothing_sigma=0.0, **SMALL)
+    model = DAAD(cfg)
+    normal = torch.randn(1, 1, 32, 32)
+    model.generator.init_memories_from_data(normal, torch.Generator().manual_seed(0), full_x=normal)
+    model.eval()
+    with torch.no_grad():
+        stored = model.generator.full_memory.items  # (64, 4): 2x2 blocks of the normal image
+        blocks = stored[torch.arange(16 * 16) % 64].clone()  # an image made only of stored blocks ...
+        blocks[37] = torch.tensor([3.0, -3.0, 3.0, -3.0])  # ... but one block, unlike any stored one
+        x = assemble(blocks, (1, 1, 32, 32), 2, 2, 1)
+        maps = model.maps(x)
+        out = model(x)
+    assert maps.memory is not None and maps.latent is not None
+    per_block = divide(maps.memory, 2, 2, 1).mean(dim=1)
+    assert per_block[37] > 1.0
+    assert torch.all(per_block[torch.arange(256) != 37] == 0)  # a stored block is rebuilt exactly
+    assert torch.allclose(out.anomaly_map, maps.memory / model.m_scale)  # beta = 1: the map is M alone
+
+
+def test_memory_score_weight_mixes_the_terms() -> None:
+    torch.manual_seed(0)
+    cfg = preset("daad_plus", full_skip_block=(1, 1, 0), memory_score_weight=0.25, smoothing_sigma=0.0, **SMALL)
+    model = DAAD(cfg).eval()
+    model.set_score_normalisation(2.0, 3.0, 4.0)
+    with torch.no_grad():
+        x = torch.randn(2, 1, 32, 32)
+        maps = model.maps(x)
+        expected = 0.75 * (0.5 * maps.rec / 2.0 + 0.5 * maps.latent / 3.0) + 0.25 * maps.memory / 4.0
+        assert torch.allclose(model(x).anomaly_map, expected, atol=1e-6)
 
 
 def test_unknown_memory_init_is_named() -> None:

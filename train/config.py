@@ -34,6 +34,9 @@ class ModelConfig:
     # "soft" (the paper, MemAE: a softmax-weighted blend of items) or "hard" (the nearest item by cosine;
     # with memory_init "data" a large memory then behaves like a bank of normal blocks)
     memory_readout: str = "soft"
+    # beta: weight of the full-resolution memory's rebuild error M in the anomaly map (needs full_skip_block);
+    # A = (1-beta)(gamma R + (1-gamma) L) + beta M. 0 = the paper's map; 1 = M alone
+    memory_score_weight: float = 0.0
     temperature: float = 0.1  # softmax(cos/T): at T=1 cosine in [-1,1] gives near-uniform addressing
     shrink_threshold: float = 0.0  # MemAE hard shrinkage lambda (0 = off, paper's equations have none)
     adversarial: bool = False  # discriminator + adversarial and alignment losses (DAAD+)
@@ -198,6 +201,11 @@ def validate_model_config(cfg: ModelConfig) -> List[str]:
         problems.append(f"model.memory_items / full_skip_items: got {cfg.memory_items} / {cfg.full_skip_items}, expected >= 1 / >= 0")
     if cfg.memory_init not in MEMORY_INITS:
         problems.append(f"model.memory_init: got {cfg.memory_init!r}, expected one of {MEMORY_INITS}")
+    if not 0.0 <= cfg.memory_score_weight <= 1.0:
+        problems.append(f"model.memory_score_weight: got {cfg.memory_score_weight}, expected within [0, 1]")
+    elif cfg.memory_score_weight > 0 and not (cfg.memory and cfg.skips and fbh > 0):
+        problems.append("model.memory_score_weight: scores the full-resolution memory, which this model has not; "
+                        "set full_skip_block (e.g. [1, 1, 0]) on a model with memory and skips, or set it to 0")
     if cfg.memory_readout not in MEMORY_READOUTS:
         problems.append(f"model.memory_readout: got {cfg.memory_readout!r}, expected one of {MEMORY_READOUTS}")
     if cfg.temperature <= 0:

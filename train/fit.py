@@ -99,16 +99,14 @@ def augment(batch: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torc
 
 @torch.no_grad()
 def calibrate_scores(model: DAAD, images: torch.Tensor, device: torch.device) -> Dict[str, float]:
-    """Set the R/L normalisation from training images, then return score statistics (for the bundle)."""
+    """Set the R/L/M normalisation from training images, then return score statistics (for the bundle)."""
     model.eval()
-    r_means, l_means = [], []
+    sums = np.zeros(3)  # R, L, M summed over images
     for start in range(0, len(images), SCORE_BATCH):
-        target = model.targets(images[start:start + SCORE_BATCH].to(device))
-        r_map, l_map = model.raw_maps(target, model.generator(target))
-        r_means.append(float(r_map.mean()) * len(target))
-        l_means.append(float(l_map.mean()) * len(target) if l_map is not None else 0.0)
-    n = max(1, len(images))
-    model.set_score_normalisation(sum(r_means) / n, sum(l_means) / n if any(l_means) else 1.0)
+        maps = model.maps(model.targets(images[start:start + SCORE_BATCH].to(device)))
+        sums += [float(m.mean()) * len(m) if m is not None else 0.0 for m in maps]
+    means = sums / max(1, len(images))
+    model.set_score_normalisation(*(float(m) if m > 0 else 1.0 for m in means))
     scores = score_images(model, images, device)
     return summarise_scores(scores)
 
@@ -186,7 +184,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
         # same seed on every rank: DDP replicas must start identical
         draw_rng = torch.Generator().manual_seed(cfg.seed)
         subset = torch.randperm(len(bank), generator=draw_rng)[:MEMORY_INIT_IMAGES]
-        model.generator.init_memories_from_data(bank[subset].to(device), draw_rng)
+        model.generator.init_memories_from_data(bank[subset].to(device), draw_rng, full_x=bank.to(device))
     generator: torch.nn.Module = model.generator
     disc: Optional[torch.nn.Module] = model.discriminator
     if world > 1:

@@ -21,6 +21,14 @@ NORM_EPS = 1e-4  # >= 1e-4 so half precision does not round it to zero (NaN in T
 NEAREST_CHUNK = 2048  # queries per similarity chunk in hard read-out (2048 x 30 000 items = 240 MB)
 
 
+class RawMaps(NamedTuple):
+    """Unsmoothed, unnormalised per-pixel terms of the anomaly map, each (B, 1, H, W) at image resolution."""
+
+    rec: torch.Tensor  # R: squared reconstruction error, mean over channels
+    latent: Optional[torch.Tensor]  # L: discriminator-feature distance (DAAD+ with gamma < 1)
+    memory: Optional[torch.Tensor]  # M: squared distance of each input block to its full-resolution memory read-out
+
+
 class AnomalyOutput(NamedTuple):
     """Eval-mode output; the field names are the ONNX output names."""
 
@@ -159,8 +167,11 @@ class Generator(nn.Module):
         self.head = nn.Conv2d(c[0], self.out_channels, 3, 1, 1)
 
     @torch.no_grad()
-    def init_memories_from_data(self, x: torch.Tensor, rng: torch.Generator) -> None:
+    def init_memories_from_data(self, x: torch.Tensor, rng: torch.Generator, full_x: Optional[torch.Tensor] = None) -> None:
         """Set every memory's items to blocks drawn at random from `x` (training inputs) and their encodings.
+
+        The full-resolution memory draws from `full_x` when given (all training inputs: a large memory
+        of normal blocks covers more of them when drawn from every image).
 
         Items still learn by back-propagation; they start on the data instead of in empty space, so a
         large memory is used from the first step (with random items most are never addressed).
@@ -174,7 +185,7 @@ class Generator(nn.Module):
                 torch.randperm(blocks.shape[0], generator=rng)[:n]
             memory.items.copy_(blocks[rows].to(memory.items))
         if self.full_memory is not None:
-            draw(self.full_memory, x)
+            draw(self.full_memory, x if full_x is None else full_x)
         h = self.stem(x)
         for level, down in enumerate(self.downs):
             h = down(h)
@@ -183,6 +194,10 @@ class Generator(nn.Module):
         self.train(was_training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rebuild(x)[0]
+
+    def rebuild(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """-> (reconstruction, the full-resolution memory's read-out of `x` or None)."""
         feats: List[torch.Tensor] = []
         full: Optional[torch.Tensor] = None
         if self.full_skip:
@@ -199,7 +214,8 @@ class Generator(nn.Module):
             h = up(h, skip)
         out = self.head(h)
         # pixels are normalised to [-1, 1] (mean 0.5, std 0.5); standardised images and features are unbounded
-        return out if (self.cfg.backbone or self.cfg.illumination_norm) else torch.tanh(out)
+        out = out if (self.cfg.backbone or self.cfg.illumination_norm) else torch.tanh(out)
+        return out, (full if self.full_memory is not None else None)
 
 
 class Discriminator(nn.Module):
@@ -235,11 +251,13 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 class DAAD(nn.Module):
     """Generator (+ discriminator for DAAD+) and the in-graph scoring head.
 
-    forward(x) -> AnomalyOutput: the per-pixel map A = gamma*R/r_scale + (1-gamma)*L/l_scale
+    forward(x) -> AnomalyOutput: the per-pixel map
+        A = (1-beta) * (gamma*R/r_scale + (1-gamma)*L/l_scale) + beta * M/m_scale
     (R: squared reconstruction error averaged over channels; L: discriminator-feature distance,
-    upsampled), Gaussian-smoothed, and the image score = mean of its top `score_topk` pixels.
-    r_scale / l_scale are the mean training-image values (set by `set_score_normalisation`)
-    so that gamma weighs two terms of comparable size.
+    upsampled; M: the full-resolution memory's rebuild error, beta = `memory_score_weight`),
+    Gaussian-smoothed, and the image score = mean of its top `score_topk` pixels.
+    The scales are the mean training-image values (set by `set_score_normalisation`) so that the
+    weights mix terms of comparable size.
     """
 
     def __init__(self, cfg: ModelConfig, load_backbone: bool = True) -> None:
@@ -264,6 +282,7 @@ class DAAD(nn.Module):
         self.register_buffer("smooth_norm", norm)
         self.register_buffer("r_scale", torch.ones(()))
         self.register_buffer("l_scale", torch.ones(()))
+        self.register_buffer("m_scale", torch.ones(()))
         self.topk = max(1, int(round(cfg.score_topk * h * w))) if cfg.score_topk > 0 else 1
 
     def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -295,26 +314,38 @@ class DAAD(nn.Module):
         scale = self.cfg.image_size[0] // m.shape[-2]
         return m if scale == 1 else F.interpolate(m, scale_factor=float(scale), mode="bilinear", align_corners=False)
 
-    def raw_maps(self, target: torch.Tensor, recon: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Unsmoothed, unnormalised R map (B,1,H,W) and L map (B,1,H,W) or None, at image resolution."""
+    def raw_maps(self, target: torch.Tensor, recon: torch.Tensor, readout: Optional[torch.Tensor] = None) -> RawMaps:
+        """R, L (or None) and M (or None) for a target, its reconstruction and its full-resolution read-out."""
         r_map = self.to_image_size(((target - recon) ** 2).mean(dim=1, keepdim=True))
+        m_map = None
+        if readout is not None and self.cfg.memory_score_weight > 0:
+            m_map = self.to_image_size(((target - readout) ** 2).mean(dim=1, keepdim=True))
         if self.discriminator is None or self.cfg.gamma >= 1.0:
-            return r_map, None
+            return RawMaps(r_map, None, m_map)
         _, f_real = self.discriminator(target)
         _, f_fake = self.discriminator(recon)
         l_map = self.to_image_size(((f_real - f_fake) ** 2).mean(dim=1, keepdim=True))
-        return r_map, l_map
+        return RawMaps(r_map, l_map, m_map)
+
+    def maps(self, target: torch.Tensor) -> RawMaps:
+        """Run the generator on a target and return its anomaly-map terms."""
+        recon, readout = self.generator.rebuild(target)
+        return self.raw_maps(target, recon, readout)
 
     def smooth(self, m: torch.Tensor) -> torch.Tensor:
         if self.cfg.smoothing_sigma <= 0:
             return m
         return F.conv2d(m, self.smooth_kernel, padding=self.smooth_kernel.shape[-1] // 2) / self.smooth_norm
 
-    def combine(self, r_map: torch.Tensor, l_map: Optional[torch.Tensor]) -> torch.Tensor:
-        if l_map is None:
-            return r_map / self.r_scale
-        g = self.cfg.gamma
-        return g * r_map / self.r_scale + (1.0 - g) * l_map / self.l_scale
+    def combine(self, maps: RawMaps) -> torch.Tensor:
+        g, beta = self.cfg.gamma, self.cfg.memory_score_weight
+        rebuilt = maps.rec / self.r_scale if maps.latent is None else \
+            g * maps.rec / self.r_scale + (1.0 - g) * maps.latent / self.l_scale
+        if maps.memory is None:
+            return rebuilt
+        if beta >= 1.0:
+            return maps.memory / self.m_scale
+        return (1.0 - beta) * rebuilt + beta * maps.memory / self.m_scale
 
     def image_score(self, amap: torch.Tensor) -> torch.Tensor:
         flat = amap.reshape(amap.shape[0], -1)
@@ -325,15 +356,14 @@ class DAAD(nn.Module):
         return torch.topk(flat, self.topk, dim=1).values.mean(dim=1)
 
     def forward(self, x: torch.Tensor) -> AnomalyOutput:
-        target = self.targets(x)
-        r_map, l_map = self.raw_maps(target, self.generator(target))
-        amap = self.smooth(self.combine(r_map, l_map))
+        amap = self.smooth(self.combine(self.maps(self.targets(x))))
         return AnomalyOutput(anomaly_map=amap, score=self.image_score(amap))
 
     @torch.no_grad()
-    def set_score_normalisation(self, r_mean: float, l_mean: float) -> None:
+    def set_score_normalisation(self, r_mean: float, l_mean: float, m_mean: float = 1.0) -> None:
         self.r_scale.fill_(max(r_mean, 1e-8))
         self.l_scale.fill_(max(l_mean, 1e-8))
+        self.m_scale.fill_(max(m_mean, 1e-8))
 
 
 def count_parameters(module: nn.Module) -> int:
