@@ -11,15 +11,19 @@ fit()'s (same augmentation, losses and optimisers); a chosen variant is then con
 score functions on one trained model (max, mean of the top 1 % and 10 % of the map, whole-map mean),
 so the score function is an ablation too. The kNN reference is the distance of each feature patch to
 the nearest of --knn-bank random training patches (PatchCore without coreset), scored the same ways.
+--memory-sizes scores the model's own full-resolution memory (M; --memory-readouts hard, soft) drawn
+from training blocks without training, for several sizes; --betas rescores a trained model with other mixes of its
+map's terms (R, L and M).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -88,6 +92,24 @@ def knn_maps(train: torch.Tensor, test: torch.Tensor, bank_size: int, seed: int,
     return torch.nn.functional.interpolate(torch.cat(rows), size=(size, size), mode="bilinear", align_corners=False)
 
 
+@torch.no_grad()
+def untrained_memory_maps(raw_train: torch.Tensor, raw_test: torch.Tensor, items: int, seed: int, size: int,
+                          readout: str = "hard") -> torch.Tensor:
+    """M maps of a DAAD whose full-resolution memory is freshly drawn from the training blocks (no training).
+
+    Training moves these items little (the memory is drawn from data and read out hard), so this
+    measures how the memory's size alone sets M, in seconds instead of a 20-minute run per size.
+    """
+    cfg = preset("daad", image_size=(size, size), backbone="efficientnet_lite0", full_skip_block=(1, 1, 0),
+                 full_skip_items=items, memory_init="data", memory_readout=readout, memory_score_weight=1.0)
+    model = DAAD(cfg, load_backbone=False)
+    model.set_feature_normalisation(raw_train)
+    bank = (raw_train - model.feat_mean) / model.feat_std
+    gen = torch.Generator().manual_seed(seed)
+    model.generator.init_memories_from_data(bank[:1], gen, full_x=bank)
+    return daad_maps(model.eval(), bank, (raw_test - model.feat_mean) / model.feat_std)[1.0]
+
+
 def train_variant(cfg: Any, bank: torch.Tensor, tcfg: TrainConfig) -> DAAD:
     torch.manual_seed(tcfg.seed)
     model = DAAD(cfg, load_backbone=False)
@@ -113,13 +135,22 @@ def train_variant(cfg: Any, bank: torch.Tensor, tcfg: TrainConfig) -> DAAD:
 
 
 @torch.no_grad()
-def daad_maps(model: DAAD, train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+def daad_maps(model: DAAD, train: torch.Tensor, test: torch.Tensor, betas: Sequence[float] = ()) -> Dict[float, torch.Tensor]:
+    """Smoothed anomaly maps of `test`, keyed by memory_score_weight: the model's own, and each of `betas`
+    (the terms are computed once; only their mix changes)."""
     def raw(t: torch.Tensor) -> RawMaps:
         parts = [model.maps(t[i:i + BATCH]) for i in range(0, len(t), BATCH)]
         return RawMaps(*(torch.cat(list(ms)) if ms[0] is not None else None for ms in zip(*parts)))
     train_maps = raw(train[::4])  # score normalisation from training images, as fit() does
     model.set_score_normalisation(*(float(m.mean()) if m is not None else 1.0 for m in train_maps))
-    return model.smooth(model.combine(raw(test)))
+    test_maps = raw(test)
+    own = model.cfg
+    out = {}
+    for beta in [own.memory_score_weight, *betas]:
+        model.cfg = dataclasses.replace(own, memory_score_weight=beta)
+        out[beta] = model.smooth(model.combine(test_maps))
+    model.cfg = own
+    return out
 
 
 def main() -> int:
@@ -133,6 +164,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="val", choices=("all", "val", "test"))
     parser.add_argument("--knn-bank", type=int, default=30000, help="kNN reference bank size (0: skip)")
+    parser.add_argument("--memory-sizes", type=int, nargs="*", default=[],
+                        help="also score untrained full-resolution memories of these sizes (M alone, hard read-out)")
+    parser.add_argument("--betas", type=float, nargs="*", default=[0.0, 0.5, 0.9],
+                        help="for configs with memory_score_weight > 0: also score these mixes of the same model")
+    parser.add_argument("--memory-readouts", nargs="*", default=["hard"], choices=("hard", "soft"))
     parser.add_argument("--out", default="benchmarks/results/sweep_features")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -151,6 +187,12 @@ def main() -> int:
         rows.append({"config": f"kNN reference (bank {args.knn_bank})", **metrics(labels, types, masks, maps),
                      "train_s": 0.0, "score_s": time.perf_counter() - t0})
         print(json.dumps(rows[-1], default=float), flush=True)
+    for items, readout in [(n, r) for r in args.memory_readouts for n in args.memory_sizes]:
+        t0 = time.perf_counter()
+        maps = untrained_memory_maps(raw_train, raw_test, items, args.seed, args.size, readout)
+        rows.append({"config": f"memory rebuild error M, {items} items, untrained ({readout} read-out)",
+                     **metrics(labels, types, masks, maps), "train_s": 0.0, "score_s": time.perf_counter() - t0})
+        print(json.dumps(rows[-1], default=float), flush=True)
     for text in args.configs:
         variant = parse_variant(text)
         cfg = preset(variant["preset"], image_size=(args.size, args.size), backbone="efficientnet_lite0",
@@ -164,10 +206,13 @@ def main() -> int:
         model.load_state_dict({**model.state_dict(), "feat_mean": probe.feat_mean, "feat_std": probe.feat_std})
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        maps = daad_maps(model, bank, (raw_test - probe.feat_mean) / probe.feat_std)
-        rows.append({"config": text, **metrics(labels, types, masks, maps), "train_s": train_s,
-                     "score_s": time.perf_counter() - t0})
-        print(json.dumps(rows[-1], default=float), flush=True)
+        betas = args.betas if cfg.memory_score_weight > 0 else []  # the map's mix of R, L and M, same trained model
+        all_maps = daad_maps(model, bank, (raw_test - probe.feat_mean) / probe.feat_std, betas)
+        score_s = time.perf_counter() - t0
+        for beta, maps in all_maps.items():
+            label = text if beta == cfg.memory_score_weight else f"{text} [memory_score_weight={beta}]"
+            rows.append({"config": label, **metrics(labels, types, masks, maps), "train_s": train_s, "score_s": score_s})
+            print(json.dumps(rows[-1], default=float), flush=True)
 
     print(f"\n{data.name}: {args.size}px, {args.steps} steps x batch {args.batch_size}, lr {args.lr}, seed {args.seed}, "
           f"split `{args.split}` ({len(idx)} images); image AUROC per score function")

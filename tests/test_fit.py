@@ -117,7 +117,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args,expected", [
     (["fit", "--data", "/nonexistent/ds"], "dataset directory not found"),
-    (["fit", "--data", ".", "--size", "40"], "multiples of 16"),
+    (["fit", "--data", ".", "--model", "daad_plus", "--size", "40"], "multiples of 16"),
+    (["fit", "--data", ".", "--size", "200"], "multiples of 128"),  # the default `inspect` model works on 1/8 features
     (["eval", "--checkpoint", "/nonexistent.pt", "--data", ".", "--out", "/tmp/x"], "checkpoint not found"),
     (["export", "--checkpoint", "/nonexistent.pt", "--out", "/tmp/x"], "checkpoint not found"),
 ])

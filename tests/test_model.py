@@ -260,3 +260,19 @@ def test_example_training_configs_are_valid() -> None:
         loaded = yaml.safe_load(path.read_text())["model"]
         cfg = from_dict(ModelConfig, {**to_dict(preset("daad_plus")), **loaded}, str(path))
         assert validate_model_config(cfg) == [], path
+
+
+def test_inspect_is_the_cli_default_and_matches_its_example_file() -> None:
+    import yaml
+
+    from train.cli import _model_config, build_parser
+    from train.config import ModelConfig, from_dict, to_dict
+
+    args = build_parser().parse_args(["fit", "--data", "d"])
+    cfg = _model_config(args)
+    assert args.model == "inspect" and validate_model_config(cfg) == []
+    assert cfg.adversarial and cfg.memory_score_weight == 1.0 and cfg.full_skip_items == 30000
+    example = Path(__file__).resolve().parents[1] / "examples" / "train_features.yaml"
+    loaded = yaml.safe_load(example.read_text())["model"]
+    assert from_dict(ModelConfig, {**to_dict(preset("daad_plus")), **loaded}) == cfg  # the file says what the default is
+

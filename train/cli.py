@@ -1,6 +1,6 @@
 """`daad-train`: fit, eval and export on the desktop.
 
-    daad-train fit --data DIR --model daad_plus --out runs/x [--steps N] [--resume]
+    daad-train fit --data DIR [--model inspect|daad_plus|...] --out runs/x [--steps N] [--resume]
     daad-train eval --checkpoint runs/x/last.pt --data DIR --out runs/x/eval
     daad-train export --checkpoint runs/x/last.pt --out bundle/ [--batch 8] [--parity-images DIR]
 """
@@ -17,7 +17,7 @@ import yaml
 
 from engine.errors import ConfigError, DaadError
 
-from .config import PRESETS, ModelConfig, TrainConfig, from_dict, preset, to_dict
+from .config import INSPECT_NAME, PRESETS, ModelConfig, TrainConfig, from_dict, preset, to_dict
 
 logger = logging.getLogger("train")
 
@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit_p = sub.add_parser("fit", help="train a model on good images")
     fit_p.add_argument("--data", required=True, help="MVTec-layout dataset root or a folder of good images")
-    fit_p.add_argument("--model", default="daad_plus", choices=sorted(PRESETS), help="paper column preset")
+    fit_p.add_argument("--model", default=INSPECT_NAME, choices=sorted(PRESETS) + [INSPECT_NAME],
+                       help="`inspect` (default): the configuration chosen on real parts; or a paper column preset")
     fit_p.add_argument("--config", help="YAML with a `model:` mapping of ModelConfig overrides")
     fit_p.add_argument("--out", default="runs/daad", help="run directory (checkpoint last.pt, log.jsonl)")
     fit_p.add_argument("--steps", type=int, default=TrainConfig.steps)

@@ -110,6 +110,19 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
+# The configuration chosen for inspection on real parts (issue 9; README, "The memory's rebuild error"):
+# DAAD+ on frozen EfficientNet-Lite0 features with a 30 000-item full-resolution memory drawn from the
+# training images, read out hard, whose rebuild error is the anomaly map; chosen on the `val` half of
+# magnetic_tile. `daad-train fit` uses it unless --model names a paper column.
+INSPECT: Dict[str, Any] = {
+    **PRESETS["daad_plus"], "backbone": "efficientnet_lite0", "image_size": (256, 256),
+    "blocks": ((1, 1, 0), (1, 1, 0), (1, 1, 0), (1, 1, 0)), "memory_items": 500,
+    "full_skip_block": (1, 1, 0), "full_skip_items": 30000, "memory_init": "data", "memory_readout": "hard",
+    "memory_score_weight": 1.0, "score_topk": 1.0,
+}
+INSPECT_NAME = "inspect"
+
+
 def _coerce(value: Any, target: Any, path: str) -> Any:
     """Convert YAML/JSON values (lists) back into the dataclass field types (tuples), checking types."""
     if dataclasses.is_dataclass(target):
@@ -165,8 +178,11 @@ def to_dict(config: Any) -> Dict[str, Any]:
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A paper column (`ae`, `ae_skip`, `daad`, `daad_plus`) or `inspect`, the configuration chosen for real parts."""
+    if name == INSPECT_NAME:
+        return dataclasses.replace(ModelConfig(), **{**INSPECT, **overrides})
     if name not in PRESETS:
-        raise ConfigError(f"--model: got {name!r}, expected one of {sorted(PRESETS)}")
+        raise ConfigError(f"--model: got {name!r}, expected one of {sorted(PRESETS) + [INSPECT_NAME]}")
     return dataclasses.replace(ModelConfig(), **{**PRESETS[name], **overrides})
 
 
