@@ -276,3 +276,12 @@ def test_inspect_is_the_cli_default_and_matches_its_example_file() -> None:
     loaded = yaml.safe_load(example.read_text())["model"]
     assert from_dict(ModelConfig, {**to_dict(preset("daad_plus")), **loaded}) == cfg  # the file says what the default is
 
+
+def test_the_inspect_model_exports_a_graph_tensorrt_can_take(tmp_path) -> None:
+    from engine.check import check_graph
+    from train.export import export_onnx
+
+    model = DAAD(preset("inspect", image_size=(128, 128), full_skip_items=64), load_backbone=False).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", batch=1)
+    assert check_graph(path) == []  # static shapes everywhere (gray input repeated by Concat, ArgMax + Gather)
+

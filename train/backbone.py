@@ -115,7 +115,7 @@ class EfficientNetLite0Features(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
+            x = torch.cat([x, x, x], dim=1)  # a Concat: repeat() exports as Expand+Tile of computed shapes (not static)
         h = F.relu6(self._bn0(self._conv_stem(x)))
         taps = []
         for i, block in enumerate(self._blocks):

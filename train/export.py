@@ -28,6 +28,9 @@ from .model import DAAD
 logger = logging.getLogger(__name__)
 
 OPSET = 17
+# inputs that carry shapes or amounts, per op: computed ones are folded into initializers after export
+SHAPE_INPUTS = {"Pad": (1,), "Reshape": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,),
+                "Resize": (1, 2, 3), "Slice": (1, 2, 3, 4)}
 PARITY_TOLERANCE = 1e-4  # fp32: ONNX Runtime vs PyTorch eval mode, max absolute difference
 
 
@@ -45,7 +48,55 @@ def export_onnx(model: DAAD, path: Path, batch: int = 1) -> Path:
             model, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[MAP_OUTPUT, SCORE_OUTPUT],
             opset_version=OPSET, dynamic_axes=None, do_constant_folding=True, dynamo=False,
         )
+    fold_constant_pads(path)
     return path
+
+
+def fold_constant_pads(path: Path) -> None:
+    """Replace every computed shape-like input (Pad's pads, Reshape's shape, ...) by its value.
+
+    The TorchScript exporter writes F.pad's amounts as a chain of Constant/ConstantOfShape/Slice/Cast
+    nodes that its constant folding leaves alone; ONNX shape inference then cannot size the Pad's output,
+    and every shape computed after it (the backbone's TF-style SAME padding, then the memories' Reshapes)
+    is unknown to TensorRT's checks. The graph's input shape is fixed, so these are constants: ONNX
+    Runtime evaluates them once here.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    known = {i.name for i in graph.initializer}
+    names = sorted({n.input[i] for n in graph.node for i in SHAPE_INPUTS.get(n.op_type, ())
+                    if i < len(n.input) and n.input[i] and n.input[i] not in known})
+    if not names:
+        return
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend([onnx.helper.make_empty_tensor_value_info(n) for n in names])
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.zeros([d.dim_value for d in i.type.tensor_type.shape.dim], np.float32)
+             for i in graph.input}
+    values = dict(zip(names, session.run(names, feeds)))
+    producers = [n for n in graph.node if set(n.output) & set(values)]
+    for node in producers:
+        graph.node.remove(node)
+    graph.initializer.extend([numpy_helper.from_array(v, name) for name, v in values.items()])
+    _drop_dead_nodes(graph)
+    onnx.save(model, str(path))
+
+
+def _drop_dead_nodes(graph: Any) -> None:
+    """Remove nodes none of whose outputs is used (the folded chains), until none is left."""
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not set(n.output) & used]
+        if not dead:
+            return
+        for node in dead:
+            graph.node.remove(node)
 
 
 def parity(model: DAAD, bundle: Bundle, images: np.ndarray) -> Dict[str, float]:
