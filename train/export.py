@@ -89,11 +89,14 @@ def fold_constant_pads(path: Path) -> None:
 
 
 def _drop_dead_nodes(graph: Any) -> None:
-    """Remove nodes none of whose outputs is used (the folded chains), until none is left."""
+    """Remove nodes none of whose outputs is used (the folded chains), then unused initializers."""
     while True:
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
         dead = [n for n in graph.node if not set(n.output) & used]
         if not dead:
+            unused = [i for i in graph.initializer if i.name not in used]  # ONNX Runtime warns about each at load
+            for init in unused:
+                graph.initializer.remove(init)
             return
         for node in dead:
             graph.node.remove(node)
