@@ -85,6 +85,15 @@ def test_fit_scored_by_the_memory_rebuild_error_separates_synthetic_defects(data
     assert metrics["image_auroc"] >= SEPARATION_AUROC, metrics
 
 
+def test_eval_on_defects_pasted_onto_good_parts(trained, dataset: Path) -> None:
+    model, _ = load_model(trained.checkpoint)
+    plain = evaluate(model, dataset, plot=False)
+    pasted = evaluate(model, dataset, plot=False, transplant=True)
+    assert pasted["transplant"] is True and plain["transplant"] is False
+    assert pasted["n_defective"] == plain["n_defective"] and pasted["n_good"] == plain["n_good"]
+    assert pasted["image_auroc"] >= SEPARATION_AUROC, pasted  # the synthetic defects are still found on other parts
+
+
 def test_eval_writes_metrics_and_plots(trained, dataset: Path, tmp_path: Path) -> None:
     model, _ = load_model(trained.checkpoint)
     metrics = evaluate(model, dataset, tmp_path / "eval")

@@ -71,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, _ = load_model(args.checkpoint)
     metrics = evaluate(model, Path(args.data), Path(args.out), device=args.device, plot=not args.no_plots,
-                       progress=not args.quiet, split=args.split)
+                       progress=not args.quiet, split=args.split, transplant=args.transplant)
     print(json.dumps({k: metrics[k] for k in ("model", "image_auroc", "pixel_auroc", "aupro")}, default=float))
     print(f"per type: {json.dumps(metrics['image_auroc_per_type'], default=float)}")
     print(f"metrics and plots: {args.out}")
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_p.add_argument("--device", default="auto")
     eval_p.add_argument("--split", default="all", choices=("all", "val", "test"),
                         help="a fixed half of test/ per defect type: choose settings on val, report on test")
+    eval_p.add_argument("--transplant", action="store_true",
+                        help="paste each defect onto a good image of the set (same background for good and defective)")
     eval_p.add_argument("--no-plots", action="store_true")
     eval_p.add_argument("--quiet", action="store_true")
     eval_p.set_defaults(func=cmd_eval)

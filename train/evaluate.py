@@ -16,6 +16,7 @@ from .data import eval_samples, load_images, load_mask, split_eval
 from .fit import preprocess_spec, resolve_device
 from .metrics import aupro, best_f1, image_auroc, pixel_auroc
 from .model import DAAD
+from .transplant import transplant_set
 from . import plots
 
 logger = logging.getLogger(__name__)
@@ -58,21 +59,28 @@ def compute_metrics(labels: np.ndarray, types: List[str], scores: np.ndarray, ma
 
 
 def evaluate(model: DAAD, data_root: Path, out_dir: Optional[Path] = None, device: str = "auto",
-             plot: bool = True, progress: bool = False, split: str = "all", split_seed: int = 0) -> Dict[str, Any]:
+             plot: bool = True, progress: bool = False, split: str = "all", split_seed: int = 0,
+             transplant: bool = False) -> Dict[str, Any]:
     """Score the test set (or a fixed half of it, see data.split_eval), compute metrics, write
-    metrics.json and plots into out_dir."""
+    metrics.json and plots into out_dir.
+
+    transplant: score the set's defects pasted onto its good images instead (train.transplant), so
+    that defective and good images share their backgrounds."""
     spec = preprocess_spec(model.cfg)
     samples = eval_samples(Path(data_root))
     samples = [samples[i] for i in split_eval(samples, split, split_seed)]
     images = load_images(samples, spec)
     masks = np.stack([load_mask(s, spec) for s in samples])
-    pred = predict(model, images, resolve_device(device), progress)
     labels = np.array([s.label for s in samples])
+    if transplant:
+        images, _ = transplant_set(images, masks, labels, seed=split_seed)
+    pred = predict(model, images, resolve_device(device), progress)
     types = [s.defect_type for s in samples]
     metrics = compute_metrics(labels, types, pred["scores"], pred["maps"], masks)
     metrics["model"] = model.cfg.name
     metrics["data"] = str(data_root)
     metrics["split"] = split
+    metrics["transplant"] = transplant
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
