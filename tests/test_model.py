@@ -125,6 +125,8 @@ def test_anomaly_map_is_larger_where_the_reconstruction_fails() -> None:
     ({"memory_readout": "nearest"}, "memory_readout"),
     ({"memory_score_weight": 0.5}, "set full_skip_block"),  # M needs the full-resolution memory
     ({"memory_score_weight": 1.5, "full_skip_block": (1, 1, 0)}, "within [0, 1]"),
+    ({"feature_dims": 16}, "has no backbone"),  # a projection of backbone features needs a backbone
+    ({"feature_dims": 200, "backbone": "efficientnet_lite0", "image_size": (128, 128)}, "principal components"),
 ])
 def test_invalid_model_configs_are_named(change: dict, problem: str) -> None:
     problems = validate_model_config(preset("daad", **{**SMALL, **change}))
@@ -245,8 +247,48 @@ def test_unknown_memory_init_is_named() -> None:
 
 def test_target_channels_match_the_backbone() -> None:
     from train.backbone import FEATURE_CHANNELS
+    from train.config import BACKBONE_CHANNELS
 
+    assert BACKBONE_CHANNELS == FEATURE_CHANNELS
     assert preset("daad", backbone="efficientnet_lite0").target_channels == FEATURE_CHANNELS
+    assert preset("daad", backbone="efficientnet_lite0", feature_dims=64).target_channels == 64
+
+
+def test_feature_projection_keeps_the_principal_components_of_the_training_features() -> None:
+    cfg = preset("daad", backbone="efficientnet_lite0", image_size=(128, 128), feature_dims=8)
+    model = DAAD(cfg, load_backbone=False)
+    gen = torch.Generator().manual_seed(0)
+    mixing = torch.randn(176, 176, generator=gen) * torch.logspace(0, -3, 176)[None]  # a few strong directions
+    raw = torch.einsum("dc,bdhw->bchw", mixing, torch.randn(150, 176, 16, 16, generator=gen)) + 3.0
+    model.set_feature_normalisation(raw)
+    proj = model.feat_proj
+    assert torch.allclose(proj @ proj.t(), torch.eye(8), atol=1e-5)  # orthonormal rows
+    z = ((raw - model.feat_mean) / model.feat_std).permute(0, 2, 3, 1).reshape(-1, 176).double()
+    top = torch.linalg.svd(z, full_matrices=False).S[:8] ** 2 / len(z)
+    kept = model.standardise(raw).permute(0, 2, 3, 1).reshape(-1, 8).double().var(dim=0, unbiased=False)
+    assert torch.allclose(kept, top, rtol=1e-4)  # the variance of the top 8 components, largest first
+    assert torch.all(kept[:-1] >= kept[1:])
+    assert model.standardise(raw).shape == (150, 8, 16, 16) and model.generator.stem[0].in_channels == 8
+
+
+def test_inspect_model_projected_features_export_static_and_match_pytorch(tmp_path) -> None:
+    import onnxruntime as ort
+
+    from engine.check import check_graph
+    from train.export import export_onnx
+
+    torch.manual_seed(0)
+    model = DAAD(preset("inspect", image_size=(128, 128), full_skip_items=64, feature_dims=16), load_backbone=False)
+    model.set_feature_normalisation(torch.randn(8, 176, 16, 16) * 2 + 1)
+    model.eval()
+    path = export_onnx(model, tmp_path / "m.onnx", batch=1)
+    assert check_graph(path) == []
+    x = np.random.default_rng(0).uniform(-1, 1, size=(1, 1, 128, 128)).astype(np.float32)
+    amap, score = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["anomaly_map", "score"], {"image": x})
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x))
+    assert np.abs(amap - ref.anomaly_map.numpy()).max() < 1e-4 * max(1.0, float(ref.anomaly_map.abs().max()))
+    assert np.abs(score - ref.score.numpy()).max() < 1e-4 * max(1.0, float(ref.score.abs().max()))
 
 
 def test_example_training_configs_are_valid() -> None:

@@ -177,7 +177,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
     # augmented by flips/shifts in feature space (conv features of a flipped image are, to within
     # border effects, the flipped features): ~20x cheaper per step than running the backbone each step.
     if raw_features is not None:
-        bank = (raw_features - model.feat_mean.cpu()) / model.feat_std.cpu()
+        bank = torch.cat([model.standardise(f) for f in raw_features.split(SCORE_BATCH * 4)])
     else:
         bank = model.normalise_input(images)
     if model_cfg.memory_init == "data" and start_step == 0:

@@ -19,6 +19,7 @@ from .config import ModelConfig
 
 NORM_EPS = 1e-4  # >= 1e-4 so half precision does not round it to zero (NaN in TensorRT FP16)
 NEAREST_CHUNK = 2048  # queries per similarity chunk in hard read-out (2048 x 30 000 items = 240 MB)
+PCA_CHUNK = 64  # images per chunk when accumulating the feature covariance
 
 
 class RawMaps(NamedTuple):
@@ -264,12 +265,15 @@ class DAAD(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = EfficientNetLite0Features(cfg.image_size, load_weights=load_backbone) if cfg.backbone else None
-        target_channels = FEATURE_CHANNELS if cfg.backbone else cfg.in_channels
+        raw_channels = FEATURE_CHANNELS if cfg.backbone else cfg.in_channels
         # per-channel standardisation of backbone features (set from training images before training)
-        self.register_buffer("feat_mean", torch.zeros(1, target_channels, 1, 1))
-        self.register_buffer("feat_std", torch.ones(1, target_channels, 1, 1))
+        self.register_buffer("feat_mean", torch.zeros(1, raw_channels, 1, 1))
+        self.register_buffer("feat_std", torch.ones(1, raw_channels, 1, 1))
+        self.projected = bool(cfg.backbone and cfg.feature_dims)
+        if self.projected:  # (dims, 176): the top principal components of the standardised training features
+            self.register_buffer("feat_proj", torch.eye(cfg.feature_dims, raw_channels))
         self.generator = Generator(cfg)
-        self.discriminator = Discriminator(target_channels, cfg.disc_channels) if cfg.adversarial else None
+        self.discriminator = Discriminator(cfg.target_channels, cfg.disc_channels) if cfg.adversarial else None
         h, w = cfg.image_size
         if cfg.smoothing_sigma > 0:
             kernel = gaussian_kernel(cfg.smoothing_sigma)
@@ -297,7 +301,14 @@ class DAAD(nn.Module):
         x = self.normalise_input(x)
         if self.backbone is None:
             return x
-        return (self.backbone(x) - self.feat_mean) / self.feat_std
+        return self.standardise(self.backbone(x))
+
+    def standardise(self, raw_features: torch.Tensor) -> torch.Tensor:
+        """Raw backbone features (B, 176, h, w) -> what the generator rebuilds (B, target_channels, h, w)."""
+        z = (raw_features - self.feat_mean.to(raw_features.device)) / self.feat_std.to(raw_features.device)
+        if not self.projected:
+            return z
+        return F.conv2d(z, self.feat_proj.to(z.device)[:, :, None, None])  # a 1x1 Conv in the graph
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction of `targets(x)`."""
@@ -305,9 +316,20 @@ class DAAD(nn.Module):
 
     @torch.no_grad()
     def set_feature_normalisation(self, raw_features: torch.Tensor) -> None:
-        """Per-channel mean/std of backbone features of the training images (B, C, h, w)."""
+        """Per-channel mean/std of backbone features of the training images (B, C, h, w), and with
+        `feature_dims` their principal components (of every feature vector of every training image)."""
         self.feat_mean.copy_(raw_features.mean(dim=(0, 2, 3), keepdim=True))
         self.feat_std.copy_(raw_features.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-3))
+        if not self.projected:
+            return
+        c = raw_features.shape[1]
+        cov = torch.zeros(c, c, dtype=torch.float64)
+        for chunk in raw_features.split(PCA_CHUNK):  # (C, C) accumulated: all vectors at once need GBs
+            z = ((chunk - self.feat_mean.to(chunk)) / self.feat_std.to(chunk)).permute(0, 2, 3, 1).reshape(-1, c).double()
+            cov += z.t() @ z
+        _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues; the mean is zero after standardisation
+        top = vectors[:, -self.cfg.feature_dims:].flip(1).t()  # (dims, C), largest variance first
+        self.feat_proj.copy_(top.to(self.feat_proj))
 
     def to_image_size(self, m: torch.Tensor) -> torch.Tensor:
         # a constant scale factor keeps Shape/Slice/Concat out of the exported graph
