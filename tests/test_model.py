@@ -327,3 +327,31 @@ def test_the_inspect_model_exports_a_graph_tensorrt_can_take(tmp_path) -> None:
     path = export_onnx(model, tmp_path / "m.onnx", batch=1)
     assert check_graph(path) == []  # static shapes everywhere (gray input repeated by Concat, ArgMax + Gather)
 
+
+
+@pytest.mark.parametrize("sigma", [1.0, 4.0])
+def test_separable_smoothing_equals_the_2d_gaussian(sigma: float) -> None:
+    from train.model import gaussian_kernel, separable_blur
+
+    k = gaussian_kernel(sigma)
+    m = torch.rand(2, 1, 40, 56)
+    dense = F.conv2d(m, (k[:, None] * k[None, :])[None, None], padding=k.numel() // 2)
+    assert torch.allclose(separable_blur(m, k), dense, atol=1e-6)
+    model = DAAD(preset("daad", **{**SMALL, "smoothing_sigma": sigma})).eval()
+    flat = model.smooth(torch.ones(1, 1, 32, 32))
+    assert torch.allclose(flat, torch.ones_like(flat), atol=1e-6)  # border-corrected: a flat map stays flat
+
+
+def test_a_checkpoint_with_the_older_2d_smoothing_kernel_still_loads(tmp_path) -> None:
+    from train.checkpoint import load_model, save_checkpoint
+    from train.config import TrainConfig
+
+    model = DAAD(preset("daad", **SMALL))
+    path = save_checkpoint(tmp_path / "last.pt", model, TrainConfig(), 1, {}, {})
+    state = torch.load(str(path), weights_only=True)
+    assert "smooth_kernel" not in state["model"]  # derived from the config, not saved
+    state["model"]["smooth_kernel"] = torch.ones(1, 1, 13, 13) / 169  # what earlier versions stored
+    state["model"]["smooth_norm"] = torch.ones(1, 1, 32, 32)
+    torch.save(state, str(path))
+    loaded, _ = load_model(path)
+    assert loaded.smooth_kernel.ndim == 1

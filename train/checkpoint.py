@@ -15,6 +15,7 @@ from .config import ModelConfig, TrainConfig, from_dict, to_dict, validate_model
 from .model import DAAD
 
 CHECKPOINT_FORMAT = 1
+DERIVED_BUFFERS = ("smooth_kernel", "smooth_norm")  # rebuilt from the config, dropped from older checkpoints
 
 
 class CheckpointError(DaadError):
@@ -69,9 +70,15 @@ def load_model(path: Union[str, Path]) -> Tuple[DAAD, Dict[str, Any]]:
     if problems:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
     model = DAAD(cfg, load_backbone=False)  # backbone weights are in the checkpoint
-    model.load_state_dict(state["model"])
+    model.load_state_dict(model_weights(state))
     model.eval()
     return model, state
+
+
+def model_weights(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The model's state dict from a checkpoint, without buffers the model derives from its config
+    (checkpoints before 2026-12 stored the smoothing kernel in 2-D)."""
+    return {k: v for k, v in state["model"].items() if k not in DERIVED_BUFFERS}
 
 
 def train_config_of(state: Dict[str, Any]) -> TrainConfig:

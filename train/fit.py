@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from engine.errors import ConfigError
 from engine.preprocess import PreprocessSpec
 
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import model_weights, read_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, validate_model_config
 from .data import load_images, split_holdout, train_samples
 from .loss import discriminator_loss, generator_loss
@@ -166,7 +166,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
     start_step = 0
     if resume and ckpt_path.is_file():
         state = read_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(model_weights(state))
         for name, opt in optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         start_step = int(state["step"])

@@ -242,11 +242,19 @@ class Discriminator(nn.Module):
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """(2r+1,) normalised 1-D Gaussian, r = ceil(3 sigma); the 2-D smoothing applies it along each axis."""
     radius = max(1, int(math.ceil(3 * sigma)))
     xs = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k1 = torch.exp(-(xs ** 2) / (2 * sigma ** 2))
-    k2 = k1[:, None] * k1[None, :]
-    return (k2 / k2.sum())[None, None]
+    return k1 / k1.sum()
+
+
+def separable_blur(m: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) convolved with the outer product of `kernel` with itself, zero padding: two 1-D
+    convolutions, equal to the 2-D one at 2/(2r+1) of its cost (25x25 -> 2x25 taps at sigma 4)."""
+    r = kernel.numel() // 2
+    m = F.conv2d(m, kernel.reshape(1, 1, -1, 1), padding=(r, 0))
+    return F.conv2d(m, kernel.reshape(1, 1, 1, -1), padding=(0, r))
 
 
 class DAAD(nn.Module):
@@ -277,13 +285,13 @@ class DAAD(nn.Module):
         h, w = cfg.image_size
         if cfg.smoothing_sigma > 0:
             kernel = gaussian_kernel(cfg.smoothing_sigma)
-            ones = torch.ones(1, 1, h, w)
             # zero padding darkens borders; dividing by the smoothed ones-image undoes that exactly
-            norm = F.conv2d(ones, kernel, padding=kernel.shape[-1] // 2)
+            norm = separable_blur(torch.ones(1, 1, h, w), kernel)
         else:
-            kernel, norm = torch.ones(1, 1, 1, 1), torch.ones(1, 1, h, w)
-        self.register_buffer("smooth_kernel", kernel)
-        self.register_buffer("smooth_norm", norm)
+            kernel, norm = torch.ones(1), torch.ones(1, 1, h, w)
+        # derived from the config, so not saved: checkpoints stay valid when the smoothing's form changes
+        self.register_buffer("smooth_kernel", kernel, persistent=False)
+        self.register_buffer("smooth_norm", norm, persistent=False)
         self.register_buffer("r_scale", torch.ones(()))
         self.register_buffer("l_scale", torch.ones(()))
         self.register_buffer("m_scale", torch.ones(()))
@@ -357,7 +365,7 @@ class DAAD(nn.Module):
     def smooth(self, m: torch.Tensor) -> torch.Tensor:
         if self.cfg.smoothing_sigma <= 0:
             return m
-        return F.conv2d(m, self.smooth_kernel, padding=self.smooth_kernel.shape[-1] // 2) / self.smooth_norm
+        return separable_blur(m, self.smooth_kernel) / self.smooth_norm
 
     def combine(self, maps: RawMaps) -> torch.Tensor:
         g, beta = self.cfg.gamma, self.cfg.memory_score_weight
