@@ -47,6 +47,20 @@ def test_short_fit_lowers_the_loss_and_separates_synthetic_defects(trained, data
     assert trained.score_stats["n"] == 24 and trained.score_stats["max"] >= trained.score_stats["p50"]
 
 
+def test_score_statistics_are_the_models_own_scores_of_its_training_images(trained, dataset: Path) -> None:
+    import numpy as np
+
+    from train.data import load_images, train_samples
+    from train.evaluate import predict
+    from train.fit import preprocess_spec
+
+    model, _ = load_model(trained.checkpoint)
+    images = load_images(train_samples(dataset), preprocess_spec(model.cfg))
+    scores = predict(model, images, torch.device("cpu"))["scores"]
+    assert trained.score_stats["mean"] == pytest.approx(float(np.mean(scores)), rel=1e-5)
+    assert trained.score_stats["max"] == pytest.approx(float(np.max(scores)), rel=1e-5)
+
+
 def test_checkpoint_is_self_describing_and_loads_with_weights_only(trained) -> None:
     state = torch.load(str(trained.checkpoint), weights_only=True)  # no pickled classes inside
     assert state["model_config"]["adversarial"] is True
@@ -83,6 +97,18 @@ def test_fit_scored_by_the_memory_rebuild_error_separates_synthetic_defects(data
     assert float(model.m_scale) != 1.0  # normalised by the training images' mean rebuild error
     metrics = evaluate(model, dataset, plot=False)
     assert metrics["image_auroc"] >= SEPARATION_AUROC, metrics
+
+
+def test_short_fit_of_the_inspect_model_separates_synthetic_defects(dataset: Path, tmp_path: Path) -> None:
+    # the shipped configuration with its real ImageNet backbone, scaled down: 128 px (a 16x16 feature map,
+    # 16 blocks of 4x4 per image), a memory holding every training block
+    cfg = preset("inspect", image_size=(128, 128), full_skip_items=24 * 16, memory_items=50)
+    result = fit(cfg, TrainConfig(data=str(dataset), out=str(tmp_path), steps=5, batch_size=4), progress=False)
+    model, _ = load_model(result.checkpoint)
+    assert model.cfg.feature_dims == 64 and tuple(model.generator.full_memory.items.shape) == (384, 4 * 4 * 64)
+    for transplant in (False, True):  # the defects as generated, and pasted onto other good parts
+        metrics = evaluate(model, dataset, plot=False, transplant=transplant)
+        assert metrics["image_auroc"] >= SEPARATION_AUROC, (transplant, metrics)
 
 
 def test_eval_on_defects_pasted_onto_good_parts(trained, dataset: Path) -> None:

@@ -28,7 +28,7 @@ from .checkpoint import model_weights, read_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, validate_model_config
 from .data import load_images, split_holdout, train_samples
 from .loss import discriminator_loss, generator_loss
-from .model import DAAD
+from .model import DAAD, RawMaps
 
 logger = logging.getLogger(__name__)
 
@@ -98,17 +98,22 @@ def augment(batch: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torc
 
 
 @torch.no_grad()
-def calibrate_scores(model: DAAD, images: torch.Tensor, device: torch.device) -> Dict[str, float]:
-    """Set the R/L/M normalisation from training images, then return score statistics (for the bundle)."""
+def calibrate_scores(model: DAAD, targets: torch.Tensor, device: torch.device) -> Dict[str, float]:
+    """Set the R/L/M normalisation from the training images' targets (model.targets of each: what the
+    generator rebuilds, computed once by fit), then return their score statistics (for the bundle)."""
     model.eval()
     sums = np.zeros(3)  # R, L, M summed over images
-    for start in range(0, len(images), SCORE_BATCH):
-        maps = model.maps(model.targets(images[start:start + SCORE_BATCH].to(device)))
+    batches = []  # the raw maps, kept (on the CPU) so that the scores need no second pass of the model
+    for start in range(0, len(targets), SCORE_BATCH):
+        maps = model.maps(targets[start:start + SCORE_BATCH].to(device))
         sums += [float(m.mean()) * len(m) if m is not None else 0.0 for m in maps]
-    means = sums / max(1, len(images))
+        batches.append(RawMaps(*(m.cpu() if m is not None else None for m in maps)))
+    means = sums / max(1, len(targets))
     model.set_score_normalisation(*(float(m) if m > 0 else 1.0 for m in means))
-    scores = score_images(model, images, device)
-    return summarise_scores(scores)
+    scorer = model.cpu()
+    scores = [scorer.image_score(scorer.smooth(scorer.combine(maps))).float().numpy() for maps in batches]
+    model.to(device)
+    return summarise_scores(np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32))
 
 
 @torch.no_grad()
@@ -118,13 +123,6 @@ def backbone_features(model: DAAD, images: torch.Tensor, device: torch.device) -
     if backbone is None:
         return images
     return torch.cat([backbone(images[i:i + SCORE_BATCH].to(device)).cpu() for i in range(0, len(images), SCORE_BATCH)])
-
-
-@torch.no_grad()
-def score_images(model: DAAD, images: torch.Tensor, device: torch.device) -> np.ndarray:
-    model.eval()
-    out = [model(images[i:i + SCORE_BATCH].to(device)).score.float().cpu().numpy() for i in range(0, len(images), SCORE_BATCH)]
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
 def summarise_scores(scores: np.ndarray) -> Dict[str, float]:
@@ -245,7 +243,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
 
     score_stats: Dict[str, float] = {}
     if rank == 0:
-        score_stats = calibrate_scores(model, images, device)
+        score_stats = calibrate_scores(model, bank, device)
         extra = {"score_stats": score_stats, "images_per_s": images_per_s,
                  "training_data": {"root": str(cfg.data), "n_images": len(images), "n_held_back": len(held),
                                    "held_back": [str(s.image) for s in held]}}
