@@ -99,13 +99,30 @@ def test_fit_scored_by_the_memory_rebuild_error_separates_synthetic_defects(data
     assert metrics["image_auroc"] >= SEPARATION_AUROC, metrics
 
 
+@pytest.mark.parametrize("change,expected", [
+    ({}, 10 * 16 * 16),  # 10 images of a 16x16 feature map in 1x1 blocks: 2560 distinct blocks, not 50 000
+    ({"full_skip_block": (4, 4, 0)}, 10 * 4 * 4),
+    ({"full_skip_block": (4, 4, 32)}, 10 * 4 * 4 * 2),  # blocks of half the 64 channels: two per position
+    ({"full_skip_items": 100}, 100),  # fewer than the blocks: kept
+    ({"memory_init": "random"}, 50000),  # random items are not blocks: kept
+])
+def test_a_data_drawn_memory_holds_each_training_block_at_most_once(change: dict, expected: int) -> None:
+    from train.fit import fit_memory_to_data
+
+    cfg = preset("inspect", **{"image_size": (128, 128), "full_skip_block": (1, 1, 0), **change})
+    assert fit_memory_to_data(cfg, 10).full_skip_items == expected
+
+
 def test_short_fit_of_the_inspect_model_separates_synthetic_defects(dataset: Path, tmp_path: Path) -> None:
     # the shipped configuration with its real ImageNet backbone, scaled down: 128 px (a 16x16 feature map,
-    # 16 blocks of 4x4 per image), a memory holding every training block
-    cfg = preset("inspect", image_size=(128, 128), full_skip_items=24 * 16, memory_items=50)
+    # 16 blocks of 4x4 per image); its memory asks for 50 000 items and holds each of the 384 training blocks once
+    cfg = preset("inspect", image_size=(128, 128), memory_items=50)
     result = fit(cfg, TrainConfig(data=str(dataset), out=str(tmp_path), steps=5, batch_size=4), progress=False)
     model, _ = load_model(result.checkpoint)
-    assert model.cfg.feature_dims == 64 and tuple(model.generator.full_memory.items.shape) == (384, 4 * 4 * 64)
+    assert model.cfg.feature_dims == 64 and model.cfg.full_skip_items == 24 * 16
+    items = model.generator.full_memory.items.detach()
+    assert tuple(items.shape) == (384, 4 * 4 * 64)
+    assert torch.unique(items.round(decimals=3), dim=0).shape[0] == 384  # no block drawn twice
     for transplant in (False, True):  # the defects as generated, and pasted onto other good parts
         metrics = evaluate(model, dataset, plot=False, transplant=transplant)
         assert metrics["image_auroc"] >= SEPARATION_AUROC, (transplant, metrics)

@@ -29,7 +29,9 @@ class ModelConfig:
     # (0, 0, 0) = none. The paper's pixel model has none; on a backbone's 1/8 feature map this is the
     # resolution the defects live at, and the memory (not a copy) is what the decoder receives.
     full_skip_block: Tuple[int, int, int] = (0, 0, 0)
-    full_skip_items: int = 0  # N of that memory; 0 = memory_items. Normal feature patches are many: give it more
+    # N of that memory; 0 = memory_items. Normal feature patches are many: give it more. With memory_init
+    # "data" an upper bound: fit() keeps one item per training block when there are fewer
+    full_skip_items: int = 0
     memory_init: str = "random"  # "random" (MemAE) or "data": items start as blocks drawn from training inputs/encodings
     # "soft" (the paper, MemAE: a softmax-weighted blend of items) or "hard" (the nearest item by cosine;
     # with memory_init "data" a large memory then behaves like a bank of normal blocks)
@@ -117,14 +119,14 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 
 # The configuration chosen for inspection on real parts (issue 9; README, "Block-wise memory on features"):
-# DAAD+ on frozen EfficientNet-Lite0 features (64 principal components) with a 30 000-item memory of
-# 4x4-feature blocks (32x32 pixels) drawn from the training images, read out hard, whose rebuild error is
-# the anomaly map, scored by its top 1 %; chosen on the `val` half of magnetic_tile, on its defects as
-# they are and pasted onto good parts. `daad-train fit` uses it unless --model names a paper column.
+# DAAD+ on frozen EfficientNet-Lite0 features (64 principal components) with a memory of 4x4-feature
+# blocks (32x32 pixels) holding every training block up to 50 000 (205 MB), read out hard, whose rebuild
+# error is the anomaly map, scored by its top 1 %; chosen on the `val` half of magnetic_tile, on its
+# defects as they are and pasted onto good parts. `daad-train fit` uses it unless --model names a paper column.
 INSPECT: Dict[str, Any] = {
     **PRESETS["daad_plus"], "backbone": "efficientnet_lite0", "image_size": (256, 256), "feature_dims": 64,
     "blocks": ((1, 1, 0), (1, 1, 0), (1, 1, 0), (1, 1, 0)), "memory_items": 500,
-    "full_skip_block": (4, 4, 0), "full_skip_items": 30000, "memory_init": "data", "memory_readout": "hard",
+    "full_skip_block": (4, 4, 0), "full_skip_items": 50000, "memory_init": "data", "memory_readout": "hard",
     "memory_score_weight": 1.0, "score_topk": 0.01, "smoothing_sigma": 4.0,
 }
 INSPECT_NAME = "inspect"

@@ -5,6 +5,7 @@ A run is a fixed number of optimiser steps so that configs compare under one bud
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -133,6 +134,26 @@ def summarise_scores(scores: np.ndarray) -> Dict[str, float]:
             "p50": float(q[0]), "p95": float(q[1]), "p99": float(q[2]), "max": float(scores.max())}
 
 
+def training_blocks(model_cfg: ModelConfig, n_images: int) -> int:
+    """How many distinct blocks the full-resolution memory can draw from `n_images` training images."""
+    bh, bw, bc = model_cfg.full_skip_block
+    h, w = model_cfg.target_size
+    groups = model_cfg.target_channels // bc if bc else 1
+    return n_images * (h // bh) * (w // bw) * groups
+
+
+def fit_memory_to_data(model_cfg: ModelConfig, n_images: int) -> ModelConfig:
+    """A data-drawn full-resolution memory holds at most one item per training block: `full_skip_items`
+    is an upper bound (more items would only repeat blocks, at the cost of memory and search time)."""
+    if model_cfg.memory_init != "data" or model_cfg.full_skip_block[0] < 1 or not model_cfg.memory:
+        return model_cfg
+    available = training_blocks(model_cfg, n_images)
+    if model_cfg.full_skip_items <= available:
+        return model_cfg
+    logger.info("full_skip_items %d > %d training blocks: the memory holds each block once", model_cfg.full_skip_items, available)
+    return dataclasses.replace(model_cfg, full_skip_items=available)
+
+
 def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> FitResult:
     problems = validate_model_config(model_cfg)
     if problems:
@@ -152,6 +173,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
     if len(shard) == 0:
         raise ConfigError(f"{cfg.data}: {len(images)} training images cannot feed {world} processes")
 
+    model_cfg = fit_memory_to_data(model_cfg, len(images))
     model = DAAD(model_cfg).to(device)
     raw_features = backbone_features(model, model.normalise_input(images), device) if model.backbone is not None else None
     if raw_features is not None:
