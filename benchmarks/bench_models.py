@@ -74,6 +74,8 @@ def main() -> int:
     parser.add_argument("--split", default="test", choices=("all", "val", "test"))
     parser.add_argument("--out", default="benchmarks/results/models")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--transplant", action="store_true",
+                        help="also evaluate on the split's defects pasted onto its good images (same backgrounds)")
     args = parser.parse_args()
 
     data = Path(args.data)
@@ -95,6 +97,9 @@ def main() -> int:
                      "pixel_auroc": metrics["pixel_auroc"], "aupro": metrics["aupro"],
                      "per_type": metrics["image_auroc_per_type"], "train_images_per_s": result.images_per_s,
                      "train_s": train_s, "paper": paper, "paper_source": category if category in PAPER else "mean"})
+        if args.transplant:
+            pasted = evaluate(model, data, run / "eval_transplant", device=args.device, split=args.split, transplant=True)
+            rows[-1]["transplant"] = {k: pasted[k] for k in ("image_auroc", "pixel_auroc", "aupro", "image_auroc_per_type")}
         print(json.dumps(rows[-1], default=float), flush=True)
 
     print(f"\n{category}: {args.steps} steps x batch {args.batch_size} at {args.size}px, seed {args.seed}, "
@@ -111,6 +116,12 @@ def main() -> int:
     print(f"{'config':44s} " + " ".join(f"{t:>9s}" for t in types))
     for r in rows:
         print(f"{r['config']:44s} " + " ".join(f"{r['per_type'].get(t, float('nan')):9.3f}" for t in types))
+    if args.transplant:
+        print("\nthe same defects pasted onto the split's good images (image AUROC, pixel AUROC, AUPRO, per type):")
+        for r in rows:
+            t = r["transplant"]
+            print(f"{r['config']:44s} {t['image_auroc']:7.3f} {t['pixel_auroc']:7.3f} {t['aupro']:7.3f} "
+                  + " ".join(f"{t['image_auroc_per_type'].get(k, float('nan')):9.3f}" for k in types))
     out.mkdir(parents=True, exist_ok=True)
     result_path = out / "results.json"
     result_path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=float))
