@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""What DAAD+'s discriminator adds: its feature distances scored as anomaly maps, against an untrained twin.
+
+    python benchmarks/probe_discriminator.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
+        --split val --out benchmarks/results/probe_discriminator
+
+For a trained DAAD+ with a full-resolution memory, the map L_d = ||f_d(x) - f_d(y)||^2 (f_d the
+discriminator's features after layer d, upsampled; y the decoder's reconstruction, as in the paper's
+score, or the memory's read-out) is scored like the model's own map (smoothing and top-k of its config),
+next to M (the memory's rebuild error) and to mixes of M and L_d. The same distances through a
+discriminator of the same shape with random weights are the control: where they score as well, the gain
+is the network's multi-scale comparison, not what adversarial training taught it. With --transplant
+every row is also scored on the split's defects pasted onto its good images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train.checkpoint import load_model  # noqa: E402
+from train.data import eval_samples, load_images, load_mask, split_eval, train_samples  # noqa: E402
+from train.evaluate import compute_metrics  # noqa: E402
+from train.fit import preprocess_spec  # noqa: E402
+from train.model import DAAD, Discriminator  # noqa: E402
+from train.transplant import transplant_set  # noqa: E402
+
+BATCH = 16
+BETAS = (0.5, 0.25)  # weight of M in the mixes M and L_d
+TRAIN_STRIDE = 4  # every 4th training image sets each map's normalisation (its mean), as fit() does with all
+
+
+def layer_features(disc: Discriminator, x: torch.Tensor) -> List[torch.Tensor]:
+    """The discriminator's feature maps after each of its LeakyReLUs (one per strided layer)."""
+    out, h = [], x
+    for layer in disc.features:
+        h = layer(h)
+        if isinstance(layer, torch.nn.LeakyReLU):
+            out.append(h)
+    return out
+
+
+@torch.no_grad()
+def raw_maps(model: DAAD, control: Discriminator, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Unsmoothed (N, 1, H, W) maps: M, and L_d of both discriminators against read-out and reconstruction."""
+    maps: Dict[str, List[torch.Tensor]] = {}
+    for start in range(0, len(images), BATCH):
+        x = model.targets(images[start:start + BATCH])
+        recon, readout = model.generator.rebuild(x)
+        maps.setdefault("M", []).append(model.to_image_size(((x - readout) ** 2).mean(dim=1, keepdim=True)))
+        for name, disc in (("trained", model.discriminator), ("untrained", control)):
+            fx = layer_features(disc, x)
+            for other_name, other in (("read-out", readout), ("reconstruction", recon)):
+                for d, (a, b) in enumerate(zip(fx, layer_features(disc, other)), start=1):
+                    key = f"L{d} {name} D vs {other_name}"
+                    maps.setdefault(key, []).append(model.to_image_size(((a - b) ** 2).mean(dim=1, keepdim=True)))
+    return {k: torch.cat(v) for k, v in maps.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a DAAD+ with a full-resolution memory (full_skip_block)")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
+    parser.add_argument("--transplant", action="store_true")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the untrained discriminator")
+    parser.add_argument("--out", default="benchmarks/results/probe_discriminator")
+    args = parser.parse_args()
+
+    model, _ = load_model(args.checkpoint)
+    model.eval()
+    if model.discriminator is None or model.generator.full_memory is None:
+        print(f"{args.checkpoint}: needs a DAAD+ with a full-resolution memory (adversarial and full_skip_block)",
+              file=sys.stderr)
+        return 1
+    torch.manual_seed(args.seed)
+    control = Discriminator(model.cfg.target_channels, model.cfg.disc_channels).eval()
+    data = Path(args.data)
+    spec = preprocess_spec(model.cfg)
+    samples = eval_samples(data)
+    samples = [samples[i] for i in split_eval(samples, args.split)]
+    images = load_images(samples, spec)
+    masks = np.stack([load_mask(s, spec) for s in samples])
+    labels = np.array([s.label for s in samples])
+    types = [s.defect_type for s in samples]
+    views = {"test/": images}
+    if args.transplant:
+        views["transplant"] = transplant_set(images, masks, labels)[0]
+
+    t0 = time.perf_counter()
+    train_images = torch.from_numpy(load_images(train_samples(data)[::TRAIN_STRIDE], spec))
+    scale = {k: float(v.mean()) for k, v in raw_maps(model, control, train_images).items()}
+    rows = []
+    for view, view_images in views.items():
+        maps = {k: v / scale[k] for k, v in raw_maps(model, control, torch.from_numpy(view_images)).items()}
+        named = dict(maps)
+        for key in [k for k in maps if k.endswith("D vs read-out") and not k.startswith("L4")]:  # both D: mixes get a control too
+            for beta in BETAS:
+                named[f"{beta:g} M + {1 - beta:g} {key}"] = beta * maps["M"] + (1 - beta) * maps[key]
+        for name, m in named.items():
+            amap = model.smooth(m)
+            score = model.image_score(amap)
+            got = compute_metrics(labels, types, score.numpy(), amap[:, 0].numpy(), masks)
+            rows.append({"map": name, "view": view, "image_auroc": got["image_auroc"], "pixel_auroc": got["pixel_auroc"],
+                         "per_type": got["image_auroc_per_type"]})
+            print(json.dumps(rows[-1], default=float), flush=True)
+
+    print(f"\n{Path(args.checkpoint)}: split `{args.split}`, score = the model's own (top {model.cfg.score_topk:g}, "
+          f"sigma {model.cfg.smoothing_sigma:g}); {time.perf_counter() - t0:.0f} s")
+    header = f"{'map':52s} {'view':10s} {'image':>6s} {'pixel':>6s}  per type"
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        print(f"{r['map']:52s} {r['view']:10s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f}  "
+              + " ".join(f"{t} {v:.3f}" for t, v in r["per_type"].items()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"probe_{args.split}_{int(time.time())}.json"
+    path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=float))
+    print(f"\nJSON: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
