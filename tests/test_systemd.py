@@ -21,6 +21,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sysconfig
 import sys
 import threading
 import time
@@ -418,6 +419,20 @@ def test_install_an_instance_and_old_systemd(staged, template_bundle, tmp_path):
         assert f"DeviceAllow={dev}/nvhost-gpu rw" in devices
 
 
+def jetpack_site_packages(tmp_path: Path) -> Path:
+    """A stand-in for JetPack's system site-packages (numpy, OpenCV, ...): the test venv's packages, linked,
+    without daad-inspect itself. A venv made from this interpreter sees its *base* interpreter's
+    site-packages, which on a fresh CI machine hold none of the runtime requirements."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    stand_in = tmp_path / "jetpack-site-packages"
+    stand_in.mkdir()
+    for entry in site.iterdir():
+        if entry.suffix == ".pth" or entry.name.startswith(("daad_inspect", "__editable__")):
+            continue  # the project comes from the wheel alone
+        (stand_in / entry.name).symlink_to(entry)
+    return stand_in
+
+
 @pytest.mark.slow
 def test_install_builds_the_virtualenv_offline(tmp_path, template_bundle):
     """The venv step for real, offline: --system-site-packages, the project from a wheel (--no-deps), its
@@ -432,14 +447,16 @@ def test_install_builds_the_virtualenv_offline(tmp_path, template_bundle):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "-w", str(wheels), str(src)], check=True, timeout=120)
     root = tmp_path / "root"
+    system = {"DAAD_TEGRA_RELEASE": str(tmp_path / "none"), "PYTHONPATH": str(jetpack_site_packages(tmp_path))}
     done = run_script(INSTALL, "--prefix", str(root), "--not-jetson-ok", "--python", sys.executable,
                       "--wheelhouse", str(wheels), "--extras", "", "--bundle", str(template_bundle.root),
-                      env={"DAAD_TEGRA_RELEASE": str(tmp_path / "none")}, timeout=240)
+                      env=system, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     venv = root / "opt/daad-inspect/venv"
     assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
     where = subprocess.run([str(venv / "bin/python"), "-c", "import agent, engine; print(agent.__file__)"],
-                           capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+                           capture_output=True, text=True, check=True, cwd=tmp_path,
+                           env={**os.environ, **system}).stdout
     assert where.startswith(str(venv))  # the venv's copy, not the checkout's editable install
     assert os.access(venv / "bin/daad-agent", os.X_OK) and os.access(venv / "bin/daad-engine", os.X_OK)
     assert not list(venv.glob("lib/python3*/site-packages/opencv*"))
