@@ -100,6 +100,8 @@ def main() -> int:
         if args.transplant:
             pasted = evaluate(model, data, run / "eval_transplant", device=args.device, split=args.split, transplant=True)
             rows[-1]["transplant"] = {k: pasted[k] for k in ("image_auroc", "pixel_auroc", "aupro", "image_auroc_per_type")}
+        # each row is also kept beside its run: a long benchmark that is stopped keeps what it measured
+        (run / "row.json").write_text(json.dumps({"args": vars(args), "row": rows[-1]}, indent=2, default=float))
         print(json.dumps(rows[-1], default=float), flush=True)
 
     print(f"\n{category}: {args.steps} steps x batch {args.batch_size} at {args.size}px, seed {args.seed}, "
