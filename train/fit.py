@@ -27,7 +27,7 @@ from engine.preprocess import PreprocessSpec
 
 from .checkpoint import model_weights, read_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, validate_model_config
-from .data import load_images, split_holdout, train_samples
+from .data import Sample, load_images, split_holdout, train_samples
 from .loss import discriminator_loss, generator_loss
 from .model import DAAD, RawMaps
 
@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "last.pt"
 SCORE_BATCH = 16
 MEMORY_INIT_IMAGES = 256  # training inputs that memory items are drawn from when memory_init is "data"
+# Good images held back from a data-drawn full-resolution memory to set the map normalisation and the score
+# statistics: that memory holds every block of the images it was drawn from, so those images rebuild
+# themselves exactly and score ~0, far below any new good image.
+STATISTICS_FRACTION = 0.1
 
 
 @dataclass
@@ -126,6 +130,15 @@ def backbone_features(model: DAAD, images: torch.Tensor, device: torch.device) -
     return torch.cat([backbone(images[i:i + SCORE_BATCH].to(device)).cpu() for i in range(0, len(images), SCORE_BATCH)])
 
 
+def statistics_targets(model: DAAD, samples: List[Sample], spec: PreprocessSpec, device: torch.device) -> torch.Tensor:
+    """What the generator rebuilds for held-back good images (the same transform as the training bank)."""
+    inputs = model.normalise_input(torch.from_numpy(load_images(samples, spec)))
+    if model.backbone is None:
+        return inputs
+    model.eval()
+    return model.standardise(backbone_features(model, inputs, device))
+
+
 def summarise_scores(scores: np.ndarray) -> Dict[str, float]:
     if scores.size == 0:
         return {"n": 0}
@@ -140,6 +153,23 @@ def training_blocks(model_cfg: ModelConfig, n_images: int) -> int:
     h, w = model_cfg.target_size
     groups = model_cfg.target_channels // bc if bc else 1
     return n_images * (h // bh) * (w // bw) * groups
+
+
+def stores_training_blocks(model_cfg: ModelConfig) -> bool:
+    """Whether the model keeps training blocks verbatim (a data-drawn full-resolution memory)."""
+    return model_cfg.memory and model_cfg.memory_init == "data" and model_cfg.full_skip_block[0] >= 1
+
+
+def statistics_split(model_cfg: ModelConfig, samples: List[Sample], held: List[Sample],
+                     seed: int) -> Tuple[List[Sample], List[Sample]]:
+    """(images to train on, good images that set the score normalisation and statistics). The held-back
+    validation images where there are any; else, for a model that stores its training blocks, a fraction
+    of train/good held back from training; else the training images themselves (the paper's choice)."""
+    if held:
+        return samples, held
+    if stores_training_blocks(model_cfg) and len(samples) > 1:
+        return split_holdout(samples, STATISTICS_FRACTION, seed + 1)
+    return samples, []
 
 
 def fit_memory_to_data(model_cfg: ModelConfig, n_images: int) -> ModelConfig:
@@ -168,6 +198,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
 
     spec = preprocess_spec(model_cfg)
     samples, held = split_holdout(train_samples(Path(cfg.data)), cfg.val_fraction, cfg.seed)
+    samples, unseen = statistics_split(model_cfg, samples, held, cfg.seed)
     images = torch.from_numpy(load_images(samples, spec))
     shard = torch.arange(rank, len(images), world)  # each rank draws from its own shard
     if len(shard) == 0:
@@ -265,10 +296,14 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
 
     score_stats: Dict[str, float] = {}
     if rank == 0:
-        score_stats = calibrate_scores(model, bank, device)
+        score_stats = calibrate_scores(model, statistics_targets(model, unseen, spec, device) if unseen else bank,
+                                       device)
         extra = {"score_stats": score_stats, "images_per_s": images_per_s,
                  "training_data": {"root": str(cfg.data), "n_images": len(images), "n_held_back": len(held),
-                                   "held_back": [str(s.image) for s in held]}}
+                                   "held_back": [str(s.image) for s in held],
+                                   "score_stats_from": f"{len(unseen)} held-back good images" if unseen
+                                   else "the training images",
+                                   "score_stats_images": [str(s.image) for s in unseen]}}
         save_checkpoint(ckpt_path, model.cpu(), cfg, cfg.steps, optimizers, extra)
     if world > 1:
         dist.barrier()
