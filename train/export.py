@@ -9,6 +9,9 @@ test pins that this still works on the installed torch.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
@@ -16,7 +19,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from engine.bundle import MAP_OUTPUT, SCORE_OUTPUT, INPUT_NAME, Bundle, write_bundle
+from engine.bundle import (BUNDLE_YAML, INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, Bundle, load_bundle, write_bundle,
+                           write_bundle_yaml)
 from engine.errors import DaadError
 from engine.preprocess import preprocess_batch, read_image
 
@@ -103,11 +107,12 @@ def _drop_dead_nodes(graph: Any) -> None:
 
 
 def parity(model: DAAD, bundle: Bundle, images: np.ndarray) -> Dict[str, float]:
-    """Max |ONNX Runtime - PyTorch| over maps and scores on the given preprocessed images."""
+    """Max |ONNX Runtime - PyTorch| over maps and scores on the given preprocessed images, and the largest
+    |PyTorch| value (the scale the tolerance is relative to)."""
     from engine.onnxruntime_backend import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(bundle, batch=1)
-    max_map, max_score = 0.0, 0.0
+    max_map, max_score, scale = 0.0, 0.0, 0.0
     with torch.no_grad():
         for img in images:
             x = img[None].astype(np.float32)
@@ -115,42 +120,72 @@ def parity(model: DAAD, bundle: Bundle, images: np.ndarray) -> Dict[str, float]:
             got = backend.infer(x)
             max_map = max(max_map, float(np.abs(got.anomaly_map - ref.anomaly_map.numpy()).max()))
             max_score = max(max_score, float(np.abs(got.score - ref.score.numpy()).max()))
+            scale = max(scale, float(ref.anomaly_map.abs().max()), float(ref.score.abs().max()))
     backend.close()
-    return {"max_abs_map": max_map, "max_abs_score": max_score, "n_images": int(len(images))}
+    return {"max_abs_map": max_map, "max_abs_score": max_score, "max_abs_reference": scale, "n_images": int(len(images))}
+
+
+def parity_ok(result: Dict[str, float]) -> bool:
+    """float32 rounding is relative: maps in the thousands may differ by more than 1e-4 and still agree."""
+    allowed = PARITY_TOLERANCE * max(1.0, result["max_abs_reference"])
+    return max(result["max_abs_map"], result["max_abs_score"]) <= allowed
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Move a finished bundle from `staging` into `out`: graphs first, bundle.yaml last (it names and hashes
+    them), so `out` is at every moment either the old bundle or the new one; graphs of the old one that
+    the new one does not name are removed."""
+    out.mkdir(parents=True, exist_ok=True)
+    new_files = {f.name for f in staging.iterdir()}
+    for f in sorted(staging.iterdir(), key=lambda f: f.name == BUNDLE_YAML):
+        os.replace(f, out / f.name)
+    for stale in out.glob("model*.onnx"):
+        if stale.name not in new_files:
+            stale.unlink()
 
 
 def export_bundle(checkpoint: Union[str, Path], out: Union[str, Path], batches: Sequence[int] = (1,),
                   parity_images: Optional[Iterable[Union[str, Path]]] = None,
                   metrics: Optional[Dict[str, Any]] = None) -> Bundle:
-    """Write the bundle directory and check ONNX Runtime parity on `parity_images` (or training images)."""
+    """Write the bundle directory and check ONNX Runtime parity on `parity_images`. The bundle is built
+    beside `out` and moved there only once it passes: a failed export leaves `out` as it was."""
     model, state = load_model(checkpoint)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        bundle = write_staged_bundle(model, state, staging, batches, metrics)
+        paths = list(parity_images or [])
+        if paths:
+            images = preprocess_batch([read_image(p) for p in paths], preprocess_spec(model.cfg))
+            result = parity(model, bundle, images)
+            if not parity_ok(result):
+                raise ExportError(f"{out / bundle.onnx_path().name}: ONNX Runtime differs from PyTorch by {result} "
+                                  f"(> {PARITY_TOLERANCE} x max(1, max_abs_reference)); nothing was written")
+            logger.info("parity ONNX Runtime vs PyTorch: %s", result)
+            meta = dict(bundle.metadata)
+            meta["parity"] = result
+            write_bundle_yaml(staging, meta)
+        publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return load_bundle(out)
+
+
+def write_staged_bundle(model: DAAD, state: Dict[str, Any], root: Path, batches: Sequence[int],
+                        metrics: Optional[Dict[str, Any]]) -> Bundle:
     if 1 not in batches:
         batches = (1,) + tuple(batches)
     files: Dict[int, str] = {}
     for b in sorted(set(batches)):
         name = "model.onnx" if b == 1 else f"model_b{b}.onnx"
-        export_onnx(model, out / name, b)
+        export_onnx(model, root / name, b)
         files[b] = name
-    spec = preprocess_spec(model.cfg)
     data = dict(state.get("training_data") or {})
-    data.pop("held_back", None)  # keep the bundle small; the checkpoint has the list
-    bundle = write_bundle(
-        out, name=model.cfg.name, preprocess=spec, graph_files=files, opset=OPSET, model_config=to_dict(model.cfg),
-        score_stats=dict(state.get("score_stats") or {}), metrics=metrics or {}, training_data=data,
+    for key in ("held_back", "score_stats_images"):
+        data.pop(key, None)  # keep the bundle small; the checkpoint has the lists
+    return write_bundle(
+        root, name=model.cfg.name, preprocess=preprocess_spec(model.cfg), graph_files=files, opset=OPSET,
+        model_config=to_dict(model.cfg), score_stats=dict(state.get("score_stats") or {}), metrics=metrics or {},
+        training_data=data,
     )
-    paths = list(parity_images or [])
-    if paths:
-        images = preprocess_batch([read_image(p) for p in paths], spec)
-        result = parity(model, bundle, images)
-        if max(result["max_abs_map"], result["max_abs_score"]) > PARITY_TOLERANCE:
-            raise ExportError(f"{bundle.onnx_path()}: ONNX Runtime differs from PyTorch by {result} (> {PARITY_TOLERANCE})")
-        logger.info("parity ONNX Runtime vs PyTorch: %s", result)
-        meta = dict(bundle.metadata)
-        meta["parity"] = result
-        from engine.bundle import write_bundle_yaml, load_bundle
-
-        write_bundle_yaml(out, meta)
-        bundle = load_bundle(out)
-    return bundle
