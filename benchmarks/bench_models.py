@@ -16,7 +16,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -61,6 +61,18 @@ def parse_variant(text: str) -> Dict[str, Any]:
     return {"preset": name, "overrides": overrides, "label": text}
 
 
+SETTINGS_OF_A_ROW = ("data", "steps", "batch_size", "lr", "size", "seed", "split", "device", "transplant")
+
+
+def reusable_row(path: Path, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """The row an earlier run wrote for this config, if it ran with the same settings."""
+    if not path.is_file():
+        return None
+    earlier = json.loads(path.read_text())
+    same = all(earlier["args"].get(k) == getattr(args, k) for k in SETTINGS_OF_A_ROW)
+    return earlier["row"] if same else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
@@ -76,6 +88,8 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--transplant", action="store_true",
                         help="also evaluate on the split's defects pasted onto its good images (same backgrounds)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a config's row from an earlier run with the same settings (its row.json)")
     args = parser.parse_args()
 
     data = Path(args.data)
@@ -86,6 +100,11 @@ def main() -> int:
         variant = parse_variant(text)
         cfg = preset(variant["preset"], image_size=(args.size, args.size), **variant["overrides"])
         run = out / re.sub(r"[^A-Za-z0-9_.-]", "", text.replace(":", "_").replace(",", "_").replace("=", "-"))
+        earlier = reusable_row(run / "row.json", args) if args.reuse else None
+        if earlier is not None:
+            print(f"{text}: reused {run / 'row.json'}", flush=True)
+            rows.append(earlier)
+            continue
         t0 = time.perf_counter()
         result = fit(cfg, TrainConfig(data=str(data), out=str(run / "run"), steps=args.steps, batch_size=args.batch_size,
                                       lr=args.lr, seed=args.seed, device=args.device, checkpoint_every=args.steps))
