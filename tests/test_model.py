@@ -161,6 +161,10 @@ def test_export_is_static_opset17_and_matches_pytorch(tmp_path, variant: dict) -
         ref = model(torch.from_numpy(x))
     assert np.abs(amap - ref.anomaly_map.numpy()).max() < 1e-4
     assert np.abs(score - ref.score.numpy()).max() < 1e-4
+    if variant.get("memory_readout") == "hard":  # a large memory enters the graph once, not twice
+        shape = sorted(model.generator.full_memory.items.shape)
+        copies = [i.name for i in graph.graph.initializer if sorted(i.dims) == shape]
+        assert len(copies) == 1, copies
 
 
 def test_illumination_norm_makes_the_score_independent_of_brightness() -> None:

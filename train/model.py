@@ -90,13 +90,23 @@ class BlockMemory(nn.Module):
             weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=NORM_EPS)
         return weights
 
+    def item_norms(self, items_t: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.linalg.vector_norm(items_t, dim=0), min=NORM_EPS)  # ReduceL2: folded at export
+
     def nearest(self, queries: torch.Tensor) -> torch.Tensor:
-        """(Q, D) queries -> (Q,) index of the item of highest cosine similarity."""
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            return (l2_normalize(queries) @ l2_normalize(self.items).t()).argmax(dim=-1)  # ArgMax: static, TensorRT-parsable
+        """(Q, D) queries -> (Q,) index of the item of highest cosine similarity, q/|q| . m / |m|: the
+        items' norms divide the dot products (the graph's formula, see `nearest_items_in_graph`)."""
         with torch.no_grad():  # in chunks: (Q, N) similarities of a large memory do not fit at once
-            items = l2_normalize(self.items).t()
-            return torch.cat([(l2_normalize(q) @ items).argmax(dim=-1) for q in queries.split(NEAREST_CHUNK)])
+            items_t = self.items.t()
+            norms = self.item_norms(items_t)
+            return torch.cat([((l2_normalize(q) @ items_t) / norms).argmax(dim=-1) for q in queries.split(NEAREST_CHUNK)])
+
+    def nearest_items_in_graph(self, queries: torch.Tensor) -> torch.Tensor:
+        """Hard read-out as exported: the items enter the graph once, as one (D, N) constant that both the
+        similarity MatMul and the Gather read (a normalised copy would double a memory of hundreds of MB)."""
+        items_t = self.items.t()
+        index = ((l2_normalize(queries) @ items_t) / self.item_norms(items_t)).argmax(dim=-1)  # ArgMax: TensorRT-parsable
+        return items_t.index_select(1, index).t()  # Gather on axis 1, then a transpose of the (small) read-out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = tuple(x.shape)
@@ -104,7 +114,8 @@ class BlockMemory(nn.Module):
         if not self.hard:
             readout = self.address(queries) @ self.items
         else:
-            readout = self.items[self.nearest(queries)]  # Gather
+            exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            readout = self.nearest_items_in_graph(queries) if exporting else self.items[self.nearest(queries)]
             if self.training and queries.requires_grad:
                 soft = self.address(queries) @ self.items
                 readout = soft + (readout - soft).detach()  # forward: the nearest item; backward: the soft weights
