@@ -35,7 +35,7 @@ from train.transplant import transplant_set  # noqa: E402
 
 BATCH = 16
 BETAS = (0.5, 0.25)  # weight of M in the mixes M and L_d
-TRAIN_STRIDE = 4  # every 4th training image sets each map's normalisation (its mean), as fit() does with all
+TRAIN_STRIDE = 4  # every 4th training image sets each map's normalisation where fit() held none back
 
 
 def layer_features(disc: Discriminator, x: torch.Tensor) -> List[torch.Tensor]:
@@ -75,7 +75,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/probe_discriminator")
     args = parser.parse_args()
 
-    model, _ = load_model(args.checkpoint)
+    model, state = load_model(args.checkpoint)
     model.eval()
     if model.discriminator is None or model.generator.full_memory is None:
         print(f"{args.checkpoint}: needs a DAAD+ with a full-resolution memory (adversarial and full_skip_block)",
@@ -96,7 +96,11 @@ def main() -> int:
         views["transplant"] = transplant_set(images, masks, labels)[0]
 
     t0 = time.perf_counter()
-    train_images = torch.from_numpy(load_images(train_samples(data)[::TRAIN_STRIDE], spec))
+    # each map's normalisation: its mean on the good images fit() held back from the memory (the images
+    # the memory was drawn from rebuild themselves exactly, so their means are ~0 and would skew the mixes)
+    unseen = {Path(p).resolve() for p in (state.get("training_data") or {}).get("score_stats_images") or []}
+    good = [s for s in train_samples(data) if s.image.resolve() in unseen] or train_samples(data)[::TRAIN_STRIDE]
+    train_images = torch.from_numpy(load_images(good, spec))
     scale = {k: float(v.mean()) for k, v in raw_maps(model, control, train_images).items()}
     rows = []
     for view, view_images in views.items():
@@ -113,6 +117,7 @@ def main() -> int:
                          "per_type": got["image_auroc_per_type"]})
             print(json.dumps(rows[-1], default=float), flush=True)
 
+    print(f"\nnormalised on {len(good)} good images ({'held back by fit' if unseen else 'every 4th training image'})")
     print(f"\n{Path(args.checkpoint)}: split `{args.split}`, score = the model's own (top {model.cfg.score_topk:g}, "
           f"sigma {model.cfg.smoothing_sigma:g}); {time.perf_counter() - t0:.0f} s")
     header = f"{'map':52s} {'view':10s} {'image':>6s} {'pixel':>6s}  per type"
