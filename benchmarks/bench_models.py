@@ -11,6 +11,7 @@ Metrics are reported on --split (default `test`: a fixed half of test/ per defec
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -61,6 +62,16 @@ def parse_variant(text: str) -> Dict[str, Any]:
     return {"preset": name, "overrides": overrides, "label": text}
 
 
+MAX_NAME = 240  # file systems allow 255 bytes a name; longer override lists are cut and told apart by a hash
+
+
+def run_dir_name(config: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "", config.replace(":", "_").replace(",", "_").replace("=", "-"))
+    if len(name) <= MAX_NAME:
+        return name
+    return f"{name[:MAX_NAME - 13]}_{hashlib.sha256(config.encode()).hexdigest()[:12]}"
+
+
 SETTINGS_OF_A_ROW = ("data", "steps", "batch_size", "lr", "size", "seed", "split", "device", "transplant")
 
 
@@ -99,7 +110,7 @@ def main() -> int:
     for text in args.configs:
         variant = parse_variant(text)
         cfg = preset(variant["preset"], image_size=(args.size, args.size), **variant["overrides"])
-        run = out / re.sub(r"[^A-Za-z0-9_.-]", "", text.replace(":", "_").replace(",", "_").replace("=", "-"))
+        run = out / run_dir_name(text)
         earlier = reusable_row(run / "row.json", args) if args.reuse else None
         if earlier is not None:
             print(f"{text}: reused {run / 'row.json'}", flush=True)

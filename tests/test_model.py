@@ -126,6 +126,9 @@ def test_anomaly_map_is_larger_where_the_reconstruction_fails() -> None:
     ({"memory_score_weight": 0.5}, "set full_skip_block"),  # M needs the full-resolution memory
     ({"memory_score_weight": 1.5, "full_skip_block": (1, 1, 0)}, "within [0, 1]"),
     ({"feature_dims": 16}, "has no backbone"),  # a projection of backbone features needs a backbone
+    ({"latent_against": "memory"}, "latent_against: got 'memory'"),
+    ({"latent_against": "readout"}, "set full_skip_block or use 'reconstruction'"),
+    ({"latent_layer": 5}, "expected 0 (the last) to 4"),
     ({"feature_dims": 200, "backbone": "efficientnet_lite0", "image_size": (128, 128)}, "principal components"),
 ])
 def test_invalid_model_configs_are_named(change: dict, problem: str) -> None:
@@ -137,6 +140,8 @@ def test_invalid_model_configs_are_named(change: dict, problem: str) -> None:
     {},  # the paper's pixel model
     {"full_skip_block": (1, 1, 0), "score_topk": 1.0},  # the memory-gated full-resolution skip, whole-map score
     {"full_skip_block": (1, 1, 0), "memory_readout": "hard", "memory_score_weight": 0.5},  # ArgMax + Gather, M term
+    {"full_skip_block": (1, 1, 0), "memory_readout": "hard", "memory_score_weight": 0.5, "gamma": 0.0,
+     "latent_against": "readout", "latent_layer": 1},  # L of the discriminator's first layer against the read-out
 ])
 def test_export_is_static_opset17_and_matches_pytorch(tmp_path, variant: dict) -> None:
     import onnx
@@ -165,6 +170,29 @@ def test_export_is_static_opset17_and_matches_pytorch(tmp_path, variant: dict) -
         shape = sorted(model.generator.full_memory.items.shape)
         copies = [i.name for i in graph.graph.initializer if sorted(i.dims) == shape]
         assert len(copies) == 1, copies
+
+
+def test_latent_term_against_the_readout_at_a_chosen_layer() -> None:
+    """A = (1-beta) L + beta M with gamma 0, L from the discriminator's layer-1 features of the input and of
+    the full-resolution memory's read-out: the map is built from exactly those pieces."""
+    torch.manual_seed(0)
+    cfg = preset("daad_plus", **{**SMALL, "full_skip_block": (1, 1, 0), "memory_readout": "hard", "gamma": 0.0,
+                                 "memory_score_weight": 0.5, "latent_against": "readout", "latent_layer": 1,
+                                 "smoothing_sigma": 0.0})
+    model = DAAD(cfg).eval()
+    model.set_score_normalisation(1.0, 2.0, 4.0)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        target = model.targets(x)
+        _, readout = model.generator.rebuild(target)
+        disc = model.discriminator
+        f_x, f_m = disc.layer_features(target, 1), disc.layer_features(readout, 1)
+        assert f_x.shape == (2, SMALL["disc_channels"][0], 16, 16)  # after the first strided layer
+        latent = model.to_image_size(((f_x - f_m) ** 2).mean(dim=1, keepdim=True))
+        memory = model.to_image_size(((target - readout) ** 2).mean(dim=1, keepdim=True))
+        expected = 0.5 * latent / 2.0 + 0.5 * memory / 4.0
+        assert torch.allclose(model(x).anomaly_map, expected, atol=1e-6)
+        assert torch.equal(disc.layer_features(target, len(cfg.disc_channels)), disc.layer_features(target, 0))
 
 
 def test_illumination_norm_makes_the_score_independent_of_brightness() -> None:

@@ -44,6 +44,10 @@ class ModelConfig:
     adversarial: bool = False  # discriminator + adversarial and alignment losses (DAAD+)
     disc_channels: Tuple[int, ...] = (32, 64, 128, 128)  # discriminator feature extractor widths
     gamma: float = 0.5  # A = gamma*R + (1-gamma)*L when adversarial; 1.0 otherwise
+    # L compares the discriminator's features of the input with those of the "reconstruction" (the paper)
+    # or of the full-resolution memory's "readout" (the assembled blocks: the decoder rebuilds defects too)
+    latent_against: str = "reconstruction"
+    latent_layer: int = 0  # features after this strided layer of the discriminator (0 = its last)
     smoothing_sigma: float = 2.0  # Gaussian smoothing of the pixel map (pixels at model resolution)
     score_topk: float = 0.01  # image score = mean of the top fraction of map pixels (0 = plain max, 1 = whole-map mean)
     illumination_norm: bool = False  # per-image zero mean / unit std before the generator (lighting varies per crop)
@@ -109,6 +113,7 @@ BACKBONES = ("", "efficientnet_lite0")
 BACKBONE_CHANNELS = 176  # = train.backbone.FEATURE_CHANNELS (a test checks it; no torch import here)
 MEMORY_INITS = ("random", "data")
 MEMORY_READOUTS = ("soft", "hard")
+LATENT_AGAINST = ("reconstruction", "readout")
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "ae": {"skips": False, "memory": False, "adversarial": False, "gamma": 1.0},
@@ -237,6 +242,14 @@ def validate_model_config(cfg: ModelConfig) -> List[str]:
         problems.append(f"model.temperature: got {cfg.temperature}, expected > 0")
     if not 0.0 <= cfg.gamma <= 1.0:
         problems.append(f"model.gamma: got {cfg.gamma}, expected within [0, 1]")
+    if cfg.latent_against not in LATENT_AGAINST:
+        problems.append(f"model.latent_against: got {cfg.latent_against!r}, expected one of {LATENT_AGAINST}")
+    elif cfg.latent_against == "readout" and not (cfg.memory and cfg.skips and fbh > 0):
+        problems.append("model.latent_against: 'readout' compares with the full-resolution memory's read-out, which "
+                        "this model has not; set full_skip_block or use 'reconstruction'")
+    if not 0 <= cfg.latent_layer <= len(cfg.disc_channels):
+        problems.append(f"model.latent_layer: got {cfg.latent_layer}, expected 0 (the last) to "
+                        f"{len(cfg.disc_channels)} (the discriminator's strided layers)")
     if not 0.0 <= cfg.score_topk <= 1.0:
         problems.append(f"model.score_topk: got {cfg.score_topk}, expected within [0, 1] (1 = whole-map mean)")
     if not 0 <= cfg.feature_dims <= BACKBONE_CHANNELS:

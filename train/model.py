@@ -251,6 +251,19 @@ class Discriminator(nn.Module):
         f = self.features(x)
         return self.classifier(f).mean(dim=(1, 2, 3)), f
 
+    def layer_features(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Features after the `layer`-th strided layer (its activation); 0 = the last, as `forward`."""
+        if layer == 0:
+            return self.features(x)
+        seen = 0
+        for module in self.features:
+            x = module(x)
+            if isinstance(module, nn.LeakyReLU):
+                seen += 1
+                if seen == layer:
+                    break
+        return x
+
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
     """(2r+1,) normalised 1-D Gaussian, r = ceil(3 sigma); the 2-D smoothing applies it along each axis."""
@@ -363,8 +376,9 @@ class DAAD(nn.Module):
             m_map = self.to_image_size(((target - readout) ** 2).mean(dim=1, keepdim=True))
         if self.discriminator is None or self.cfg.gamma >= 1.0:
             return RawMaps(r_map, None, m_map)
-        _, f_real = self.discriminator(target)
-        _, f_fake = self.discriminator(recon)
+        other = readout if self.cfg.latent_against == "readout" and readout is not None else recon
+        f_real = self.discriminator.layer_features(target, self.cfg.latent_layer)
+        f_fake = self.discriminator.layer_features(other, self.cfg.latent_layer)
         l_map = self.to_image_size(((f_real - f_fake) ** 2).mean(dim=1, keepdim=True))
         return RawMaps(r_map, l_map, m_map)
 
