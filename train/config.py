@@ -125,7 +125,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 # The configuration chosen for inspection on real parts (issue 9; README, "Block-wise memory on features"):
 # DAAD+ on frozen EfficientNet-Lite0 features (64 principal components) with a memory of 4x4-feature
-# blocks (32x32 pixels) holding every training block up to 50 000 (205 MB), read out hard, whose rebuild
+# blocks (32x32 pixels) holding every training block up to 50 000 (180 MB on magnetic_tile), read out hard, whose rebuild
 # error is the anomaly map, scored by its top 1 %; chosen on the `val` half of magnetic_tile, on its
 # defects as they are and pasted onto good parts. `daad-train fit` uses it unless --model names a paper column.
 INSPECT: Dict[str, Any] = {
