@@ -345,7 +345,8 @@ def test_inspect_is_the_cli_default_and_matches_its_example_file() -> None:
     args = build_parser().parse_args(["fit", "--data", "d"])
     cfg = _model_config(args)
     assert args.model == "inspect" and validate_model_config(cfg) == []
-    assert cfg.adversarial and cfg.memory_score_weight == 1.0 and cfg.full_skip_items == 50000
+    assert cfg.adversarial and cfg.memory_score_weight == 0.5 and cfg.gamma == 0.0 and cfg.full_skip_items == 50000
+    assert cfg.latent_against == "readout" and cfg.latent_layer == 1  # half M, half the discriminator vs the read-out
     example = Path(__file__).resolve().parents[1] / "examples" / "train_features.yaml"
     loaded = yaml.safe_load(example.read_text())["model"]
     assert from_dict(ModelConfig, {**to_dict(preset("daad_plus")), **loaded}) == cfg  # the file says what the default is

@@ -125,14 +125,16 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 # The configuration chosen for inspection on real parts (issue 9; README, "Block-wise memory on features"):
 # DAAD+ on frozen EfficientNet-Lite0 features (64 principal components) with a memory of 4x4-feature
-# blocks (32x32 pixels) holding every training block up to 50 000 (180 MB on magnetic_tile), read out hard, whose rebuild
-# error is the anomaly map, scored by its top 1 %; chosen on the `val` half of magnetic_tile, on its
+# blocks (32x32 pixels) holding every training block up to 50 000 (180 MB on magnetic_tile), read out hard; the
+# anomaly map is half its rebuild error M, half the discriminator's layer-1 feature distance between the input
+# and that read-out, scored by its top 1 %; chosen on the `val` half of magnetic_tile, on its
 # defects as they are and pasted onto good parts. `daad-train fit` uses it unless --model names a paper column.
 INSPECT: Dict[str, Any] = {
     **PRESETS["daad_plus"], "backbone": "efficientnet_lite0", "image_size": (256, 256), "feature_dims": 64,
     "blocks": ((1, 1, 0), (1, 1, 0), (1, 1, 0), (1, 1, 0)), "memory_items": 500,
     "full_skip_block": (4, 4, 0), "full_skip_items": 50000, "memory_init": "data", "memory_readout": "hard",
-    "memory_score_weight": 1.0, "score_topk": 0.01, "smoothing_sigma": 4.0,
+    "memory_score_weight": 0.5, "gamma": 0.0, "latent_against": "readout", "latent_layer": 1,
+    "score_topk": 0.01, "smoothing_sigma": 4.0,
 }
 INSPECT_NAME = "inspect"
 

@@ -394,8 +394,13 @@ class DAAD(nn.Module):
 
     def combine(self, maps: RawMaps) -> torch.Tensor:
         g, beta = self.cfg.gamma, self.cfg.memory_score_weight
-        rebuilt = maps.rec / self.r_scale if maps.latent is None else \
-            g * maps.rec / self.r_scale + (1.0 - g) * maps.latent / self.l_scale
+        # weights of 0 drop their term (not a product with 0): the decoder then leaves the exported graph
+        if maps.latent is None or g >= 1.0:
+            rebuilt = maps.rec / self.r_scale
+        elif g <= 0.0:
+            rebuilt = maps.latent / self.l_scale
+        else:
+            rebuilt = g * maps.rec / self.r_scale + (1.0 - g) * maps.latent / self.l_scale
         if maps.memory is None:
             return rebuilt
         if beta >= 1.0:
