@@ -1,9 +1,11 @@
 """A real Mosquitto broker on a free loopback port, started and stopped by the tests."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,6 +20,14 @@ def find_mosquitto() -> Optional[str]:
         if found:
             return found
     return None
+
+
+def broker_store() -> Path:
+    """A directory mosquitto can write to: started as root it drops to its own user, which cannot enter
+    pytest's private tmp_path (saving its database then fails, and sessions are lost at a restart)."""
+    store = Path(tempfile.mkdtemp(prefix="daad-mosquitto-"))
+    os.chmod(store, 0o777)
+    return store
 
 
 def free_port() -> int:
@@ -44,6 +54,14 @@ class MosquittoBroker:
         )
         self.proc: Optional[subprocess.Popen] = None
         self.log = self.workdir / "mosquitto.log"
+        self.persistent = False
+
+    def persist(self, store: Path) -> "MosquittoBroker":
+        """Keep sessions and queued messages across restarts, in `store` (see broker_store); from the next start."""
+        with open(self.conf, "a") as fh:
+            fh.write(f"persistence true\npersistence_location {store}/\nautosave_interval 0\n")
+        self.persistent = True
+        return self
 
     def start(self) -> "MosquittoBroker":
         with open(self.log, "ab") as log:
@@ -68,3 +86,6 @@ class MosquittoBroker:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        if self.persistent and "Error saving" in self.log.read_text(errors="replace"):
+            # a test that relies on the saved sessions would only fail by chance later on
+            raise RuntimeError(f"mosquitto could not save its database: {self.log}")

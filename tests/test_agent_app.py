@@ -39,7 +39,7 @@ from engine.bundle import Bundle
 from engine.errors import ThresholdsError
 from engine.onnxruntime_backend import OnnxRuntimeBackend
 from engine.preprocess import preprocess
-from tests.mqtt_broker import MosquittoBroker, free_port
+from tests.mqtt_broker import MosquittoBroker, broker_store, free_port
 from train.synthetic import make_defective, make_good
 
 PART_SIZE = 128  # synthetic parts; the bundle's input is 64x64
@@ -387,18 +387,10 @@ def test_corrupt_image_is_logged_skipped_and_the_rest_scored(
     check_events(subscriber.events(), items)
 
 
-class PersistentBroker(MosquittoBroker):
-    """Mosquitto that keeps sessions across a restart, so the test's subscriber misses nothing while
-    the broker is down (the agent's own delivery is what is under test)."""
-
-    def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir)
-        self.conf.write_text(self.conf.read_text() .replace("persistence false", "persistence true")
-                             + f"persistence_location {self.workdir}/\n")
-
-
 def test_broker_outage_loses_no_event(tmp_path, template_bundle, calibrated):
-    broker = PersistentBroker(tmp_path / "broker").start()
+    # the broker keeps the subscriber's session across its restart: the agent's own delivery is under test
+    store = broker_store()
+    broker = MosquittoBroker(tmp_path / "broker").persist(store).start()
     sub = Subscriber(broker.port, client_id="test-outage", clean=False)
     folder = tmp_path / "incoming"
     folder.mkdir()
@@ -427,6 +419,7 @@ def test_broker_outage_loses_no_event(tmp_path, template_bundle, calibrated):
             run.stop()
         sub.close()
         broker.stop()
+        shutil.rmtree(store, ignore_errors=True)
 
 
 def test_sigkill_then_restart_delivers_the_spooled_events(tmp_path, template_bundle, calibrated):

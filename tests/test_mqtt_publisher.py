@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -37,7 +36,7 @@ from agent.mqtt import (
 from agent.payloads import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE
 from agent.spool import Spool
 from engine.errors import ConfigError
-from tests.mqtt_broker import MosquittoBroker
+from tests.mqtt_broker import MosquittoBroker, broker_store
 
 STATION = "st1"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -70,10 +69,7 @@ def event(n: int) -> Tuple[str, Dict[str, Any]]:
 
 
 def broker_scratch(stack: contextlib.ExitStack) -> Path:
-    """A directory the broker can use: mosquitto started as root drops to its own user, which cannot
-    enter pytest's private tmp_path."""
-    scratch = Path(tempfile.mkdtemp(prefix="daad-mosquitto-"))
-    os.chmod(scratch, 0o777)
+    scratch = broker_store()
     stack.callback(shutil.rmtree, scratch, True)
     return scratch
 
@@ -83,9 +79,7 @@ def enable_persistence(broker: MosquittoBroker, stack: contextlib.ExitStack) -> 
     store = broker_scratch(stack)
     stack.callback(broker.stop)  # before the store is removed
     broker.stop()
-    with open(broker.conf, "a") as fh:
-        fh.write(f"persistence true\npersistence_location {store}/\nautosave_interval 0\n")
-    broker.start()
+    broker.persist(store).start()
 
 
 class Subscriber:
