@@ -125,11 +125,13 @@ def main() -> int:
         paper = PAPER.get(category, PAPER["mean"])[COLUMN[variant["preset"]]] if variant["preset"] in COLUMN else None
         rows.append({"config": text, "model": cfg.name, "image_auroc": metrics["image_auroc"],
                      "pixel_auroc": metrics["pixel_auroc"], "aupro": metrics["aupro"],
-                     "per_type": metrics["image_auroc_per_type"], "train_images_per_s": result.images_per_s,
+                     "per_type": metrics["image_auroc_per_type"], "pixel_auroc_breakdown": metrics["pixel_auroc_breakdown"],
+                     "train_images_per_s": result.images_per_s,
                      "train_s": train_s, "paper": paper, "paper_source": category if category in PAPER else "mean"})
         if args.transplant:
             pasted = evaluate(model, data, run / "eval_transplant", device=args.device, split=args.split, transplant=True)
-            rows[-1]["transplant"] = {k: pasted[k] for k in ("image_auroc", "pixel_auroc", "aupro", "image_auroc_per_type")}
+            rows[-1]["transplant"] = {k: pasted[k] for k in ("image_auroc", "pixel_auroc", "aupro", "image_auroc_per_type",
+                                                            "pixel_auroc_breakdown")}
         # each row is also kept beside its run: a long benchmark that is stopped keeps what it measured
         (run / "row.json").write_text(json.dumps({"args": vars(args), "row": rows[-1]}, indent=2, default=float))
         print(json.dumps(rows[-1], default=float), flush=True)
@@ -148,6 +150,11 @@ def main() -> int:
     print(f"{'config':44s} " + " ".join(f"{t:>9s}" for t in types))
     for r in rows:
         print(f"{r['config']:44s} " + " ".join(f"{r['per_type'].get(t, float('nan')):9.3f}" for t in types))
+    print("\nper defect type (pixel AUROC), and the pooled pixel AUROC against good images / defective backgrounds only:")
+    for r in [r for r in rows if "pixel_auroc_breakdown" in r]:  # rows reused from before it was measured lack it
+        b = r["pixel_auroc_breakdown"]
+        print(f"{r['config']:44s} " + " ".join(f"{b['per_type'].get(t, float('nan')):9.3f}" for t in types)
+              + f"  {b['against_good_images']:.3f} / {b['against_defective_backgrounds']:.3f}")
     if args.transplant:
         print("\nthe same defects pasted onto the split's good images (image AUROC, pixel AUROC, AUPRO, per type):")
         for r in rows:

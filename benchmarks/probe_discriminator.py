@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.checkpoint import load_model  # noqa: E402
-from train.data import eval_samples, load_images, load_mask, split_eval, train_samples  # noqa: E402
-from train.evaluate import compute_metrics  # noqa: E402
+from train.checkpoint import load_model, score_stats_images  # noqa: E402
+from train.data import load_images, train_samples  # noqa: E402
+from train.evaluate import compute_metrics, load_split  # noqa: E402
 from train.fit import preprocess_spec  # noqa: E402
 from train.model import DAAD, Discriminator  # noqa: E402
 from train.transplant import transplant_set  # noqa: E402
@@ -85,12 +84,7 @@ def main() -> int:
     control = Discriminator(model.cfg.target_channels, model.cfg.disc_channels).eval()
     data = Path(args.data)
     spec = preprocess_spec(model.cfg)
-    samples = eval_samples(data)
-    samples = [samples[i] for i in split_eval(samples, args.split)]
-    images = load_images(samples, spec)
-    masks = np.stack([load_mask(s, spec) for s in samples])
-    labels = np.array([s.label for s in samples])
-    types = [s.defect_type for s in samples]
+    _, images, masks, labels, types = load_split(data, spec, args.split)
     views = {"test/": images}
     if args.transplant:
         views["transplant"] = transplant_set(images, masks, labels)[0]
@@ -98,7 +92,7 @@ def main() -> int:
     t0 = time.perf_counter()
     # each map's normalisation: its mean on the good images fit() held back from the memory (the images
     # the memory was drawn from rebuild themselves exactly, so their means are ~0 and would skew the mixes)
-    unseen = {Path(p).resolve() for p in (state.get("training_data") or {}).get("score_stats_images") or []}
+    unseen = {p.resolve() for p in score_stats_images(state)}
     good = [s for s in train_samples(data) if s.image.resolve() in unseen] or train_samples(data)[::TRAIN_STRIDE]
     train_images = torch.from_numpy(load_images(good, spec))
     scale = {k: float(v.mean()) for k, v in raw_maps(model, control, train_images).items()}

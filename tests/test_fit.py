@@ -164,6 +164,7 @@ def test_eval_writes_metrics_and_plots(trained, dataset: Path, tmp_path: Path) -
     assert saved["image_auroc"] == pytest.approx(metrics["image_auroc"])
     for key in ("pixel_auroc", "aupro", "best_f1", "image_auroc_per_type"):
         assert key in saved
+    assert set(saved["pixel_auroc_breakdown"]["per_type"]) == set(saved["image_auroc_per_type"])
     for name in ("roc.png", "scores.png", "overlays_best.png", "overlays_worst.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 5000
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import torch
 
@@ -83,3 +83,9 @@ def model_weights(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
 
 def train_config_of(state: Dict[str, Any]) -> TrainConfig:
     return from_dict(TrainConfig, state["train_config"], "checkpoint train_config")
+
+
+def score_stats_images(state: Dict[str, Any]) -> List[Path]:
+    """The good images fit() held back from a memory that stores its training blocks and set the score
+    statistics on (empty for models that kept every image): the ones a probe should normalise maps on."""
+    return [Path(p) for p in (state.get("training_data") or {}).get("score_stats_images") or []]

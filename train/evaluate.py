@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from engine.preprocess import denormalize
 
 from .data import eval_samples, load_images, load_mask, split_eval
 from .fit import preprocess_spec, resolve_device
-from .metrics import aupro, best_f1, image_auroc, pixel_auroc
+from .metrics import aupro, best_f1, image_auroc, pixel_auroc, pixel_auroc_breakdown
 from .model import DAAD
 from .transplant import transplant_set
 from . import plots
@@ -50,12 +50,23 @@ def compute_metrics(labels: np.ndarray, types: List[str], scores: np.ndarray, ma
     return {
         "image_auroc": image_auroc(labels, scores),
         "pixel_auroc": pixel_auroc(masks, maps),
+        "pixel_auroc_breakdown": pixel_auroc_breakdown(masks, maps, labels, types),
         "aupro": aupro(masks, maps),
         "best_f1": best_f1(labels, scores),
         "image_auroc_per_type": per_type,
         "n_good": int((labels == 0).sum()),
         "n_defective": int((labels == 1).sum()),
     }
+
+
+def load_split(data_root: Path, spec: Any, split: str = "all", split_seed: int = 0) -> Tuple[list, np.ndarray, np.ndarray, np.ndarray, List[str]]:
+    """The samples of one split of test/ (see data.split_eval), their preprocessed images, masks, labels and types."""
+    samples = eval_samples(data_root)
+    samples = [samples[i] for i in split_eval(samples, split, split_seed)]
+    images = load_images(samples, spec)
+    masks = np.stack([load_mask(s, spec) for s in samples])
+    labels = np.array([s.label for s in samples])
+    return samples, images, masks, labels, [s.defect_type for s in samples]
 
 
 def evaluate(model: DAAD, data_root: Path, out_dir: Optional[Path] = None, device: str = "auto",
@@ -67,15 +78,10 @@ def evaluate(model: DAAD, data_root: Path, out_dir: Optional[Path] = None, devic
     transplant: score the set's defects pasted onto its good images instead (train.transplant), so
     that defective and good images share their backgrounds."""
     spec = preprocess_spec(model.cfg)
-    samples = eval_samples(Path(data_root))
-    samples = [samples[i] for i in split_eval(samples, split, split_seed)]
-    images = load_images(samples, spec)
-    masks = np.stack([load_mask(s, spec) for s in samples])
-    labels = np.array([s.label for s in samples])
+    samples, images, masks, labels, types = load_split(Path(data_root), spec, split, split_seed)
     if transplant:
         images, _ = transplant_set(images, masks, labels, seed=split_seed)
     pred = predict(model, images, resolve_device(device), progress)
-    types = [s.defect_type for s in samples]
     metrics = compute_metrics(labels, types, pred["scores"], pred["maps"], masks)
     metrics["model"] = model.cfg.name
     metrics["data"] = str(data_root)

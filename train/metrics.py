@@ -3,10 +3,12 @@
 Image AUROC, pixel AUROC and best F1 come from scikit-learn; AUPRO follows MVTec AD's definition:
 the mean per-region overlap (each connected ground-truth region weighs the same, however large)
 as a function of the false-positive rate on good pixels, integrated up to FPR 0.3 and divided by 0.3.
+pixel_auroc_breakdown splits the pooled pixel AUROC by its negatives (good images, defective images'
+backgrounds) and by defect type.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Any, Dict, Sequence
 
 import numpy as np
 
@@ -35,6 +37,36 @@ def pixel_auroc(masks: np.ndarray, maps: np.ndarray, seed: int = 0) -> float:
         idx = np.random.default_rng(seed).choice(y.size, PIXEL_AUROC_MAX_PIXELS, replace=False)
         y, s = y[idx], s[idx]
     return float(roc_auc_score(y, s))
+
+
+def _auroc_of(positives: np.ndarray, negatives: np.ndarray, seed: int) -> float:
+    """AUROC of two score samples (positives above negatives), subsampled like pixel_auroc."""
+    if positives.size == 0 or negatives.size == 0:
+        return float("nan")
+    y = np.concatenate([np.ones(positives.size, np.uint8), np.zeros(negatives.size, np.uint8)])
+    return pixel_auroc(y, np.concatenate([positives.ravel(), negatives.ravel()]), seed)
+
+
+def pixel_auroc_breakdown(masks: np.ndarray, maps: np.ndarray, labels: np.ndarray, types: Sequence[str],
+                          seed: int = 0) -> Dict[str, Any]:
+    """Where the pooled pixel AUROC is lost. Its negatives are the good images' pixels and the defective
+    images' own background; a map that localises well but lifts a defective image's whole background
+    scores high against the first and low against the second. Per type: that type's images and the good
+    ones, like image_auroc_per_type.
+
+    masks: (N, H, W) bool; maps: (N, H, W) float; labels: (N,) 0 good / 1 defective."""
+    masks, labels, types = masks.astype(bool), np.asarray(labels), np.asarray(types)
+    good, defective = labels == 0, labels == 1
+    positives = maps[masks]
+    per_type = {}
+    for t in sorted(set(types.tolist()) - {"good"}):
+        sel = (types == t) | (types == "good")
+        per_type[t] = pixel_auroc(masks[sel], maps[sel], seed)
+    return {
+        "against_good_images": _auroc_of(positives, maps[good], seed),
+        "against_defective_backgrounds": _auroc_of(positives, maps[defective][~masks[defective]], seed),
+        "per_type": per_type,
+    }
 
 
 def best_f1(labels: Sequence[int], scores: Sequence[float]) -> Dict[str, float]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import FEATURE_CHANNELS, FEATURE_STRIDE, EfficientNetLite0Features
+from .backbone import FEATURE_CHANNELS, EfficientNetLite0Features
 from .config import ModelConfig
 
 NORM_EPS = 1e-4  # >= 1e-4 so half precision does not round it to zero (NaN in TensorRT FP16)

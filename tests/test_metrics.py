@@ -1,0 +1,84 @@
+"""Metrics on maps and masks whose answers are known by construction."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from train.metrics import aupro, best_f1, image_auroc, pixel_auroc, pixel_auroc_breakdown
+
+SIZE = 16
+
+
+def split_with_lifted_background(lift: float) -> tuple:
+    """4 good and 4 defective maps: each defect is a 4x4 square scoring 2; a defective image's
+    background scores `lift` (good images score 0 to 0.1)."""
+    rng = np.random.default_rng(0)
+    maps = rng.uniform(0.0, 0.1, (8, SIZE, SIZE))
+    masks = np.zeros((8, SIZE, SIZE), bool)
+    labels = np.array([0] * 4 + [1] * 4)
+    types = ["good"] * 4 + ["crack", "crack", "uneven", "uneven"]
+    for i in range(4, 8):
+        maps[i] += lift
+        masks[i, 4:8, 4:8] = True
+        maps[i][masks[i]] = 2.0
+    return masks, maps, labels, types
+
+
+def test_image_auroc_orders_and_reports_nan_for_one_class() -> None:
+    assert image_auroc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert image_auroc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
+    assert np.isnan(image_auroc([1, 1], [0.1, 0.2]))
+
+
+def test_pixel_auroc_is_one_for_a_perfect_map_and_half_for_a_constant_one() -> None:
+    masks, maps, _, _ = split_with_lifted_background(0.0)
+    assert pixel_auroc(masks, maps) == 1.0
+    assert pixel_auroc(masks, np.ones_like(maps)) == 0.5
+
+
+def test_pixel_auroc_subsamples_large_inputs_without_bias(monkeypatch: pytest.MonkeyPatch) -> None:
+    import train.metrics as metrics
+
+    masks, maps, _, _ = split_with_lifted_background(0.0)
+    noisy = maps + np.random.default_rng(1).normal(0, 0.8, maps.shape)
+    exact = pixel_auroc(masks, noisy)
+    monkeypatch.setattr(metrics, "PIXEL_AUROC_MAX_PIXELS", 1000)
+    assert abs(pixel_auroc(masks, noisy) - exact) < 0.05
+
+
+def test_breakdown_separates_lifted_backgrounds_from_localisation() -> None:
+    # background lifted above every good pixel but below the defects: localisation is perfect
+    masks, maps, labels, types = split_with_lifted_background(1.0)
+    got = pixel_auroc_breakdown(masks, maps, labels, types)
+    assert got["against_good_images"] == 1.0
+    assert got["against_defective_backgrounds"] == 1.0
+    assert set(got["per_type"]) == {"crack", "uneven"}
+    # lifted to the defects' own level: the defects still beat good images, not their own backgrounds
+    masks, maps, labels, types = split_with_lifted_background(2.0)
+    got = pixel_auroc_breakdown(masks, maps, labels, types)
+    assert got["against_good_images"] == 1.0
+    assert got["against_defective_backgrounds"] < 0.6
+    assert pixel_auroc(masks, maps) < got["against_good_images"]
+
+
+def test_breakdown_per_type_uses_that_types_images_and_the_good_ones() -> None:
+    masks, maps, labels, types = split_with_lifted_background(0.0)
+    maps[6:8] = np.random.default_rng(2).uniform(0, 2, (2, SIZE, SIZE))  # uneven maps: noise
+    got = pixel_auroc_breakdown(masks, maps, labels, types)
+    assert got["per_type"]["crack"] == 1.0
+    assert got["per_type"]["uneven"] < 0.9
+
+
+def test_aupro_is_one_for_a_perfect_map_and_falls_for_a_missed_region() -> None:
+    masks, maps, _, _ = split_with_lifted_background(0.0)
+    assert aupro(masks, maps) == pytest.approx(1.0, abs=0.01)
+    missed = maps.copy()
+    missed[7][masks[7]] = 0.0  # one of four regions is never found
+    assert aupro(masks, missed) == pytest.approx(0.75, abs=0.02)
+    assert np.isnan(aupro(np.zeros_like(masks), maps))
+
+
+def test_best_f1_finds_the_separating_threshold() -> None:
+    got = best_f1([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])
+    assert got["f1"] == 1.0
+    assert 0.2 < got["threshold"] <= 0.8
