@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Where a model's pixel AUROC is lost, and whether post-processing its map recovers it.
+
+    python benchmarks/probe_maps.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
+        --split val --transplant --out benchmarks/results/probe_maps
+
+The model's unsmoothed map (what `combine` returns) is re-scored under variants of what follows it in
+the graph: the smoothing's sigma, a mix of the model's sigma with a wide one (spreads an edge's signal
+into the region it bounds), per-image background subtraction (the map minus its own median or 25th
+percentile: a defective image's lifted background is not a defect) and a self-consistency term (each
+feature vector's distance to its image's mean vector: a region unlike the rest of its part). Each row
+gives image AUROC (top-k of the variant's map), pixel AUROC, AUPRO, and the pixel AUROC against the good
+images' pixels and against the defective images' own backgrounds only (train.metrics.pixel_auroc_breakdown).
+Heat maps of the model's own map, a few images per defect type and view, go to --out as overlays_*.png.
+Choose on `val`, report once on `test`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.preprocess import denormalize  # noqa: E402
+from train import plots  # noqa: E402
+from train.checkpoint import load_model, score_stats_images  # noqa: E402
+from train.data import load_images, train_samples  # noqa: E402
+from train.evaluate import compute_metrics, load_split  # noqa: E402
+from train.fit import preprocess_spec  # noqa: E402
+from train.model import DAAD, gaussian_kernel, separable_blur  # noqa: E402
+from train.transplant import transplant_set  # noqa: E402
+
+BATCH = 16
+OVERLAYS_PER_TYPE = 4
+WIDE_SIGMAS = (32.0, 64.0)
+TRAIN_STRIDE = 4  # every 4th training image normalises the self-consistency term where fit() held none back
+
+
+@torch.no_grad()
+def unsmoothed_maps(model: DAAD, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """(N, 1, H, W): the model's map before smoothing, and the self-consistency distance."""
+    maps: Dict[str, List[torch.Tensor]] = {"model": [], "self": []}
+    for start in range(0, len(images), BATCH):
+        x = model.targets(images[start:start + BATCH])
+        maps["model"].append(model.combine(model.maps(x)))
+        centre = x.mean(dim=(2, 3), keepdim=True)
+        maps["self"].append(model.to_image_size(((x - centre) ** 2).mean(dim=1, keepdim=True)))
+    return {k: torch.cat(v) for k, v in maps.items()}
+
+
+def blur(m: torch.Tensor, sigma: float) -> torch.Tensor:
+    kernel = gaussian_kernel(sigma)
+    return separable_blur(m, kernel) / separable_blur(torch.ones(1, 1, *m.shape[-2:]), kernel)
+
+
+def minus_quantile(m: torch.Tensor, q: float) -> torch.Tensor:
+    return m - torch.quantile(m.flatten(1), q, dim=1)[:, None, None, None]
+
+
+def variants(model_sigma: float) -> Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Tensor]]:
+    s = model_sigma
+    named: Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Tensor]] = {
+        f"sigma {s:g} (the model's)": lambda m: blur(m["model"], s)}
+    for sigma in (2 * s, 4 * s):
+        named[f"sigma {sigma:g}"] = lambda m, sigma=sigma: blur(m["model"], sigma)
+    for wide in WIDE_SIGMAS:
+        named[f"0.5 sigma {s:g} + 0.5 sigma {wide:g}"] = lambda m, wide=wide: 0.5 * blur(m["model"], s) + 0.5 * blur(m["model"], wide)
+    named[f"sigma {s:g} minus its median"] = lambda m: minus_quantile(blur(m["model"], s), 0.5)
+    named[f"sigma {s:g} minus its 25th percentile"] = lambda m: minus_quantile(blur(m["model"], s), 0.25)
+    named["0.75 model + 0.25 self-consistency"] = lambda m: blur(0.75 * m["model"] + 0.25 * m["self"], s)
+    return named
+
+
+def write_overlays(path: Path, samples: list, images, amap: torch.Tensor, masks, types: List[str], spec) -> None:
+    """The first few images of each defect type with their heat maps (the split's own order, not chosen)."""
+    picked = [i for t in sorted(set(types) - {"good"}) for i in [j for j, ty in enumerate(types) if ty == t][:OVERLAYS_PER_TYPE]]
+    maps = amap[:, 0].numpy()
+    items = [(f"{types[i]}/{samples[i].image.name}", denormalize(images[i], spec), maps[i], masks[i]) for i in picked]
+    plots.plot_overlays(items, path, f"{path.stem}: the model's map", float(torch.quantile(amap.flatten()[::97], 0.999)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
+    parser.add_argument("--transplant", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/probe_maps")
+    args = parser.parse_args()
+
+    model, state = load_model(args.checkpoint)
+    data = Path(args.data)
+    spec = preprocess_spec(model.cfg)
+    samples, images, masks, labels, types = load_split(data, spec, args.split)
+    views = {"test/": images}
+    if args.transplant:
+        views["pasted"] = transplant_set(images, masks, labels)[0]
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    unseen = {p.resolve() for p in score_stats_images(state)}
+    good = [s for s in train_samples(data) if s.image.resolve() in unseen] or train_samples(data)[::TRAIN_STRIDE]
+    self_scale = float(unsmoothed_maps(model, torch.from_numpy(load_images(good, spec)))["self"].mean())
+    rows = []
+    for view, view_images in views.items():
+        raw = unsmoothed_maps(model, torch.from_numpy(view_images))
+        raw["self"] = raw["self"] / max(self_scale, 1e-8)  # comparable with the model's map (mean ~1 on good parts)
+        for k, (name, variant) in enumerate(variants(model.cfg.smoothing_sigma).items()):
+            amap = variant(raw)
+            if k == 0:  # the model's own map
+                write_overlays(out / f"overlays_{args.split}_{view.strip('/')}.png", samples, view_images, amap, masks,
+                               types, spec)
+            got = compute_metrics(labels, types, model.image_score(amap).numpy(), amap[:, 0].numpy(), masks)
+            b = got["pixel_auroc_breakdown"]
+            rows.append({"map": name, "view": view, "image_auroc": got["image_auroc"], "pixel_auroc": got["pixel_auroc"],
+                         "aupro": got["aupro"], "pixel_against_good_images": b["against_good_images"],
+                         "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
+                         "pixel_auroc_per_type": b["per_type"], "image_auroc_per_type": got["image_auroc_per_type"]})
+            print(json.dumps(rows[-1], default=float), flush=True)
+
+    print(f"\n{Path(args.checkpoint)}: split `{args.split}`, image score = top {model.cfg.score_topk:g} of each "
+          f"variant's map; {time.perf_counter() - t0:.0f} s")
+    header = (f"{'map':40s} {'view':7s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'vs good':>7s} {'vs bg':>6s}"
+              "  pixel AUROC per type")
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        print(f"{r['map']:40s} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} {r['aupro']:6.3f} "
+              f"{r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
+              + " ".join(f"{t} {v:.3f}" for t, v in r["pixel_auroc_per_type"].items()))
+    path = out / f"probe_{args.split}_{int(time.time())}.json"
+    path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=float))
+    print(f"\nJSON: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
