@@ -9,7 +9,7 @@ import pytest
 
 from engine.errors import DatasetError
 from engine.preprocess import PreprocessSpec
-from train.data import load_images, load_mask, split_holdout, eval_samples, train_samples
+from train.data import eval_samples, has_colour, load_images, load_mask, split_holdout, train_samples
 from train.synthetic import DEFECT_TYPES, make_defective, make_good, write_synthetic_dataset
 
 SPEC = PreprocessSpec(height=32, width=32)
@@ -55,6 +55,26 @@ def test_a_plain_folder_of_mixed_gray_rgb_and_sizes_is_read(tmp_path: Path) -> N
     assert images.shape == (3, 1, 32, 32)
     rgb = load_images(train_samples(tmp_path), PreprocessSpec(32, 32, "rgb", (0.5,) * 3, (0.5,) * 3))
     assert rgb.shape == (3, 3, 32, 32)
+
+
+def _folder(root: Path, images: dict) -> list:
+    root.mkdir()
+    for name, image in images.items():
+        cv2.imwrite(str(root / name), image, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    return train_samples(root)
+
+
+def test_colour_data_is_told_from_gray_parts_saved_in_three_channels(tmp_path: Path) -> None:
+    gray = [make_good(0, i, 64) for i in range(3)]
+    assert not has_colour(_folder(tmp_path / "gray", {f"{i}.png": g for i, g in enumerate(gray)}))
+    as_bgr = {f"{i}.png": cv2.cvtColor(g, cv2.COLOR_GRAY2BGR) for i, g in enumerate(gray)}
+    assert not has_colour(_folder(tmp_path / "bgr", as_bgr))
+    as_jpeg = {f"{i}.jpg": cv2.cvtColor(g, cv2.COLOR_GRAY2BGR) for i, g in enumerate(gray)}  # chroma noise only
+    assert not has_colour(_folder(tmp_path / "jpeg", as_jpeg))
+    tinted = {f"{i}.png": make_good(0, i, 64, color=True) for i in range(3)}
+    assert has_colour(_folder(tmp_path / "colour", tinted))
+    wide = {"0.png": (make_good(0, 0, 64, color=True).astype(np.uint16) * 257)}  # 16-bit colour camera
+    assert has_colour(_folder(tmp_path / "wide", wide))
 
 
 def test_holdout_split_is_deterministic_and_disjoint(dataset: Path) -> None:

@@ -234,6 +234,21 @@ def test_cli_errors_are_one_line_without_traceback(args: list, expected: str) ->
     assert expected in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("color,flags,expected", [(True, [], 3), (False, [], 1), (True, ["--channels-in", "1"], 1)])
+def test_cli_fit_reads_colour_data_in_colour_unless_told(tmp_path: Path, color: bool, flags: list, expected: int) -> None:
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, n_train=8, n_test_good=2, n_test_per_defect=1, size=48, color=color)
+    out = tmp_path / "run"
+    proc = _cli("fit", "--data", str(data), "--model", "ae", "--size", "32", "--steps", "2", "--batch-size", "4",
+                "--checkpoint-every", "2", "--out", str(out), "--quiet", *flags)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_checkpoint(out / "last.pt")["model_config"]["in_channels"] == expected
+    if not flags:
+        assert f"model.in_channels {expected}" in proc.stdout
+    else:  # told to read colour as gray: fit says what that loses
+        assert "in colour" in proc.stderr and "--channels-in 3" in proc.stderr
+
+
 def test_cli_refuses_a_corrupt_checkpoint(tmp_path: Path) -> None:
     bad = tmp_path / "last.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -15,15 +16,19 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from engine.errors import ConfigError, DaadError
+from engine.errors import ConfigError, DaadError, DatasetError
 
 from .config import INSPECT_NAME, PRESETS, ModelConfig, TrainConfig, from_dict, preset, to_dict
+from .data import has_colour, train_samples
 
 logger = logging.getLogger("train")
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
+    """The preset, the YAML's `model:` overrides, then the flags; in_channels, where none of them sets it,
+    follows the training images (3 for colour data, else 1)."""
     overrides: Dict[str, Any] = {}
+    sets_channels = bool(args.channels_in)
     if args.config:
         path = Path(args.config)
         if not path.is_file():
@@ -33,21 +38,35 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         base = to_dict(preset(args.model))
-        base.update(loaded.get("model", {}) if isinstance(loaded, dict) else {})
+        model_section = loaded.get("model", {}) if isinstance(loaded, dict) else {}
+        base.update(model_section)
+        sets_channels = sets_channels or (isinstance(model_section, dict) and "in_channels" in model_section)
         cfg = from_dict(ModelConfig, base, f"{path}: model")
     else:
         cfg = preset(args.model)
     if args.size:
         overrides["image_size"] = (args.size, args.size)
-    if args.channels_in:
-        overrides["in_channels"] = args.channels_in
     if getattr(args, "backbone", None) is not None:
         overrides["backbone"] = args.backbone
-    if overrides:
-        import dataclasses
+    if args.channels_in:
+        overrides["in_channels"] = args.channels_in
+    elif not sets_channels:
+        channels = _channels_of(Path(args.data))
+        if channels:
+            overrides["in_channels"] = channels
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
-        cfg = dataclasses.replace(cfg, **overrides)
-    return cfg
+
+def _channels_of(data: Path) -> int:
+    """3 if the training images are in colour, 1 if gray; 0 if they cannot be read (fit() then reports
+    the dataset's problem, after the config's own)."""
+    try:
+        channels = 3 if has_colour(train_samples(data)) else 1
+    except DatasetError:
+        return 0
+    print(f"model.in_channels {channels}: the training images are {'in colour' if channels == 3 else 'gray'} "
+          "(--channels-in chooses)")
+    return channels
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -115,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit_p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     fit_p.add_argument("--lr", type=float, default=TrainConfig.lr)
     fit_p.add_argument("--size", type=int, help="square input size (multiple of 16)")
-    fit_p.add_argument("--channels-in", type=int, choices=(1, 3), help="1 gray, 3 RGB")
+    fit_p.add_argument("--channels-in", type=int, choices=(1, 3),
+                       help="1 gray, 3 RGB (default: 3 if the training images are in colour, else 1)")
     fit_p.add_argument("--backbone", choices=("", "efficientnet_lite0"), help="memories on frozen ImageNet features")
     fit_p.add_argument("--seed", type=int, default=0)
     fit_p.add_argument("--device", default="auto", help="auto, cuda or cpu")

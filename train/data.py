@@ -15,6 +15,8 @@ from engine.errors import DatasetError, ImageError
 from engine.preprocess import PreprocessSpec, list_images, preprocess, read_image
 
 GOOD = "good"
+COLOUR_SAMPLE = 16  # images read (spread over the set) to tell colour data from gray
+COLOUR_TOLERANCE = 2.0  # mean channel difference, in 8-bit grey levels, that JPEG noise on a gray part stays under
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,28 @@ def eval_samples(root: Path) -> List[Sample]:
     if not any(s.label for s in samples):
         raise DatasetError(f"{test_dir}: no defect folders beside test/good; evaluation needs at least one defect type")
     return samples
+
+
+def channel_difference(image: np.ndarray) -> float:
+    """Mean |B-G| and |G-R| of a decoded image in 8-bit grey levels (0 for a 1-channel image)."""
+    if image.ndim == 2 or image.shape[2] < 3:
+        return 0.0
+    bgr = image[:, :, :3].astype(np.float32) / (257.0 if image.dtype == np.uint16 else 1.0)
+    return float((np.abs(bgr[:, :, 0] - bgr[:, :, 1]).mean() + np.abs(bgr[:, :, 1] - bgr[:, :, 2]).mean()) / 2)
+
+
+def has_colour(samples: Sequence[Sample], limit: int = COLOUR_SAMPLE) -> bool:
+    """Whether the images carry colour: one of `limit` images spread over the set has channels that differ
+    (a gray part saved as RGB, or as JPEG with chroma noise, does not count)."""
+    picked = samples[::max(1, len(samples) // limit)][:limit]
+    for sample in picked:
+        try:
+            image = read_image(sample.image)
+        except ImageError as exc:
+            raise DatasetError(str(exc)) from exc
+        if channel_difference(image) > COLOUR_TOLERANCE:
+            return True
+    return False
 
 
 def load_images(samples: Sequence[Sample], spec: PreprocessSpec) -> np.ndarray:

@@ -27,7 +27,7 @@ from engine.preprocess import PreprocessSpec
 
 from .checkpoint import model_weights, read_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, validate_model_config
-from .data import Sample, load_images, split_holdout, train_samples
+from .data import Sample, has_colour, load_images, split_holdout, train_samples
 from .loss import discriminator_loss, generator_loss
 from .model import DAAD, RawMaps
 
@@ -197,7 +197,12 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
     ckpt_path = out / CHECKPOINT_NAME
 
     spec = preprocess_spec(model_cfg)
-    samples, held = split_holdout(train_samples(Path(cfg.data)), cfg.val_fraction, cfg.seed)
+    every = train_samples(Path(cfg.data))
+    if model_cfg.in_channels == 1 and rank == 0 and has_colour(every):
+        logger.warning("%s: the training images are in colour and this model reads them as gray (in_channels 1): "
+                       "colour-only defects will be missed; in_channels 3 (daad-train fit --channels-in 3) keeps colour",
+                       cfg.data)
+    samples, held = split_holdout(every, cfg.val_fraction, cfg.seed)
     samples, unseen = statistics_split(model_cfg, samples, held, cfg.seed)
     images = torch.from_numpy(load_images(samples, spec))
     shard = torch.arange(rank, len(images), world)  # each rank draws from its own shard
