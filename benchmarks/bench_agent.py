@@ -4,6 +4,11 @@
     python benchmarks/bench_agent.py                                   # template bundle, 60 s full-rate run
     python benchmarks/bench_agent.py --duration 600                    # the issue's 10-minute memory run
     python benchmarks/bench_agent.py --bundle /var/lib/daad-inspect/bundle --thresholds thresholds.yaml
+    python benchmarks/bench_agent.py --bundle BUNDLE --frames-from ../shared/datasets/magnetic_tile --defect-rate 0.25
+
+Frames are synthetic parts, or with --frames-from real images of an MVTec-layout dataset: test/good and
+the defect folders mixed at --defect-rate, at their own sizes (the agent stretches them like any camera
+frame); thresholds then default to just above the bundle's scores of 32 of its train/good images.
 
 Phases (frames are decoded once and served from memory, so the camera is not what is measured):
   1. bare:   preprocess + backend.infer in a loop, one thread, before and after the agent runs;
@@ -26,7 +31,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -104,20 +109,55 @@ def make_frames(size: tuple, defect_rate: float, seed: int = 0) -> List[np.ndarr
     return frames
 
 
-def make_thresholds(bundle: Bundle, backend: Any, work: Path, size: tuple) -> Path:
-    """Just above good frames, as in the tests (for a real bundle pass --thresholds)."""
-    from calibration.thresholds import Thresholds, save_thresholds
-    from train.synthetic import make_good
+def dataset_frames(root: Path, defect_rate: float, seed: int = 0) -> Tuple[List[np.ndarray], List[bool], List[np.ndarray]]:
+    """N_FRAMES real images (OpenCV layout, own sizes) from test/: good ones and, at `defect_rate`, defective
+    ones, with their labels (True: defective); and 32 other good test images to set the thresholds on (a
+    training image may sit in the memory)."""
+    from engine.preprocess import list_images, read_image
+
+    rng = np.random.default_rng(seed)
+    good = [Path(p) for p in rng.permutation(list_images(root / "test" / "good"))]
+    defective = [p for d in sorted((root / "test").iterdir()) if d.is_dir() and d.name != "good" for p in list_images(d)]
+    n_defective = int(round(N_FRAMES * defect_rate))
+    n_good = N_FRAMES - n_defective
+    picked = [(Path(p), True) for p in rng.choice(defective, n_defective, replace=False)] + [(p, False) for p in good[:n_good]]
+    order = rng.permutation(len(picked))
+    picked = [picked[i] for i in order]
+    return ([read_image(p) for p, _ in picked], [label for _, label in picked],
+            [read_image(p) for p in good[n_good:n_good + 32]])
+
+
+def synthetic_good(size: tuple) -> List[np.ndarray]:
     import cv2
 
-    outs = [backend.infer(preprocess(cv2.resize(make_good(0, 100 + i, 128), size), bundle.preprocess)[None])
-            for i in range(32)]
+    from train.synthetic import make_good
+
+    return [cv2.resize(make_good(0, 100 + i, 128), size) for i in range(32)]
+
+
+DATASET_GOOD_QUANTILE = 0.9  # real good parts have outliers: above the largest of 32, no real defect scores
+
+
+def make_thresholds(bundle: Bundle, backend: Any, work: Path, good: List[np.ndarray], quantile: Optional[float]) -> Path:
+    """Just above the bundle's scores of good frames as in the tests, or at their `quantile` (about that share of
+    good frames pass) so that real defects produce events; a site passes its calibrated --thresholds instead."""
+    from calibration.thresholds import Thresholds, save_thresholds
+
+    outs = [backend.infer(preprocess(frame, bundle.preprocess)[None]) for frame in good]
     scores = np.array([float(o.score[0]) for o in outs])
     pixels = np.concatenate([o.anomaly_map.ravel() for o in outs])
+    image = float(scores.max() * 1.05) if quantile is None else float(np.quantile(scores, quantile))
     path = work / "thresholds.yaml"
-    save_thresholds(path, Thresholds(float(scores.max() * 1.05), float(np.quantile(pixels, 0.999)), 4, bundle.sha256,
-                                     strategy="manual"))
+    save_thresholds(path, Thresholds(image, float(np.quantile(pixels, 0.999)), 4, bundle.sha256, strategy="manual"))
     return path
+
+
+def defective_flags(bundle: Bundle, backend: Any, frames: List[np.ndarray], thresholds: Path) -> List[bool]:
+    """Each frame's verdict from the bare backend (score above the image threshold): what the agent must publish."""
+    from calibration.thresholds import load_thresholds
+
+    limit = load_thresholds(thresholds, bundle).image_threshold
+    return [float(backend.infer(preprocess(f, bundle.preprocess)[None]).score[0]) > limit for f in frames]
 
 
 def bare(bundle: Bundle, backend: Any, frames: List[np.ndarray], seconds: float) -> Dict[str, Any]:
@@ -203,6 +243,7 @@ def main() -> int:
     parser.add_argument("--camera-fps", type=float, default=30.0)
     parser.add_argument("--frame-size", default="640x480", help="WxH of the frames fed to the agent")
     parser.add_argument("--defect-rate", type=float, default=0.02, help="share of defective frames (each is spooled)")
+    parser.add_argument("--frames-from", type=Path, help="MVTec-layout dataset: serve its test images instead of synthetic parts")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     import logging
@@ -217,8 +258,12 @@ def main() -> int:
     else:
         bundle = load_bundle(args.bundle)
     backend = open_backend(bundle, prefer=args.backend)
-    thresholds = args.thresholds or make_thresholds(bundle, backend, work, size)
-    frames = make_frames(size, args.defect_rate)
+    if args.frames_from is not None:
+        frames, labels, good = dataset_frames(args.frames_from, args.defect_rate)
+    else:
+        frames, labels, good = make_frames(size, args.defect_rate), None, synthetic_good(size)
+    quantile = DATASET_GOOD_QUANTILE if args.frames_from is not None else None
+    thresholds = args.thresholds or make_thresholds(bundle, backend, work, good, quantile)
 
     broker = None
     try:
@@ -231,7 +276,11 @@ def main() -> int:
         print(f"(no Mosquitto: {exc}; events only spooled)")
     results: Dict[str, Any] = {
         "bundle": bundle.name, "bundle_sha256": bundle.sha256, "backend": type(backend).__name__,
-        "frame_size": list(size), "defect_rate": args.defect_rate, "duration_s": args.duration,
+        "frame_size": list(size) if args.frames_from is None else "dataset's own",
+        "frames_from": str(args.frames_from) if args.frames_from else "synthetic",
+        "defect_rate": args.defect_rate, "duration_s": args.duration,
+        "thresholds": str(args.thresholds) if args.thresholds else ("synthetic good max x 1.05" if quantile is None
+                                                                    else f"good test images' q{quantile:g}"),
         "broker": broker is not None, "python": platform.python_version(), "machine": platform.machine(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -251,6 +300,15 @@ def main() -> int:
     finally:
         if broker is not None:
             broker.stop()
+    # mode every drops nothing and serves the frames in order: the events it must have published
+    flags = defective_flags(bundle, backend, frames, thresholds)
+    results["full"]["expected_events"] = sum(flags[i % len(frames)] for i in range(results["full"]["frames"]))
+    results["flagged_frames_per_cycle"] = f"{sum(flags)} of {len(frames)}"
+    if labels is not None:
+        n_bad = sum(labels)
+        results["flagged_by_label"] = {
+            "defective": f"{sum(f for f, bad in zip(flags, labels) if bad)} of {n_bad}",
+            "good": f"{sum(f for f, bad in zip(flags, labels) if not bad)} of {len(labels) - n_bad}"}
     ratio = results["full"]["fps"] / results["bare"]["fps"]
     results["throughput_ratio"] = ratio
     results["goal_met"] = ratio >= GOAL_RATIO
@@ -263,7 +321,8 @@ def main() -> int:
         (f"agent, camera {args.camera_fps:g} fps, mode latest", f"{paced['fps']:.1f} fps",
          f"{paced['latency_ms']['p50']:.2f} / {paced['latency_ms']['p99']:.2f}", f"{paced['dropped']}"),
     ]
-    print(f"\nbench_agent: {bundle.name} ({bundle.sha256[:12]}), {results['backend']}, frames {size[0]}x{size[1]}, "
+    source = f"frames {size[0]}x{size[1]} synthetic" if args.frames_from is None else f"frames from {args.frames_from}"
+    print(f"\nbench_agent: {bundle.name} ({bundle.sha256[:12]}), {results['backend']}, {source}, "
           f"{args.defect_rate:.0%} defective, broker {'mosquitto' if broker else 'none'}")
     print(f"{'run':40} {'throughput':26} {'latency p50/p99 ms':20} dropped")
     for row in rows:
@@ -271,7 +330,11 @@ def main() -> int:
     if rss:
         print(f"memory over {full['seconds']:.0f}s at full rate: VmRSS {rss['after_warmup']:.1f} -> {rss['end']:.1f} MB "
               f"(max {rss['max']:.1f}), growth {rss['growth_mb_per_min']:+.2f} MB/min; "
-              f"events {full['defects']} (acked {full['mqtt']['acked']}, spool {full['mqtt']['spool_depth']})")
+              f"events {full['defects']} of {full['expected_events']} expected (acked {full['mqtt']['acked']}, "
+              f"spool {full['mqtt']['spool_depth']}); {results['flagged_frames_per_cycle']} distinct frames flagged")
+    if "flagged_by_label" in results:
+        print(f"distinct frames flagged: defective {results['flagged_by_label']['defective']}, "
+              f"good {results['flagged_by_label']['good']} (thresholds: {results['thresholds']})")
     print(f"goal >= {GOAL_RATIO:.0%} of bare: {'met' if results['goal_met'] else 'NOT met'}")
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
