@@ -249,6 +249,18 @@ def test_cli_fit_reads_colour_data_in_colour_unless_told(tmp_path: Path, color: 
         assert "in colour" in proc.stderr and "--channels-in 3" in proc.stderr
 
 
+@pytest.mark.parametrize("flags,expected", [
+    ([], (300, 1e-3)),  # inspect: the schedule its figures were measured with
+    (["--model", "daad_plus"], (2000, 2e-4)),  # the paper columns: TrainConfig's
+    (["--steps", "5"], (5, 1e-3)),
+    (["--model", "ae", "--lr", "0.01"], (2000, 0.01)),
+])
+def test_cli_fit_defaults_to_each_models_measured_schedule(flags: list, expected: tuple) -> None:
+    from train.cli import _schedule_for, build_parser
+
+    assert _schedule_for(build_parser().parse_args(["fit", "--data", "x", *flags])) == expected
+
+
 def test_cli_refuses_a_corrupt_checkpoint(tmp_path: Path) -> None:
     bad = tmp_path / "last.pt"
     bad.write_bytes(b"not a checkpoint")

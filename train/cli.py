@@ -12,13 +12,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
 from engine.errors import ConfigError, DaadError, DatasetError
 
-from .config import INSPECT_NAME, PRESETS, ModelConfig, TrainConfig, from_dict, preset, to_dict
+from .config import INSPECT_NAME, PRESETS, ModelConfig, TrainConfig, from_dict, preset, schedule, to_dict
 from .data import has_colour, train_samples
 
 logger = logging.getLogger("train")
@@ -69,11 +69,18 @@ def _channels_of(data: Path) -> int:
     return channels
 
 
+def _schedule_for(args: argparse.Namespace) -> Tuple[int, float]:
+    """--steps and --lr, each defaulting to the model's measured schedule."""
+    default = schedule(args.model)
+    return (args.steps or default["steps"]), (args.lr or default["lr"])
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from .fit import fit
 
     model_cfg = _model_config(args)
-    train_cfg = TrainConfig(data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    steps, lr = _schedule_for(args)
+    train_cfg = TrainConfig(data=args.data, out=args.out, steps=steps, batch_size=args.batch_size, lr=lr,
                             seed=args.seed, device=args.device, amp=not args.no_amp, val_fraction=args.holdout,
                             checkpoint_every=args.checkpoint_every)
     result = fit(model_cfg, train_cfg, resume=args.resume, progress=not args.quiet)
@@ -130,9 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="`inspect` (default): the configuration chosen on real parts; or a paper column preset")
     fit_p.add_argument("--config", help="YAML with a `model:` mapping of ModelConfig overrides")
     fit_p.add_argument("--out", default="runs/daad", help="run directory (checkpoint last.pt, log.jsonl)")
-    fit_p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    fit_p.add_argument("--steps", type=int, help=f"optimiser steps (default: {schedule(INSPECT_NAME)['steps']} for "
+                       f"`inspect`, {TrainConfig.steps} for the paper columns)")
     fit_p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    fit_p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    fit_p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {schedule(INSPECT_NAME)['lr']:g} for "
+                       f"`inspect`, {TrainConfig.lr:g} for the paper columns)")
     fit_p.add_argument("--size", type=int, help="square input size (multiple of 16)")
     fit_p.add_argument("--channels-in", type=int, choices=(1, 3),
                        help="1 gray, 3 RGB (default: 3 if the training images are in colour, else 1)")
