@@ -125,6 +125,10 @@ def test_short_fit_of_the_inspect_model_separates_synthetic_defects(dataset: Pat
     items = model.generator.full_memory.items.detach()
     assert tuple(items.shape) == (352, 4 * 4 * 64)
     assert torch.unique(items.round(decimals=3), dim=0).shape[0] == 352  # no block drawn twice
+    # its coarse memory: a 4x4 map of 1/32 features per image at 128 px, 16 vectors of each training image, once each
+    coarse = model.coarse_memory.items.detach()
+    assert model.cfg.coarse_memory_items == 22 * 16 and tuple(coarse.shape) == (352, 64)
+    assert torch.unique(coarse.round(decimals=3), dim=0).shape[0] == 352 and float(model.c_scale) != 1.0
     for transplant in (False, True):  # the defects as generated, and pasted onto other good parts
         metrics = evaluate(model, dataset, plot=False, transplant=transplant)
         assert metrics["image_auroc"] >= SEPARATION_AUROC, (transplant, metrics)
@@ -146,6 +150,13 @@ def test_short_fit_of_the_inspect_model_separates_synthetic_defects(dataset: Pat
     good_median = float(np.median(predict(model, good, torch.device("cpu"))["scores"]))
     assert 0.3 < result.score_stats["p50"] / good_median < 3, (result.score_stats, good_median)
     assert train_median < 0.1 * good_median, (train_median, good_median)
+    # and the shipped graph: ONNX Runtime matches PyTorch, and TensorRT's static checks pass
+    from engine.check import check_graph
+
+    bundle = export_bundle(result.checkpoint, tmp_path / "bundle", batches=(1,),
+                           parity_images=sorted((dataset / "test").glob("*/*.png"))[::6])
+    assert bundle.metadata["parity"]["max_abs_map"] < 1e-4 * max(1.0, bundle.metadata["parity"]["max_abs_reference"])
+    assert check_graph(bundle.onnx_path(1)) == []
 
 
 def test_eval_on_defects_pasted_onto_good_parts(trained, dataset: Path) -> None:

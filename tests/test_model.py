@@ -130,6 +130,9 @@ def test_anomaly_map_is_larger_where_the_reconstruction_fails() -> None:
     ({"latent_against": "readout"}, "set full_skip_block or use 'reconstruction'"),
     ({"latent_layer": 5}, "expected 0 (the last) to 4"),
     ({"feature_dims": 200, "backbone": "efficientnet_lite0", "image_size": (128, 128)}, "principal components"),
+    ({"coarse_memory_weight": 0.25}, "no backbone"),  # the coarse memory reads the backbone's 1/32 features
+    ({"coarse_memory_weight": 1.5, "backbone": "efficientnet_lite0", "image_size": (128, 128)}, "coarse_memory_weight: got 1.5"),
+    ({"coarse_memory_items": 0}, "coarse_memory_items"),
 ])
 def test_invalid_model_configs_are_named(change: dict, problem: str) -> None:
     problems = validate_model_config(preset("daad", **{**SMALL, **change}))
@@ -278,10 +281,10 @@ def test_unknown_memory_init_is_named() -> None:
 
 
 def test_target_channels_match_the_backbone() -> None:
-    from train.backbone import FEATURE_CHANNELS
-    from train.config import BACKBONE_CHANNELS
+    from train.backbone import COARSE_CHANNELS, FEATURE_CHANNELS
+    from train.config import BACKBONE_CHANNELS, COARSE_CHANNELS as CONFIG_COARSE
 
-    assert BACKBONE_CHANNELS == FEATURE_CHANNELS
+    assert BACKBONE_CHANNELS == FEATURE_CHANNELS and CONFIG_COARSE == COARSE_CHANNELS
     assert preset("daad", backbone="efficientnet_lite0").target_channels == FEATURE_CHANNELS
     assert preset("daad", backbone="efficientnet_lite0", feature_dims=64).target_channels == 64
 
@@ -347,9 +350,50 @@ def test_inspect_is_the_cli_default_and_matches_its_example_file() -> None:
     assert args.model == "inspect" and validate_model_config(cfg) == []
     assert cfg.adversarial and cfg.memory_score_weight == 0.5 and cfg.gamma == 0.0 and cfg.full_skip_items == 50000
     assert cfg.latent_against == "readout" and cfg.latent_layer == 1  # half M, half the discriminator vs the read-out
+    assert cfg.coarse_memory_weight == 0.25 and cfg.coarse_feature_dims == 64  # and a quarter the coarse memory's C
     example = Path(__file__).resolve().parents[1] / "examples" / "train_features.yaml"
     loaded = yaml.safe_load(example.read_text())["model"]
     assert from_dict(ModelConfig, {**to_dict(preset("daad_plus")), **loaded}) == cfg  # the file says what the default is
+
+
+@pytest.mark.parametrize("dims", [0, 16])
+def test_coarse_memory_mixes_its_rebuild_error_of_the_1_32_features_into_the_map(dims: int) -> None:
+    """A = (1-delta) A' + delta C / c_scale, C the squared distance of each standardised (projected) 1/32
+    backbone feature to its nearest coarse item (a vector of the training images), upsampled to the image."""
+    from train.backbone import COARSE_CHANNELS, COARSE_TAP, TAPS
+
+    torch.manual_seed(0)
+    base = dict(image_size=(128, 128), full_skip_items=64, smoothing_sigma=0.0)
+    plain = DAAD(preset("inspect", **base, coarse_memory_weight=0.0), load_backbone=False)
+    assert plain.coarse_memory is None and len(plain.backbone._blocks) == max(TAPS) + 1  # nothing deeper is built
+    model = DAAD(preset("inspect", **base, coarse_memory_weight=0.25, coarse_memory_items=40, coarse_feature_dims=dims),
+                 load_backbone=False)
+    assert len(model.backbone._blocks) == COARSE_TAP + 1
+    model.set_feature_normalisation(torch.randn(4, 176, 16, 16))
+    train_raw = torch.randn(4, COARSE_CHANNELS, 4, 4) * 3 + 2
+    model.set_coarse_memory(train_raw, torch.Generator().manual_seed(0))
+    assert torch.allclose(model.coarse_mean.flatten(), train_raw.mean(dim=(0, 2, 3)), atol=1e-5)
+    items = model.coarse_memory.items.detach()
+    width = dims or COARSE_CHANNELS
+    vectors = model.standardise_coarse(train_raw).permute(0, 2, 3, 1).reshape(-1, width)
+    assert items.shape == (40, width) and not model.coarse_memory.items.requires_grad
+    if dims:  # the projection keeps the directions of largest variance of the standardised training vectors
+        z = ((train_raw - model.coarse_mean) / model.coarse_std).permute(0, 2, 3, 1).reshape(-1, COARSE_CHANNELS)
+        top = torch.linalg.eigvalsh(z.t().double() @ z.double() / len(z)).flip(0)[:dims]
+        assert torch.allclose(vectors.double().pow(2).mean(dim=0), top, rtol=1e-3)
+    assert all(bool(((vectors - item) ** 2).sum(dim=1).min() < 1e-8) for item in items)  # each a training vector
+    model.set_score_normalisation(1.0, 2.0, 4.0, 8.0)
+    model.eval()
+    x = torch.rand(2, 1, 128, 128) * 2 - 1
+    with torch.no_grad():
+        target, coarse = model.encode(x)
+        assert coarse.shape == (2, width, 4, 4) and torch.equal(target, model.targets(x))
+        q = coarse.permute(0, 2, 3, 1).reshape(-1, width)
+        nearest = items[(F.normalize(q, dim=1) @ F.normalize(items, dim=1).t()).argmax(dim=1)]
+        c = ((q - nearest) ** 2).mean(dim=1).reshape(2, 1, 4, 4)
+        c = F.interpolate(c, scale_factor=32.0, mode="bilinear", align_corners=False)
+        expected = 0.75 * model.combine_fine(model.maps(target)) + 0.25 * c / 8.0
+        assert torch.allclose(model(x).anomaly_map, expected, atol=1e-5)
 
 
 def test_the_inspect_model_exports_a_graph_tensorrt_can_take(tmp_path) -> None:

@@ -10,7 +10,7 @@ normalisation ((x - 127) / 128); gray images are repeated to three channels.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,10 @@ STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 
 TAPS = {2: (4, 24), 4: (8, 40), 10: (16, 112)}
 FEATURE_STRIDE = 8  # taps are pooled/upsampled to 1/8 and concatenated
 FEATURE_CHANNELS = sum(c for _, c in TAPS.values())
+# the coarse tap: the last block (1/32, 320 channels), whose receptive field spans most of a 256 px part
+COARSE_TAP = 15
+COARSE_STRIDE = 32
+COARSE_CHANNELS = 320
 
 
 def same_pad(size: int, kernel: int, stride: int) -> Tuple[int, int]:
@@ -68,23 +72,26 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite0Features(nn.Module):
-    """(B, 1|3, H, W) in [-1, 1] -> (B, 176, H/8, W/8) multi-scale features, frozen, always in eval mode."""
+    """(B, 1|3, H, W) in [-1, 1] -> (B, 176, H/8, W/8) multi-scale features, frozen, always in eval mode.
 
-    def __init__(self, image_size: Tuple[int, int], load_weights: bool = True) -> None:
+    coarse: also build the last stages, so that `forward_with_coarse` returns the 1/32 features too."""
+
+    def __init__(self, image_size: Tuple[int, int], load_weights: bool = True, coarse: bool = False) -> None:
         super().__init__()
         h, w = image_size
         self._conv_stem = SameConv(3, 32, 3, 2, (h, w))
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
         size = (-(-h // 2), -(-w // 2))
+        last = COARSE_TAP if coarse else max(TAPS)
         blocks: List[nn.Module] = []
         for repeats, kernel, stride, expand, cin, cout in STAGES:
             for r in range(repeats):
                 s = stride if r == 0 else 1
                 blocks.append(MBConv(cin if r == 0 else cout, cout, kernel, s, expand, size))
                 size = (-(-size[0] // s), -(-size[1] // s))
-            if len(blocks) > max(TAPS):
+            if len(blocks) > last:
                 break  # deeper stages are not used: do not compute (or export) them
-        self._blocks = nn.ModuleList(blocks[: max(TAPS) + 1])
+        self._blocks = nn.ModuleList(blocks[: last + 1])
         if load_weights:
             self.load_pretrained()
         for p in self.parameters():
@@ -114,16 +121,27 @@ class EfficientNetLite0Features(nn.Module):
         return super().train(False)  # frozen: batch-norm statistics stay ImageNet's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_coarse(x)[0]
+
+    def forward_with_coarse(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """-> (the 1/8 features, the 1/32 features or None when built without `coarse`)."""
         if x.shape[1] == 1:
             x = torch.cat([x, x, x], dim=1)  # a Concat: repeat() exports as Expand+Tile of computed shapes (not static)
         h = F.relu6(self._bn0(self._conv_stem(x)))
         taps = []
+        coarse = None
         for i, block in enumerate(self._blocks):
             h = block(h)
             if i in TAPS:
                 taps.append(h)
+            if i == COARSE_TAP:
+                coarse = local_context(h)
         f4, f8, f16 = taps
         f4 = F.avg_pool2d(f4, 2)
         f16 = F.interpolate(f16, scale_factor=2.0, mode="bilinear", align_corners=False)
-        feats = torch.cat([f4, f8, f16], dim=1)
-        return F.avg_pool2d(feats, 3, 1, 1, count_include_pad=False)  # local context, as PatchCore does
+        return local_context(torch.cat([f4, f8, f16], dim=1)), coarse
+
+
+def local_context(feats: torch.Tensor) -> torch.Tensor:
+    """Each feature vector averaged with its 3x3 neighbours (local context, as PatchCore does)."""
+    return F.avg_pool2d(feats, 3, 1, 1, count_include_pad=False)

@@ -39,6 +39,16 @@ class ModelConfig:
     # beta: weight of the full-resolution memory's rebuild error M in the anomaly map (needs full_skip_block);
     # A = (1-beta)(gamma R + (1-gamma) L) + beta M. 0 = the paper's map; 1 = M alone
     memory_score_weight: float = 0.0
+    # delta: weight of a coarse memory's rebuild error C in the anomaly map, A = (1-delta) A' + delta C (A' as
+    # above); its items are the backbone's 1/32 feature vectors (320 channels, each seeing most of the part) of
+    # the training images, read out hard. DAAD's memories at several scales, on features: a region whose
+    # every 32 px block is normal but which is wrong as a whole (uneven surface) lights up. Needs a backbone
+    coarse_memory_weight: float = 0.0
+    # N of that memory: an upper bound, fit() keeps each training vector once when there are fewer
+    coarse_memory_items: int = 50000
+    # the 1/32 features projected onto their top principal components (0 = all 320): 64 score as well on val
+    # in a memory 5x smaller (11 MB for magnetic_tile's 686 training images)
+    coarse_feature_dims: int = 0
     temperature: float = 0.1  # softmax(cos/T): at T=1 cosine in [-1,1] gives near-uniform addressing
     shrink_threshold: float = 0.0  # MemAE hard shrinkage lambda (0 = off, paper's equations have none)
     adversarial: bool = False  # discriminator + adversarial and alignment losses (DAAD+)
@@ -111,6 +121,7 @@ class TrainConfig:
 
 BACKBONES = ("", "efficientnet_lite0")
 BACKBONE_CHANNELS = 176  # = train.backbone.FEATURE_CHANNELS (a test checks it; no torch import here)
+COARSE_CHANNELS = 320  # = train.backbone.COARSE_CHANNELS (likewise)
 MEMORY_INITS = ("random", "data")
 MEMORY_READOUTS = ("soft", "hard")
 LATENT_AGAINST = ("reconstruction", "readout")
@@ -127,13 +138,16 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 # DAAD+ on frozen EfficientNet-Lite0 features (64 principal components) with a memory of 4x4-feature
 # blocks (32x32 pixels) holding every training block up to 50 000 (180 MB on magnetic_tile), read out hard; the
 # anomaly map is half its rebuild error M, half the discriminator's layer-1 feature distance between the input
-# and that read-out, scored by its top 1 %; chosen on the `val` half of magnetic_tile, on its
+# and that read-out; a quarter of the map is a coarse memory's rebuild error of the backbone's 1/32 features
+# (64 principal components, every training vector), for defects wider than a block; scored by its top 1 %;
+# chosen on the `val` half of magnetic_tile, on its
 # defects as they are and pasted onto good parts. `daad-train fit` uses it unless --model names a paper column.
 INSPECT: Dict[str, Any] = {
     **PRESETS["daad_plus"], "backbone": "efficientnet_lite0", "image_size": (256, 256), "feature_dims": 64,
     "blocks": ((1, 1, 0), (1, 1, 0), (1, 1, 0), (1, 1, 0)), "memory_items": 500,
     "full_skip_block": (4, 4, 0), "full_skip_items": 50000, "memory_init": "data", "memory_readout": "hard",
     "memory_score_weight": 0.5, "gamma": 0.0, "latent_against": "readout", "latent_layer": 1,
+    "coarse_memory_weight": 0.25, "coarse_memory_items": 50000, "coarse_feature_dims": 64,
     "score_topk": 0.01, "smoothing_sigma": 4.0,
 }
 INSPECT_NAME = "inspect"
@@ -246,6 +260,16 @@ def validate_model_config(cfg: ModelConfig) -> List[str]:
     elif cfg.memory_score_weight > 0 and not (cfg.memory and cfg.skips and fbh > 0):
         problems.append("model.memory_score_weight: scores the full-resolution memory, which this model has not; "
                         "set full_skip_block (e.g. [1, 1, 0]) on a model with memory and skips, or set it to 0")
+    if not 0.0 <= cfg.coarse_memory_weight <= 1.0:
+        problems.append(f"model.coarse_memory_weight: got {cfg.coarse_memory_weight}, expected within [0, 1]")
+    elif cfg.coarse_memory_weight > 0 and not cfg.backbone:
+        problems.append("model.coarse_memory_weight: scores a memory of the backbone's 1/32 features, and this model has "
+                        "no backbone; set backbone: efficientnet_lite0 or set it to 0")
+    if cfg.coarse_memory_items < 1:
+        problems.append(f"model.coarse_memory_items: got {cfg.coarse_memory_items}, expected >= 1")
+    if not 0 <= cfg.coarse_feature_dims <= COARSE_CHANNELS:
+        problems.append(f"model.coarse_feature_dims: got {cfg.coarse_feature_dims}, expected 0 (all) to "
+                        f"{COARSE_CHANNELS} principal components")
     if cfg.memory_readout not in MEMORY_READOUTS:
         problems.append(f"model.memory_readout: got {cfg.memory_readout!r}, expected one of {MEMORY_READOUTS}")
     if cfg.temperature <= 0:

@@ -29,6 +29,7 @@ from .checkpoint import model_weights, read_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, validate_model_config
 from .data import Sample, has_colour, load_images, split_holdout, train_samples
 from .loss import discriminator_loss, generator_loss
+from .backbone import COARSE_STRIDE
 from .model import DAAD, RawMaps
 
 logger = logging.getLogger(__name__)
@@ -103,14 +104,16 @@ def augment(batch: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torc
 
 
 @torch.no_grad()
-def calibrate_scores(model: DAAD, targets: torch.Tensor, device: torch.device) -> Dict[str, float]:
-    """Set the R/L/M normalisation from the training images' targets (model.targets of each: what the
-    generator rebuilds, computed once by fit), then return their score statistics (for the bundle)."""
+def calibrate_scores(model: DAAD, targets: torch.Tensor, device: torch.device,
+                     coarse: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    """Set the R/L/M(/C) normalisation from good images' targets (model.encode of each: what the generator
+    and the coarse memory rebuild, computed once by fit), then return their score statistics (for the bundle)."""
     model.eval()
-    sums = np.zeros(3)  # R, L, M summed over images
+    sums = np.zeros(len(RawMaps._fields))  # R, L, M, C summed over images
     batches = []  # the raw maps, kept (on the CPU) so that the scores need no second pass of the model
     for start in range(0, len(targets), SCORE_BATCH):
-        maps = model.maps(targets[start:start + SCORE_BATCH].to(device))
+        part = coarse[start:start + SCORE_BATCH].to(device) if coarse is not None else None
+        maps = model.maps(targets[start:start + SCORE_BATCH].to(device), part)
         sums += [float(m.mean()) * len(m) if m is not None else 0.0 for m in maps]
         batches.append(RawMaps(*(m.cpu() if m is not None else None for m in maps)))
     means = sums / max(1, len(targets))
@@ -122,21 +125,29 @@ def calibrate_scores(model: DAAD, targets: torch.Tensor, device: torch.device) -
 
 
 @torch.no_grad()
-def backbone_features(model: DAAD, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Frozen backbone features of every training image, computed once (B, C, h, w) on the CPU."""
+def backbone_features(model: DAAD, images: torch.Tensor,
+                      device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Frozen backbone features of every training image, computed once, on the CPU: (B, C, h, w), and the
+    raw 1/32 features (B, 320, h/4, w/4) where the model has a coarse memory (else None)."""
     backbone = model.backbone
     if backbone is None:
-        return images
-    return torch.cat([backbone(images[i:i + SCORE_BATCH].to(device)).cpu() for i in range(0, len(images), SCORE_BATCH)])
+        return images, None
+    parts = [backbone.forward_with_coarse(images[i:i + SCORE_BATCH].to(device)) for i in range(0, len(images), SCORE_BATCH)]
+    features = torch.cat([f.cpu() for f, _ in parts])
+    if model.coarse_memory is None:
+        return features, None
+    return features, torch.cat([c.cpu() for _, c in parts])
 
 
-def statistics_targets(model: DAAD, samples: List[Sample], spec: PreprocessSpec, device: torch.device) -> torch.Tensor:
-    """What the generator rebuilds for held-back good images (the same transform as the training bank)."""
+def statistics_targets(model: DAAD, samples: List[Sample], spec: PreprocessSpec,
+                       device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """What the generator (and the coarse memory) rebuild for held-back good images (the training bank's transform)."""
     inputs = model.normalise_input(torch.from_numpy(load_images(samples, spec)))
     if model.backbone is None:
-        return inputs
+        return inputs, None
     model.eval()
-    return model.standardise(backbone_features(model, inputs, device))
+    features, coarse = backbone_features(model, inputs, device)
+    return model.standardise(features), (model.standardise_coarse(coarse) if coarse is not None else None)
 
 
 def summarise_scores(scores: np.ndarray) -> Dict[str, float]:
@@ -184,6 +195,18 @@ def fit_memory_to_data(model_cfg: ModelConfig, n_images: int) -> ModelConfig:
     return dataclasses.replace(model_cfg, full_skip_items=available)
 
 
+def fit_coarse_memory_to_data(model_cfg: ModelConfig, n_images: int) -> ModelConfig:
+    """The coarse memory holds at most each training image's 1/32 feature vectors once."""
+    if not (model_cfg.backbone and model_cfg.coarse_memory_weight > 0):
+        return model_cfg
+    h, w = model_cfg.image_size
+    available = n_images * (h // COARSE_STRIDE) * (w // COARSE_STRIDE)
+    if model_cfg.coarse_memory_items <= available:
+        return model_cfg
+    logger.info("coarse_memory_items %d > %d training vectors: the memory holds each once", model_cfg.coarse_memory_items, available)
+    return dataclasses.replace(model_cfg, coarse_memory_items=available)
+
+
 def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> FitResult:
     problems = validate_model_config(model_cfg)
     if problems:
@@ -209,11 +232,15 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
     if len(shard) == 0:
         raise ConfigError(f"{cfg.data}: {len(images)} training images cannot feed {world} processes")
 
-    model_cfg = fit_memory_to_data(model_cfg, len(images))
+    model_cfg = fit_coarse_memory_to_data(fit_memory_to_data(model_cfg, len(images)), len(images))
     model = DAAD(model_cfg).to(device)
-    raw_features = backbone_features(model, model.normalise_input(images), device) if model.backbone is not None else None
+    raw_features, raw_coarse = (backbone_features(model, model.normalise_input(images), device)
+                                if model.backbone is not None else (None, None))
     if raw_features is not None:
         model.set_feature_normalisation(raw_features)  # overwritten by the checkpoint on resume
+    if raw_coarse is not None:
+        model.set_coarse_memory(raw_coarse.to(device), torch.Generator().manual_seed(cfg.seed))  # likewise
+    coarse_bank = model.standardise_coarse(raw_coarse) if raw_coarse is not None else None
     params_g = list(model.generator.parameters())
     opt_g = torch.optim.Adam(params_g, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     optimizers: Dict[str, Any] = {"generator": opt_g}
@@ -301,8 +328,8 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
 
     score_stats: Dict[str, float] = {}
     if rank == 0:
-        score_stats = calibrate_scores(model, statistics_targets(model, unseen, spec, device) if unseen else bank,
-                                       device)
+        targets, coarse = statistics_targets(model, unseen, spec, device) if unseen else (bank, coarse_bank)
+        score_stats = calibrate_scores(model, targets, device, coarse)
         extra = {"score_stats": score_stats, "images_per_s": images_per_s,
                  "training_data": {"root": str(cfg.data), "n_images": len(images), "n_held_back": len(held),
                                    "held_back": [str(s.image) for s in held],

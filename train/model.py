@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import FEATURE_CHANNELS, EfficientNetLite0Features
+from .backbone import COARSE_CHANNELS, FEATURE_CHANNELS, EfficientNetLite0Features
 from .config import ModelConfig
 
 NORM_EPS = 1e-4  # >= 1e-4 so half precision does not round it to zero (NaN in TensorRT FP16)
@@ -28,6 +28,7 @@ class RawMaps(NamedTuple):
     rec: torch.Tensor  # R: squared reconstruction error, mean over channels
     latent: Optional[torch.Tensor]  # L: discriminator-feature distance (DAAD+ with gamma < 1)
     memory: Optional[torch.Tensor]  # M: squared distance of each input block to its full-resolution memory read-out
+    coarse: Optional[torch.Tensor] = None  # C: squared distance of each 1/32 feature to the coarse memory's read-out
 
 
 class AnomalyOutput(NamedTuple):
@@ -286,8 +287,10 @@ class DAAD(nn.Module):
 
     forward(x) -> AnomalyOutput: the per-pixel map
         A = (1-beta) * (gamma*R/r_scale + (1-gamma)*L/l_scale) + beta * M/m_scale
+    and with a coarse memory, (1-delta) * A + delta * C/c_scale
     (R: squared reconstruction error averaged over channels; L: discriminator-feature distance,
-    upsampled; M: the full-resolution memory's rebuild error, beta = `memory_score_weight`),
+    upsampled; M: the full-resolution memory's rebuild error, beta = `memory_score_weight`; C: the coarse
+    memory's rebuild error of the backbone's 1/32 features, upsampled, delta = `coarse_memory_weight`),
     Gaussian-smoothed, and the image score = mean of its top `score_topk` pixels.
     The scales are the mean training-image values (set by `set_score_normalisation`) so that the
     weights mix terms of comparable size.
@@ -296,7 +299,9 @@ class DAAD(nn.Module):
     def __init__(self, cfg: ModelConfig, load_backbone: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = EfficientNetLite0Features(cfg.image_size, load_weights=load_backbone) if cfg.backbone else None
+        has_coarse = bool(cfg.backbone) and cfg.coarse_memory_weight > 0
+        self.backbone = (EfficientNetLite0Features(cfg.image_size, load_weights=load_backbone, coarse=has_coarse)
+                         if cfg.backbone else None)
         raw_channels = FEATURE_CHANNELS if cfg.backbone else cfg.in_channels
         # per-channel standardisation of backbone features (set from training images before training)
         self.register_buffer("feat_mean", torch.zeros(1, raw_channels, 1, 1))
@@ -305,6 +310,17 @@ class DAAD(nn.Module):
         if self.projected:  # (dims, 176): the top principal components of the standardised training features
             self.register_buffer("feat_proj", torch.eye(cfg.feature_dims, raw_channels))
         self.generator = Generator(cfg)
+        self.coarse_memory: Optional[BlockMemory] = None
+        if has_coarse:
+            # a bank of the training images' 1/32 feature vectors (set by fit, not trained), per-channel standardised
+            dims = cfg.coarse_feature_dims or COARSE_CHANNELS
+            self.coarse_memory = BlockMemory(dims, (1, 1, 0), cfg.coarse_memory_items, cfg.temperature, readout="hard")
+            self.coarse_memory.items.requires_grad_(False)
+            self.register_buffer("coarse_mean", torch.zeros(1, COARSE_CHANNELS, 1, 1))
+            self.register_buffer("coarse_std", torch.ones(1, COARSE_CHANNELS, 1, 1))
+            if cfg.coarse_feature_dims:
+                self.register_buffer("coarse_proj", torch.eye(dims, COARSE_CHANNELS))
+            self.register_buffer("c_scale", torch.ones(()))
         self.discriminator = Discriminator(cfg.target_channels, cfg.disc_channels) if cfg.adversarial else None
         h, w = cfg.image_size
         if cfg.smoothing_sigma > 0:
@@ -330,10 +346,45 @@ class DAAD(nn.Module):
 
     def targets(self, x: torch.Tensor) -> torch.Tensor:
         """What the generator must rebuild: the (normalised) image, or its standardised backbone features."""
+        return self.encode(x)[0]
+
+    def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """-> (`targets(x)`, the standardised 1/32 features the coarse memory rebuilds, or None without one)."""
         x = self.normalise_input(x)
         if self.backbone is None:
-            return x
-        return self.standardise(self.backbone(x))
+            return x, None
+        features, coarse = self.backbone.forward_with_coarse(x)
+        return self.standardise(features), (self.standardise_coarse(coarse) if coarse is not None else None)
+
+    def standardise_coarse(self, raw_coarse: torch.Tensor) -> torch.Tensor:
+        """Raw 1/32 features (B, 320, h, w) -> what the coarse memory rebuilds (B, dims, h, w)."""
+        z = (raw_coarse - self.coarse_mean.to(raw_coarse.device)) / self.coarse_std.to(raw_coarse.device)
+        if not self.cfg.coarse_feature_dims:
+            return z
+        return F.conv2d(z, self.coarse_proj.to(z.device)[:, :, None, None])
+
+    @torch.no_grad()
+    def set_coarse_memory(self, raw_coarse: torch.Tensor, rng: torch.Generator) -> None:
+        """Per-channel mean/std of the training images' raw 1/32 features (B, 320, h, w), with
+        `coarse_feature_dims` their principal components, and the coarse memory's items: their standardised
+        (projected) vectors, each once (drawn at random when there are more)."""
+        assert self.coarse_memory is not None
+        self.coarse_mean.copy_(raw_coarse.mean(dim=(0, 2, 3), keepdim=True))
+        self.coarse_std.copy_(raw_coarse.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-3))
+        if self.cfg.coarse_feature_dims:
+            self.coarse_proj.copy_(principal_components(raw_coarse, self.coarse_mean, self.coarse_std,
+                                                        self.cfg.coarse_feature_dims).to(self.coarse_proj))
+        vectors = divide(self.standardise_coarse(raw_coarse), 1, 1, self.coarse_memory.bc)
+        n = self.coarse_memory.items.shape[0]
+        if len(vectors) < n:
+            raise ValueError(f"coarse memory of {n} items from {len(vectors)} vectors (fit caps coarse_memory_items)")
+        rows = torch.randperm(len(vectors), generator=rng)[:n]
+        self.coarse_memory.items.copy_(vectors[rows].to(self.coarse_memory.items))
+
+    def coarse_map(self, coarse: torch.Tensor) -> torch.Tensor:
+        """C: each standardised 1/32 feature's squared distance to its nearest coarse item, at image size."""
+        assert self.coarse_memory is not None
+        return self.to_image_size(((coarse - self.coarse_memory(coarse)) ** 2).mean(dim=1, keepdim=True))
 
     def standardise(self, raw_features: torch.Tensor) -> torch.Tensor:
         """Raw backbone features (B, 176, h, w) -> what the generator rebuilds (B, target_channels, h, w)."""
@@ -354,14 +405,8 @@ class DAAD(nn.Module):
         self.feat_std.copy_(raw_features.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-3))
         if not self.projected:
             return
-        c = raw_features.shape[1]
-        cov = torch.zeros(c, c, dtype=torch.float64)
-        for chunk in raw_features.split(PCA_CHUNK):  # (C, C) accumulated: all vectors at once need GBs
-            z = ((chunk - self.feat_mean.to(chunk)) / self.feat_std.to(chunk)).permute(0, 2, 3, 1).reshape(-1, c).double()
-            cov += z.t() @ z
-        _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues; the mean is zero after standardisation
-        top = vectors[:, -self.cfg.feature_dims:].flip(1).t()  # (dims, C), largest variance first
-        self.feat_proj.copy_(top.to(self.feat_proj))
+        self.feat_proj.copy_(principal_components(raw_features, self.feat_mean, self.feat_std,
+                                                  self.cfg.feature_dims).to(self.feat_proj))
 
     def to_image_size(self, m: torch.Tensor) -> torch.Tensor:
         # a constant scale factor keeps Shape/Slice/Concat out of the exported graph
@@ -382,10 +427,13 @@ class DAAD(nn.Module):
         l_map = self.to_image_size(((f_real - f_fake) ** 2).mean(dim=1, keepdim=True))
         return RawMaps(r_map, l_map, m_map)
 
-    def maps(self, target: torch.Tensor) -> RawMaps:
-        """Run the generator on a target and return its anomaly-map terms."""
+    def maps(self, target: torch.Tensor, coarse: Optional[torch.Tensor] = None) -> RawMaps:
+        """Run the generator on a target (and the coarse memory on `coarse`) and return the anomaly-map terms."""
         recon, readout = self.generator.rebuild(target)
-        return self.raw_maps(target, recon, readout)
+        raw = self.raw_maps(target, recon, readout)
+        if coarse is not None and self.coarse_memory is not None:
+            raw = raw._replace(coarse=self.coarse_map(coarse))
+        return raw
 
     def smooth(self, m: torch.Tensor) -> torch.Tensor:
         if self.cfg.smoothing_sigma <= 0:
@@ -393,6 +441,14 @@ class DAAD(nn.Module):
         return separable_blur(m, self.smooth_kernel) / self.smooth_norm
 
     def combine(self, maps: RawMaps) -> torch.Tensor:
+        fine = self.combine_fine(maps)
+        if maps.coarse is None:
+            return fine
+        delta = self.cfg.coarse_memory_weight
+        return (1.0 - delta) * fine + delta * maps.coarse / self.c_scale
+
+    def combine_fine(self, maps: RawMaps) -> torch.Tensor:
+        """The map of the 1/8 terms: R, L and M."""
         g, beta = self.cfg.gamma, self.cfg.memory_score_weight
         # weights of 0 drop their term (not a product with 0): the decoder then leaves the exported graph
         if maps.latent is None or g >= 1.0:
@@ -416,14 +472,27 @@ class DAAD(nn.Module):
         return torch.topk(flat, self.topk, dim=1).values.mean(dim=1)
 
     def forward(self, x: torch.Tensor) -> AnomalyOutput:
-        amap = self.smooth(self.combine(self.maps(self.targets(x))))
+        amap = self.smooth(self.combine(self.maps(*self.encode(x))))
         return AnomalyOutput(anomaly_map=amap, score=self.image_score(amap))
 
     @torch.no_grad()
-    def set_score_normalisation(self, r_mean: float, l_mean: float, m_mean: float = 1.0) -> None:
+    def set_score_normalisation(self, r_mean: float, l_mean: float, m_mean: float = 1.0, c_mean: float = 1.0) -> None:
         self.r_scale.fill_(max(r_mean, 1e-8))
         self.l_scale.fill_(max(l_mean, 1e-8))
         self.m_scale.fill_(max(m_mean, 1e-8))
+        if self.coarse_memory is not None:
+            self.c_scale.fill_(max(c_mean, 1e-8))
+
+
+def principal_components(raw: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dims: int) -> torch.Tensor:
+    """(dims, C): the top principal components of every standardised feature vector of (B, C, h, w)."""
+    c = raw.shape[1]
+    cov = torch.zeros(c, c, dtype=torch.float64)
+    for chunk in raw.split(PCA_CHUNK):  # (C, C) accumulated: all vectors at once need GBs
+        z = ((chunk - mean.to(chunk)) / std.to(chunk)).permute(0, 2, 3, 1).reshape(-1, c).double().cpu()
+        cov += z.t() @ z
+    _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues; the mean is zero after standardisation
+    return vectors[:, -dims:].flip(1).t()  # largest variance first
 
 
 def count_parameters(module: nn.Module) -> int:
