@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
+
 from train.checkpoint import load_model  # noqa: E402
 from train.evaluate import evaluate  # noqa: E402
 
@@ -65,11 +67,7 @@ def main() -> int:
         print(f"{r['coarse_memory_weight']:5.2f} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} "
               f"{r['aupro']:6.3f} {r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
               + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in types))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"probe_{args.split}_{int(time.time())}.json"
-    path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=float))
-    print(f"\nJSON: {path}")
+    write_probe_rows(Path(args.out), args, rows)
     return 0
 
 

@@ -25,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
+
 from train.checkpoint import load_model, score_stats_images  # noqa: E402
 from train.data import load_images, train_samples  # noqa: E402
 from train.evaluate import compute_metrics, load_split  # noqa: E402
@@ -119,11 +121,7 @@ def main() -> int:
     for r in rows:
         print(f"{r['map']:52s} {r['view']:10s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f}  "
               + " ".join(f"{t} {v:.3f}" for t, v in r["per_type"].items()))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"probe_{args.split}_{int(time.time())}.json"
-    path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=float))
-    print(f"\nJSON: {path}")
+    write_probe_rows(Path(args.out), args, rows)
     return 0
 
 

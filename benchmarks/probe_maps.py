@@ -27,6 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
+
 from engine.preprocess import denormalize  # noqa: E402
 from train import plots  # noqa: E402
 from train.checkpoint import load_model, score_stats_images  # noqa: E402
@@ -134,9 +136,7 @@ def main() -> int:
         print(f"{r['map']:40s} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} {r['aupro']:6.3f} "
               f"{r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
               + " ".join(f"{t} {v:.3f}" for t, v in r["pixel_auroc_per_type"].items()))
-    path = out / f"probe_{args.split}_{int(time.time())}.json"
-    path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=float))
-    print(f"\nJSON: {path}")
+    write_probe_rows(out, args, rows)
     return 0
 
 
