@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Stretch or letterbox? How the crop's aspect ratio reaches the model, measured on the memory's map.
+
+    python benchmarks/probe_resize.py --data ../shared/datasets/magnetic_tile --split val \
+        --modes stretch reflect replicate --sizes 256 --transplant
+
+magnetic_tile's crops range from 0.4 to 2.8 in height/width; the product stretches each one to the model's
+square input (engine.preprocess, `resize: stretch`), so the texture's scale differs between crops. The
+alternative is a letterbox: the longer side resized to the input size, the aspect kept, the rest of the
+square filled by mirroring the crop (`reflect`) or repeating its edge (`replicate`). Each row scores
+`inspect`'s fine memory alone (M: 4x4 blocks of the 1/8 features, 64 principal components, every training
+block once, read out hard, untrained, sigma 4: sweep_features.untrained_memory_maps) with train/ and the
+split preprocessed the same way; a letterboxed map is cut back to the crop and resized to the masks'
+stretched geometry before it is scored, and the image score is the top 1 % of that crop. With
+--transplant the split's defects are also pasted onto its good images (in the stretched geometry, then
+brought back to the host's own shape and preprocessed like the rest). Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
+from sweep_features import backbone_features, smoothed, untrained_memory_maps  # noqa: E402
+
+from train.config import preset  # noqa: E402
+from train.data import eval_samples, load_mask, read_image, split_eval, train_samples  # noqa: E402
+from train.evaluate import compute_metrics  # noqa: E402
+from train.fit import preprocess_spec  # noqa: E402
+from train.transplant import transplant_set  # noqa: E402
+
+MODES = ("stretch", "reflect", "replicate")
+BLOCK = 4  # inspect's fine memory: 4x4 blocks of the 1/8 feature map
+FEATURE_DIMS = 64
+SIGMA = 4.0
+TOPK = 0.01
+Rect = Optional[Tuple[int, int, int, int]]  # (top, left, height, width) of the crop inside the square
+
+
+def gray(path: Path) -> np.ndarray:
+    import cv2
+
+    image = read_image(path)
+    return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+
+
+def to_input(u8: np.ndarray) -> np.ndarray:
+    """uint8 (H, W) -> the model's (1, H, W) input in [-1, 1] (engine.preprocess's mean 0.5, std 0.5)."""
+    return ((u8.astype(np.float32) / 255.0 - 0.5) / 0.5)[None]
+
+
+def square(image: np.ndarray, size: int, mode: str) -> Tuple[np.ndarray, Rect]:
+    """One crop -> (size, size) uint8 by `mode`, and where the crop lies in it (None: all of it)."""
+    import cv2
+
+    if mode == "stretch":
+        return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA), None
+    h, w = image.shape
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    inner = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    border = cv2.BORDER_REFLECT_101 if mode == "reflect" else cv2.BORDER_REPLICATE
+    return cv2.copyMakeBorder(inner, top, size - nh - top, left, size - nw - left, border), (top, left, nh, nw)
+
+
+def pasted_crops(crops: Sequence[np.ndarray], masks: np.ndarray, labels: np.ndarray, size: int) -> List[np.ndarray]:
+    """The split's defects pasted onto its good crops (train.transplant, in the stretched geometry), each
+    brought back to its host's own shape."""
+    import cv2
+
+    stretched = np.stack([to_input(square(c, size, "stretch")[0]) for c in crops])
+    pasted, hosts = transplant_set(stretched, masks, labels)
+    u8 = np.clip((pasted[:, 0] * 0.5 + 0.5) * 255.0, 0, 255).astype(np.uint8)
+    return [cv2.resize(u8[i], (crops[h].shape[1], crops[h].shape[0]), interpolation=cv2.INTER_LINEAR)
+            for i, h in enumerate(hosts)]
+
+
+def back_to_masks(maps: torch.Tensor, rects: Sequence[Rect], size: int) -> torch.Tensor:
+    """Letterboxed maps cut to their crops and resized to the masks' (stretched) geometry."""
+    if all(r is None for r in rects):
+        return maps
+    return torch.cat([F.interpolate(m[None, :, t:t + h, l:l + w], size=(size, size), mode="bilinear", align_corners=False)
+                      for m, (t, l, h, w) in zip(maps, rects)])
+
+
+def memory_maps(train: Sequence[np.ndarray], test: Sequence[np.ndarray], size: int, mode: str) -> torch.Tensor:
+    prepare: Callable[[np.ndarray], Tuple[np.ndarray, Rect]] = lambda c: square(c, size, mode)  # noqa: E731
+    raw_train = torch.from_numpy(backbone_features(np.stack([to_input(prepare(c)[0]) for c in train]), size))
+    prepared = [prepare(c) for c in test]
+    raw_test = torch.from_numpy(backbone_features(np.stack([to_input(p) for p, _ in prepared]), size))
+    h, w = raw_train.shape[-2:]
+    items = len(train) * (h // BLOCK) * (w // BLOCK)  # every training block once
+    maps = untrained_memory_maps(raw_train, raw_test, items, 0, size, block=BLOCK, feature_dims=FEATURE_DIMS)
+    return back_to_masks(smoothed(maps, SIGMA), [r for _, r in prepared], size)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256])
+    parser.add_argument("--transplant", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/probe_resize")
+    args = parser.parse_args()
+    if any(size % 128 for size in args.sizes):
+        parser.error(f"--sizes {args.sizes}: each must be a multiple of 128 (the generator's four 2x downsamplings "
+                     "act on the 1/8 feature map)")
+
+    data = Path(args.data)
+    train = [gray(s.image) for s in train_samples(data)]
+    samples = eval_samples(data)
+    samples = [samples[i] for i in split_eval(samples, args.split, 0)]
+    crops = [gray(s.image) for s in samples]
+    labels = np.array([s.label for s in samples])
+    types = [s.defect_type for s in samples]
+    t0 = time.perf_counter()
+    rows = []
+    for size in args.sizes:
+        spec = preprocess_spec(preset("daad", image_size=(size, size), backbone="efficientnet_lite0"))
+        masks = np.stack([load_mask(s, spec) for s in samples])
+        views: Dict[str, Sequence[np.ndarray]] = {"test/": crops}
+        if args.transplant:
+            views["pasted"] = pasted_crops(crops, masks, labels, size)
+        for mode in args.modes:
+            for view, test in views.items():
+                maps = memory_maps(train, test, size, mode)
+                flat = maps.reshape(len(maps), -1)
+                scores = flat.topk(max(1, int(flat.shape[1] * TOPK)), dim=1).values.mean(dim=1).numpy()
+                got = compute_metrics(labels, types, scores, maps[:, 0].numpy(), masks)
+                b = got["pixel_auroc_breakdown"]
+                rows.append({"mode": mode, "size": size, "view": view, "image_auroc": got["image_auroc"],
+                             "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],
+                             "pixel_against_good_images": b["against_good_images"],
+                             "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
+                             "image_auroc_per_type": got["image_auroc_per_type"], "seconds": time.perf_counter() - t0})
+                print(f"{mode} {size} {view}: image {got['image_auroc']:.3f} pixel {got['pixel_auroc']:.3f} "
+                      f"AUPRO {got['aupro']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    type_names = sorted({t for r in rows for t in r["image_auroc_per_type"]})
+    header = (f"{'mode':9s} {'size':>4s} {'view':7s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'vs good':>7s} {'vs bg':>6s}  "
+              + " ".join(f"{t:>9s}" for t in type_names))
+    print(f"\nsplit `{args.split}`, M alone ({BLOCK}x{BLOCK} blocks, {FEATURE_DIMS} dims, sigma {SIGMA:g}, top 1 %); "
+          f"{time.perf_counter() - t0:.0f} s\n" + header + "\n" + "-" * len(header))
+    for r in rows:
+        print(f"{r['mode']:9s} {r['size']:4d} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} {r['aupro']:6.3f} "
+              f"{r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
+              + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in type_names))
+    write_probe_rows(Path(args.out), args, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
