@@ -1,17 +1,18 @@
 #!/usr/bin/env python3
-"""Stretch or letterbox? How the crop's aspect ratio reaches the model, measured on the memory's map.
+"""Stretch, letterbox or tile? How the crop's aspect ratio reaches the model, measured on the memory's map.
 
     python benchmarks/probe_resize.py --data ../shared/datasets/magnetic_tile --split val \
-        --modes stretch reflect replicate --sizes 256 --transplant
+        --modes stretch reflect replicate tile --sizes 256 --transplant
 
 magnetic_tile's crops range from 0.4 to 2.8 in height/width; the product stretches each one to the model's
 square input (engine.preprocess, `resize: stretch`), so the texture's scale differs between crops. The
-alternative is a letterbox: the longer side resized to the input size, the aspect kept, the rest of the
-square filled by mirroring the crop (`reflect`) or repeating its edge (`replicate`). Each row scores
-`inspect`'s fine memory alone (M: 4x4 blocks of the 1/8 features, 64 principal components, every training
-block once, read out hard, untrained, sigma 4: sweep_features.untrained_memory_maps) with train/ and the
-split preprocessed the same way; a letterboxed map is cut back to the crop and resized to the masks'
-stretched geometry before it is scored, and the image score is the top 1 % of that crop. With
+alternatives: a letterbox (the longer side resized to the input size, the aspect kept, the rest of the
+square filled by mirroring the crop, `reflect`, or repeating its edge, `replicate`), or tiles (`tile`: the
+crop cut along its longer side into round(long / short) near-square pieces, each stretched and scored,
+their maps put back together). Each row scores `inspect`'s fine memory alone (M: 4x4 blocks of the 1/8
+features, 64 principal components, every training block once, read out hard, untrained, sigma 4:
+sweep_features.untrained_memory_maps) with train/ and the split preprocessed the same way; a letterboxed map is cut back to the crop, and every map is put in the
+masks' stretched geometry before it is scored; the image score is the top 1 % of that crop's map. With
 --transplant the split's defects are also pasted onto its good images (in the stretched geometry, then
 brought back to the host's own shape and preprocessed like the rest). Prints a table and writes JSON.
 """
@@ -21,7 +22,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -38,12 +39,13 @@ from train.evaluate import compute_metrics  # noqa: E402
 from train.fit import preprocess_spec  # noqa: E402
 from train.transplant import transplant_set  # noqa: E402
 
-MODES = ("stretch", "reflect", "replicate")
+MODES = ("stretch", "reflect", "replicate", "tile")
 BLOCK = 4  # inspect's fine memory: 4x4 blocks of the 1/8 feature map
 FEATURE_DIMS = 64
 SIGMA = 4.0
 TOPK = 0.01
 Rect = Optional[Tuple[int, int, int, int]]  # (top, left, height, width) of the crop inside the square
+Piece = Tuple[np.ndarray, Rect, Tuple[float, float, float, float]]  # see pieces()
 
 
 def gray(path: Path) -> np.ndarray:
@@ -59,10 +61,11 @@ def to_input(u8: np.ndarray) -> np.ndarray:
 
 
 def square(image: np.ndarray, size: int, mode: str) -> Tuple[np.ndarray, Rect]:
-    """One crop -> (size, size) uint8 by `mode`, and where the crop lies in it (None: all of it)."""
+    """One crop -> (size, size) uint8 by `mode` (stretch or a letterbox), and where the crop lies in it
+    (None: all of it)."""
     import cv2
 
-    if mode == "stretch":
+    if mode in ("stretch", "tile"):
         return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA), None
     h, w = image.shape
     scale = size / max(h, w)
@@ -71,6 +74,23 @@ def square(image: np.ndarray, size: int, mode: str) -> Tuple[np.ndarray, Rect]:
     top, left = (size - nh) // 2, (size - nw) // 2
     border = cv2.BORDER_REFLECT_101 if mode == "reflect" else cv2.BORDER_REPLICATE
     return cv2.copyMakeBorder(inner, top, size - nh - top, left, size - nw - left, border), (top, left, nh, nw)
+
+
+def pieces(image: np.ndarray, size: int, mode: str) -> List[Piece]:
+    """One crop -> the squares the model sees, each with where its crop lies in it and which share of the
+    crop (top, bottom, left, right as fractions) it is. `tile` cuts the crop along its longer side into
+    round(long / short) near-square tiles, each stretched."""
+    if mode != "tile":
+        u8, rect = square(image, size, mode)
+        return [(u8, rect, (0.0, 1.0, 0.0, 1.0))]
+    h, w = image.shape
+    n = max(1, round(max(h, w) / min(h, w)))
+    out: List[Piece] = []
+    for k in range(n):
+        a, b = k / n, (k + 1) / n
+        part = image[round(a * h):round(b * h)] if h >= w else image[:, round(a * w):round(b * w)]
+        out.append((square(part, size, "stretch")[0], None, (a, b, 0.0, 1.0) if h >= w else (0.0, 1.0, a, b)))
+    return out
 
 
 def pasted_crops(crops: Sequence[np.ndarray], masks: np.ndarray, labels: np.ndarray, size: int) -> List[np.ndarray]:
@@ -85,23 +105,38 @@ def pasted_crops(crops: Sequence[np.ndarray], masks: np.ndarray, labels: np.ndar
             for i, h in enumerate(hosts)]
 
 
-def back_to_masks(maps: torch.Tensor, rects: Sequence[Rect], size: int) -> torch.Tensor:
-    """Letterboxed maps cut to their crops and resized to the masks' (stretched) geometry."""
-    if all(r is None for r in rects):
-        return maps
-    return torch.cat([F.interpolate(m[None, :, t:t + h, l:l + w], size=(size, size), mode="bilinear", align_corners=False)
-                      for m, (t, l, h, w) in zip(maps, rects)])
+def assemble(maps: torch.Tensor, owners: Sequence[int], placed: Sequence[Piece], count: int, size: int) -> torch.Tensor:
+    """Each square's map cut to its crop and put where its share of the crop lies in the masks' (stretched)
+    geometry -> (count, 1, size, size)."""
+    out = torch.zeros(count, 1, size, size)
+    for m, owner, (_, rect, (a, b, c, d)) in zip(maps, owners, placed):
+        if rect is not None:
+            t, l, h, w = rect
+            m = m[:, t:t + h, l:l + w]
+        r0, r1, c0, c1 = round(a * size), round(b * size), round(c * size), round(d * size)
+        out[owner, :, r0:r1, c0:c1] = F.interpolate(m[None], size=(r1 - r0, c1 - c0), mode="bilinear",
+                                                    align_corners=False)[0]
+    return out
+
+
+def split_all(crops: Sequence[np.ndarray], size: int, mode: str) -> Tuple[List[Piece], List[int]]:
+    placed, owners = [], []
+    for i, crop in enumerate(crops):
+        for piece in pieces(crop, size, mode):
+            placed.append(piece)
+            owners.append(i)
+    return placed, owners
 
 
 def memory_maps(train: Sequence[np.ndarray], test: Sequence[np.ndarray], size: int, mode: str) -> torch.Tensor:
-    prepare: Callable[[np.ndarray], Tuple[np.ndarray, Rect]] = lambda c: square(c, size, mode)  # noqa: E731
-    raw_train = torch.from_numpy(backbone_features(np.stack([to_input(prepare(c)[0]) for c in train]), size))
-    prepared = [prepare(c) for c in test]
-    raw_test = torch.from_numpy(backbone_features(np.stack([to_input(p) for p, _ in prepared]), size))
+    train_pieces, _ = split_all(train, size, mode)
+    raw_train = torch.from_numpy(backbone_features(np.stack([to_input(u8) for u8, _, _ in train_pieces]), size))
+    placed, owners = split_all(test, size, mode)
+    raw_test = torch.from_numpy(backbone_features(np.stack([to_input(u8) for u8, _, _ in placed]), size))
     h, w = raw_train.shape[-2:]
-    items = len(train) * (h // BLOCK) * (w // BLOCK)  # every training block once
+    items = len(raw_train) * (h // BLOCK) * (w // BLOCK)  # every training block once
     maps = untrained_memory_maps(raw_train, raw_test, items, 0, size, block=BLOCK, feature_dims=FEATURE_DIMS)
-    return back_to_masks(smoothed(maps, SIGMA), [r for _, r in prepared], size)
+    return assemble(smoothed(maps, SIGMA), owners, placed, len(test), size)
 
 
 def main() -> int:
