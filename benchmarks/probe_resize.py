@@ -2,7 +2,7 @@
 """Stretch, letterbox or tile? How the crop's aspect ratio reaches the model, measured on the memory's map.
 
     python benchmarks/probe_resize.py --data ../shared/datasets/magnetic_tile --split val \
-        --modes stretch reflect replicate tile --sizes 256 --transplant
+        --modes stretch reflect replicate tile --sizes 256 --transplant [--mix] [--block 4]
 
 magnetic_tile's crops range from 0.4 to 2.8 in height/width; the product stretches each one to the model's
 square input (engine.preprocess, `resize: stretch`), so the texture's scale differs between crops. The
@@ -14,7 +14,10 @@ features, 64 principal components, every training block once, read out hard, unt
 sweep_features.untrained_memory_maps) with train/ and the split preprocessed the same way; a letterboxed map is cut back to the crop, and every map is put in the
 masks' stretched geometry before it is scored; the image score is the top 1 % of that crop's map. With
 --transplant the split's defects are also pasted onto its good images (in the stretched geometry, then
-brought back to the host's own shape and preprocessed like the rest). Prints a table and writes JSON.
+brought back to the host's own shape and preprocessed like the rest). With --mix, each letterbox run beside
+`stretch` also scores the two views together (`stretch+reflect`, ...: the mean of the two maps, each divided by
+its mean over the split's maps, which needs no labels): two memories and two passes per image. --block sets
+the memory's block side (4 = inspect's; at 384 px, 6 spans what 4 spans at 256). Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from train.fit import preprocess_spec  # noqa: E402
 from train.transplant import transplant_set  # noqa: E402
 
 MODES = ("stretch", "reflect", "replicate", "tile")
-BLOCK = 4  # inspect's fine memory: 4x4 blocks of the 1/8 feature map
+BLOCK = 4  # inspect's fine memory: 4x4 blocks of the 1/8 feature map (--block)
 FEATURE_DIMS = 64
 SIGMA = 4.0
 TOPK = 0.01
@@ -128,15 +131,40 @@ def split_all(crops: Sequence[np.ndarray], size: int, mode: str) -> Tuple[List[P
     return placed, owners
 
 
-def memory_maps(train: Sequence[np.ndarray], test: Sequence[np.ndarray], size: int, mode: str) -> torch.Tensor:
+def memory_maps(train: Sequence[np.ndarray], test: Sequence[np.ndarray], size: int, mode: str,
+                block: int = BLOCK) -> torch.Tensor:
     train_pieces, _ = split_all(train, size, mode)
     raw_train = torch.from_numpy(backbone_features(np.stack([to_input(u8) for u8, _, _ in train_pieces]), size))
     placed, owners = split_all(test, size, mode)
     raw_test = torch.from_numpy(backbone_features(np.stack([to_input(u8) for u8, _, _ in placed]), size))
     h, w = raw_train.shape[-2:]
-    items = len(raw_train) * (h // BLOCK) * (w // BLOCK)  # every training block once
-    maps = untrained_memory_maps(raw_train, raw_test, items, 0, size, block=BLOCK, feature_dims=FEATURE_DIMS)
+    items = len(raw_train) * (h // block) * (w // block)  # every training block once
+    maps = untrained_memory_maps(raw_train, raw_test, items, 0, size, block=block, feature_dims=FEATURE_DIMS)
     return assemble(smoothed(maps, SIGMA), owners, placed, len(test), size)
+
+
+def mixed(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Two views' maps of one split, each scaled by its own mean over the split (no labels), averaged."""
+    return 0.5 * first / first.mean() + 0.5 * second / second.mean()
+
+
+def score_row(maps: torch.Tensor, labels: np.ndarray, types: Sequence[str], masks: np.ndarray,
+              **keys: object) -> Dict[str, object]:
+    flat = maps.reshape(len(maps), -1)
+    scores = flat.topk(max(1, int(flat.shape[1] * TOPK)), dim=1).values.mean(dim=1).numpy()
+    got = compute_metrics(labels, types, scores, maps[:, 0].numpy(), masks)
+    b = got["pixel_auroc_breakdown"]
+    return {**keys, "image_auroc": got["image_auroc"], "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],
+            "pixel_against_good_images": b["against_good_images"],
+            "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
+            "image_auroc_per_type": got["image_auroc_per_type"]}
+
+
+def report(row: Dict[str, object], t0: float) -> Dict[str, object]:
+    row["seconds"] = time.perf_counter() - t0
+    print(f"{row['mode']} {row['size']} {row['view']}: image {row['image_auroc']:.3f} pixel {row['pixel_auroc']:.3f} "
+          f"AUPRO {row['aupro']:.3f} ({row['seconds']:.0f} s)", flush=True)
+    return row
 
 
 def main() -> int:
@@ -146,11 +174,17 @@ def main() -> int:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256])
     parser.add_argument("--transplant", action="store_true")
+    parser.add_argument("--mix", action="store_true", help="also score stretch and each letterbox together")
+    parser.add_argument("--block", type=int, default=BLOCK, help="block side of the memory, in 1/8 feature cells")
     parser.add_argument("--out", default="benchmarks/results/probe_resize")
     args = parser.parse_args()
     if any(size % 128 for size in args.sizes):
         parser.error(f"--sizes {args.sizes}: each must be a multiple of 128 (the generator's four 2x downsamplings "
                      "act on the 1/8 feature map)")
+    if args.block < 1 or any((size // 8) % args.block for size in args.sizes):
+        parser.error(f"--block {args.block}: must divide each size's 1/8 feature map ({[s // 8 for s in args.sizes]} cells)")
+    if args.mix and ("stretch" not in args.modes or not {"reflect", "replicate"} & set(args.modes)):
+        parser.error("--mix needs `stretch` and a letterbox (reflect or replicate) in --modes")
 
     data = Path(args.data)
     train = [gray(s.image) for s in train_samples(data)]
@@ -167,28 +201,25 @@ def main() -> int:
         views: Dict[str, Sequence[np.ndarray]] = {"test/": crops}
         if args.transplant:
             views["pasted"] = pasted_crops(crops, masks, labels, size)
-        for mode in args.modes:
-            for view, test in views.items():
-                maps = memory_maps(train, test, size, mode)
-                flat = maps.reshape(len(maps), -1)
-                scores = flat.topk(max(1, int(flat.shape[1] * TOPK)), dim=1).values.mean(dim=1).numpy()
-                got = compute_metrics(labels, types, scores, maps[:, 0].numpy(), masks)
-                b = got["pixel_auroc_breakdown"]
-                rows.append({"mode": mode, "size": size, "view": view, "image_auroc": got["image_auroc"],
-                             "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],
-                             "pixel_against_good_images": b["against_good_images"],
-                             "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
-                             "image_auroc_per_type": got["image_auroc_per_type"], "seconds": time.perf_counter() - t0})
-                print(f"{mode} {size} {view}: image {got['image_auroc']:.3f} pixel {got['pixel_auroc']:.3f} "
-                      f"AUPRO {got['aupro']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for view, test in views.items():
+            view_maps: Dict[str, torch.Tensor] = {}
+            for mode in args.modes:
+                maps = view_maps[mode] = memory_maps(train, test, size, mode, args.block)
+                rows.append(report(score_row(maps, labels, types, masks, mode=mode, size=size, view=view), t0))
+            if args.mix:
+                for mode in ("reflect", "replicate"):
+                    if mode in view_maps:
+                        maps = mixed(view_maps["stretch"], view_maps[mode])
+                        rows.append(report(score_row(maps, labels, types, masks, mode=f"stretch+{mode}", size=size,
+                                                     view=view), t0))
 
     type_names = sorted({t for r in rows for t in r["image_auroc_per_type"]})
-    header = (f"{'mode':9s} {'size':>4s} {'view':7s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'vs good':>7s} {'vs bg':>6s}  "
+    header = (f"{'mode':17s} {'size':>4s} {'view':7s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'vs good':>7s} {'vs bg':>6s}  "
               + " ".join(f"{t:>9s}" for t in type_names))
-    print(f"\nsplit `{args.split}`, M alone ({BLOCK}x{BLOCK} blocks, {FEATURE_DIMS} dims, sigma {SIGMA:g}, top 1 %); "
+    print(f"\nsplit `{args.split}`, M alone ({args.block}x{args.block} blocks, {FEATURE_DIMS} dims, sigma {SIGMA:g}, top 1 %); "
           f"{time.perf_counter() - t0:.0f} s\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r['mode']:9s} {r['size']:4d} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} {r['aupro']:6.3f} "
+        print(f"{r['mode']:17s} {r['size']:4d} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} {r['aupro']:6.3f} "
               f"{r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
               + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in type_names))
     write_probe_rows(Path(args.out), args, rows)
