@@ -25,6 +25,7 @@ from train.checkpoint import load_model  # noqa: E402
 from train.config import PRESETS, TrainConfig, preset  # noqa: E402
 from train.evaluate import evaluate  # noqa: E402
 from train.fit import fit  # noqa: E402
+from train.groups import load_groups  # noqa: E402
 
 # Image AUROC from the paper's MVTec AD table (../shared/docs/daad.md): category -> column -> value
 PAPER = {
@@ -72,7 +73,7 @@ def run_dir_name(config: str) -> str:
     return f"{name[:MAX_NAME - 13]}_{hashlib.sha256(config.encode()).hexdigest()[:12]}"
 
 
-SETTINGS_OF_A_ROW = ("data", "steps", "batch_size", "lr", "size", "seed", "split", "device", "transplant")
+SETTINGS_OF_A_ROW = ("data", "steps", "batch_size", "lr", "size", "seed", "split", "device", "transplant", "groups")
 
 
 def reusable_row(path: Path, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
@@ -80,7 +81,8 @@ def reusable_row(path: Path, args: argparse.Namespace) -> Optional[Dict[str, Any
     if not path.is_file():
         return None
     earlier = json.loads(path.read_text())
-    same = all(earlier["args"].get(k) == getattr(args, k) for k in SETTINGS_OF_A_ROW)
+    added_later = {"groups": ""}  # settings rows written before them lack; their value then was this
+    same = all(earlier["args"].get(k, added_later.get(k)) == getattr(args, k) for k in SETTINGS_OF_A_ROW)
     return earlier["row"] if same else None
 
 
@@ -99,6 +101,8 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--transplant", action="store_true",
                         help="also evaluate on the split's defects pasted onto its good images (same backgrounds)")
+    parser.add_argument("--groups", default="", help="groups CSV (train.groups): fit and evaluate on the grouped "
+                        "protocol, which never scores a part whose sibling images were trained on")
     parser.add_argument("--reuse", action="store_true",
                         help="keep a config's row from an earlier run with the same settings (its row.json)")
     args = parser.parse_args()
@@ -106,6 +110,7 @@ def main() -> int:
     data = Path(args.data)
     category = data.name.lower()
     out = Path(args.out)
+    groups = load_groups(Path(args.groups), data) if args.groups else None
     rows: List[Dict[str, Any]] = []
     for text in args.configs:
         variant = parse_variant(text)
@@ -118,10 +123,11 @@ def main() -> int:
             continue
         t0 = time.perf_counter()
         result = fit(cfg, TrainConfig(data=str(data), out=str(run / "run"), steps=args.steps, batch_size=args.batch_size,
-                                      lr=args.lr, seed=args.seed, device=args.device, checkpoint_every=args.steps))
+                                      lr=args.lr, seed=args.seed, device=args.device, checkpoint_every=args.steps,
+                                      groups=args.groups))
         train_s = time.perf_counter() - t0
         model, _ = load_model(result.checkpoint)
-        metrics = evaluate(model, data, run / "eval", device=args.device, split=args.split)
+        metrics = evaluate(model, data, run / "eval", device=args.device, split=args.split, groups=groups)
         paper = PAPER.get(category, PAPER["mean"])[COLUMN[variant["preset"]]] if variant["preset"] in COLUMN else None
         rows.append({"config": text, "model": cfg.name, "image_auroc": metrics["image_auroc"],
                      "pixel_auroc": metrics["pixel_auroc"], "aupro": metrics["aupro"],
@@ -129,7 +135,8 @@ def main() -> int:
                      "train_images_per_s": result.images_per_s,
                      "train_s": train_s, "paper": paper, "paper_source": category if category in PAPER else "mean"})
         if args.transplant:
-            pasted = evaluate(model, data, run / "eval_transplant", device=args.device, split=args.split, transplant=True)
+            pasted = evaluate(model, data, run / "eval_transplant", device=args.device, split=args.split, transplant=True,
+                              groups=groups)
             rows[-1]["transplant"] = {k: pasted[k] for k in ("image_auroc", "pixel_auroc", "aupro", "image_auroc_per_type",
                                                             "pixel_auroc_breakdown")}
         # each row is also kept beside its run: a long benchmark that is stopped keeps what it measured
@@ -137,7 +144,7 @@ def main() -> int:
         print(json.dumps(rows[-1], default=float), flush=True)
 
     print(f"\n{category}: {args.steps} steps x batch {args.batch_size} at {args.size}px, seed {args.seed}, "
-          f"reported on split `{args.split}`")
+          f"reported on split `{args.split}`" + (f" of the grouped protocol ({args.groups})" if groups else ""))
     header = f"{'config':44s} {'image AUROC':>11s} {'paper':>6s} {'pixel AUROC':>11s} {'AUPRO':>6s} {'img/s':>6s}"
     print(header)
     print("-" * len(header))

@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -20,6 +20,9 @@ from engine.errors import ConfigError, DaadError, DatasetError
 
 from .config import INSPECT_NAME, PRESETS, ModelConfig, TrainConfig, from_dict, preset, schedule, to_dict
 from .data import has_colour, train_samples
+
+if TYPE_CHECKING:
+    from .groups import Groups
 
 logger = logging.getLogger("train")
 
@@ -82,7 +85,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     steps, lr = _schedule_for(args)
     train_cfg = TrainConfig(data=args.data, out=args.out, steps=steps, batch_size=args.batch_size, lr=lr,
                             seed=args.seed, device=args.device, amp=not args.no_amp, val_fraction=args.holdout,
-                            checkpoint_every=args.checkpoint_every)
+                            checkpoint_every=args.checkpoint_every, groups=args.groups or "")
     result = fit(model_cfg, train_cfg, resume=args.resume, progress=not args.quiet)
     if result.score_stats:
         print(f"checkpoint: {result.checkpoint}")
@@ -95,13 +98,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .evaluate import evaluate
 
-    model, _ = load_model(args.checkpoint)
+    model, state = load_model(args.checkpoint)
+    groups = checked_groups(args.groups, Path(args.data), state, args.checkpoint) if args.groups else None
     metrics = evaluate(model, Path(args.data), Path(args.out), device=args.device, plot=not args.no_plots,
-                       progress=not args.quiet, split=args.split, transplant=args.transplant)
+                       progress=not args.quiet, split=args.split, transplant=args.transplant, groups=groups)
     print(json.dumps({k: metrics[k] for k in ("model", "image_auroc", "pixel_auroc", "aupro")}, default=float))
     print(f"per type: {json.dumps(metrics['image_auroc_per_type'], default=float)}")
     print(f"metrics and plots: {args.out}")
     return 0
+
+
+def checked_groups(path: str, data: Path, state: Dict[str, Any], checkpoint: str) -> "Groups":
+    """The groups file, if the checkpoint was fit on the same one: a model that trained on the held-out
+    groups' siblings would be scored on images it has seen."""
+    from .groups import load_groups
+
+    groups = load_groups(Path(path), data)
+    fitted = (state.get("training_data") or {}).get("groups_sha256") or ""
+    if fitted != groups.sha256:
+        how = "without a groups file" if not fitted else f"with another groups file (sha256 {fitted[:12]})"
+        raise ConfigError(f"{checkpoint}: fit {how}, so it may have trained on the images {path} holds out; "
+                          f"refit with `daad-train fit --groups {path}` or evaluate without --groups")
+    return groups
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -150,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit_p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     fit_p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     fit_p.add_argument("--holdout", type=float, default=0.0, help="fraction of good images held back (validation)")
+    fit_p.add_argument("--groups", help="CSV `image,group` of images showing one part (train.groups): train on the "
+                       "grouped protocol's images only, so that `eval --groups` scores parts the model never saw")
     fit_p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
     fit_p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     fit_p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -162,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_p.add_argument("--device", default="auto")
     eval_p.add_argument("--split", default="all", choices=("all", "val", "test"),
                         help="a fixed half of test/ per defect type: choose settings on val, report on test")
+    eval_p.add_argument("--groups", help="the groups CSV the checkpoint was fit with: evaluate held-out parts "
+                        "(good images of held-out groups; val/test halves of whole groups)")
     eval_p.add_argument("--transplant", action="store_true",
                         help="paste each defect onto a good image of the set (same background for good and defective)")
     eval_p.add_argument("--no-plots", action="store_true")

@@ -117,6 +117,7 @@ class TrainConfig:
     vflip: bool = True
     max_shift: float = 0.03  # fraction of the size
     val_fraction: float = 0.0  # good images held back from training (for model selection)
+    groups: str = ""  # CSV `image,group` (train.groups): train on the grouped protocol's images only
 
 
 BACKBONES = ("", "efficientnet_lite0")

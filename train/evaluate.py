@@ -14,6 +14,7 @@ from engine.preprocess import denormalize
 
 from .data import eval_samples, load_images, load_mask, split_eval
 from .fit import preprocess_spec, resolve_device
+from .groups import Groups, grouped_protocol, split_by_group
 from .metrics import aupro, best_f1, image_auroc, pixel_auroc, pixel_auroc_breakdown
 from .model import DAAD
 from .transplant import transplant_set
@@ -59,10 +60,16 @@ def compute_metrics(labels: np.ndarray, types: List[str], scores: np.ndarray, ma
     }
 
 
-def load_split(data_root: Path, spec: Any, split: str = "all", split_seed: int = 0) -> Tuple[list, np.ndarray, np.ndarray, np.ndarray, List[str]]:
-    """The samples of one split of test/ (see data.split_eval), their preprocessed images, masks, labels and types."""
-    samples = eval_samples(data_root)
-    samples = [samples[i] for i in split_eval(samples, split, split_seed)]
+def load_split(data_root: Path, spec: Any, split: str = "all", split_seed: int = 0,
+               groups: Optional[Groups] = None) -> Tuple[list, np.ndarray, np.ndarray, np.ndarray, List[str]]:
+    """The samples of one split of test/ (see data.split_eval), or with `groups` of the grouped protocol's
+    evaluation images (train.groups), their preprocessed images, masks, labels and types."""
+    if groups is not None:
+        samples = grouped_protocol(data_root, groups)[1]
+        samples = [samples[i] for i in split_by_group(samples, split, groups, split_seed)]
+    else:
+        samples = eval_samples(data_root)
+        samples = [samples[i] for i in split_eval(samples, split, split_seed)]
     images = load_images(samples, spec)
     masks = np.stack([load_mask(s, spec) for s in samples])
     labels = np.array([s.label for s in samples])
@@ -71,14 +78,14 @@ def load_split(data_root: Path, spec: Any, split: str = "all", split_seed: int =
 
 def evaluate(model: DAAD, data_root: Path, out_dir: Optional[Path] = None, device: str = "auto",
              plot: bool = True, progress: bool = False, split: str = "all", split_seed: int = 0,
-             transplant: bool = False) -> Dict[str, Any]:
+             transplant: bool = False, groups: Optional[Groups] = None) -> Dict[str, Any]:
     """Score the test set (or a fixed half of it, see data.split_eval), compute metrics, write
     metrics.json and plots into out_dir.
 
     transplant: score the set's defects pasted onto its good images instead (train.transplant), so
     that defective and good images share their backgrounds."""
     spec = preprocess_spec(model.cfg)
-    samples, images, masks, labels, types = load_split(Path(data_root), spec, split, split_seed)
+    samples, images, masks, labels, types = load_split(Path(data_root), spec, split, split_seed, groups)
     if transplant:
         images, _ = transplant_set(images, masks, labels, seed=split_seed)
     pred = predict(model, images, resolve_device(device), progress)
@@ -87,6 +94,7 @@ def evaluate(model: DAAD, data_root: Path, out_dir: Optional[Path] = None, devic
     metrics["data"] = str(data_root)
     metrics["split"] = split
     metrics["transplant"] = transplant
+    metrics["groups"] = str(groups.path) if groups is not None else ""
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from engine.preprocess import PreprocessSpec
 from .checkpoint import model_weights, read_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, validate_model_config
 from .data import Sample, has_colour, load_images, split_holdout, train_samples
+from .groups import Groups, grouped_protocol, holdout_by_group, load_groups
 from .loss import discriminator_loss, generator_loss
 from .backbone import COARSE_STRIDE
 from .model import DAAD, RawMaps
@@ -172,14 +173,15 @@ def stores_training_blocks(model_cfg: ModelConfig) -> bool:
 
 
 def statistics_split(model_cfg: ModelConfig, samples: List[Sample], held: List[Sample],
-                     seed: int) -> Tuple[List[Sample], List[Sample]]:
+                     seed: int, groups: Optional[Groups] = None) -> Tuple[List[Sample], List[Sample]]:
     """(images to train on, good images that set the score normalisation and statistics). The held-back
     validation images where there are any; else, for a model that stores its training blocks, a fraction
     of train/good held back from training; else the training images themselves (the paper's choice)."""
     if held:
         return samples, held
     if stores_training_blocks(model_cfg) and len(samples) > 1:
-        return split_holdout(samples, STATISTICS_FRACTION, seed + 1)
+        return (holdout_by_group(samples, STATISTICS_FRACTION, seed + 1, groups) if groups is not None
+                else split_holdout(samples, STATISTICS_FRACTION, seed + 1))
     return samples, []
 
 
@@ -220,13 +222,15 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
     ckpt_path = out / CHECKPOINT_NAME
 
     spec = preprocess_spec(model_cfg)
-    every = train_samples(Path(cfg.data))
+    groups = load_groups(Path(cfg.groups), Path(cfg.data)) if cfg.groups else None
+    every = grouped_protocol(Path(cfg.data), groups)[0] if groups is not None else train_samples(Path(cfg.data))
     if model_cfg.in_channels == 1 and rank == 0 and has_colour(every):
         logger.warning("%s: the training images are in colour and this model reads them as gray (in_channels 1): "
                        "colour-only defects will be missed; in_channels 3 (daad-train fit --channels-in 3) keeps colour",
                        cfg.data)
-    samples, held = split_holdout(every, cfg.val_fraction, cfg.seed)
-    samples, unseen = statistics_split(model_cfg, samples, held, cfg.seed)
+    samples, held = (holdout_by_group(every, cfg.val_fraction, cfg.seed, groups) if groups is not None
+                     else split_holdout(every, cfg.val_fraction, cfg.seed))
+    samples, unseen = statistics_split(model_cfg, samples, held, cfg.seed, groups)
     images = torch.from_numpy(load_images(samples, spec))
     shard = torch.arange(rank, len(images), world)  # each rank draws from its own shard
     if len(shard) == 0:
@@ -335,7 +339,8 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
                                    "held_back": [str(s.image) for s in held],
                                    "score_stats_from": f"{len(unseen)} held-back good images" if unseen
                                    else "the training images",
-                                   "score_stats_images": [str(s.image) for s in unseen]}}
+                                   "score_stats_images": [str(s.image) for s in unseen],
+                                   "groups_sha256": groups.sha256 if groups is not None else ""}}
         save_checkpoint(ckpt_path, model.cpu(), cfg, cfg.steps, optimizers, extra)
     if world > 1:
         dist.barrier()
