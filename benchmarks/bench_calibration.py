@@ -8,6 +8,9 @@ the calibration half exactly as `daad-calibrate fit` does (calibration.fit.fit_t
     the interval the fit stated;
   - the share of held-out good frames that would show a region (pixel threshold + min area);
   - the miss rate on every defective image, per defect type.
+With --groups (train.groups; the bundle fit with `daad-train fit --groups` on the same file) the good
+frames are instead the grouped protocol's held-out good images, parts the model never trained on: the
+groups' `val` half calibrates, the `test` half is held out.
 Prints a table and writes JSON to benchmarks/results/.
 
     python benchmarks/bench_calibration.py --dataset /work/shared/datasets/magnetic_tile --bundle BUNDLE
@@ -64,14 +67,25 @@ def score_files(files: Sequence[Path], bundle: Bundle, backend: Any) -> Tuple[np
             names, skipped)
 
 
+def grouped_good(dataset: Path, groups_file: Path) -> Tuple[List[Path], List[Path]]:
+    """(calibrate, held out): the grouped protocol's good images, its val and test halves of whole groups."""
+    from train.groups import grouped_protocol, load_groups, split_by_group
+
+    groups = load_groups(groups_file, dataset)
+    good = [s for s in grouped_protocol(dataset, groups)[1] if s.label == 0]
+    return ([good[i].image for i in split_by_group(good, "val", groups)],
+            [good[i].image for i in split_by_group(good, "test", groups)])
+
+
 def run(dataset: Path, bundle_path: Path, targets: Sequence[float], backend_name: str = "auto",
-        strategy: str = "auto") -> Dict[str, Any]:
+        strategy: str = "auto", groups_file: Optional[Path] = None) -> Dict[str, Any]:
     bundle = load_bundle(bundle_path)
     test = dataset / "test"
     good_dir = test / GOOD_DIR
     if not good_dir.is_dir():
         raise DatasetError(f"{good_dir}: missing; the benchmark needs an MVTec-layout dataset with test/good")
-    calib_files, held_files = split_good(list_images(good_dir))
+    calib_files, held_files = (grouped_good(dataset, groups_file) if groups_file is not None
+                               else split_good(list_images(good_dir)))
     kinds = sorted(d.name for d in test.iterdir() if d.is_dir() and d.name != GOOD_DIR and list_images(d))
     started = time.perf_counter()
     n_scored = 0
@@ -130,7 +144,9 @@ def run(dataset: Path, bundle_path: Path, targets: Sequence[float], backend_name
         "dataset": str(dataset.resolve()),
         "bundle": {"name": bundle.name, "sha256": bundle.sha256, "path": str(Path(bundle.root).resolve())},
         "backend": backend_used,
-        "split": {"rule": "sorted test/good: even positions calibrate, odd positions held out",
+        "split": {"rule": (f"grouped protocol ({groups_file}): held-out groups' good images, val half calibrates, "
+                           "test half held out") if groups_file is not None
+                  else "sorted test/good: even positions calibrate, odd positions held out",
                   "calibration": len(calib_files), "heldout": len(held_files)},
         "defect_images": {k: int(v.size) for k, v in defect_scores.items()},
         "skipped_images": skipped,
@@ -183,6 +199,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS), help="false-alarm rates")
     parser.add_argument("--strategy", choices=("auto", "quantile", "gpd"), default="auto")
     parser.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto")
+    parser.add_argument("--groups", type=Path, help="groups CSV the bundle was fit with: calibrate and measure on "
+                        "held-out parts (train.groups)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON result")
     args = parser.parse_args(argv)
     try:
@@ -192,7 +210,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             dataset, bundle = args.dataset, args.bundle
         else:
             parser.error("pass --dataset and --bundle, or --synthetic DIR")
-        report = run(dataset, bundle, args.targets, args.backend, args.strategy)
+        report = run(dataset, bundle, args.targets, args.backend, args.strategy, args.groups)
         report["synthetic"] = args.synthetic is not None
     except DaadError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -10,7 +10,9 @@ numbers of one tile's images lie within ~200 of each other, and tiles are hundre
 every fifth good image for test/good, so each test/good tile has its siblings in train/good. This script
 reads the dataset's source_map.csv (image -> source file) and starts a new group wherever consecutive
 source numbers, over all types, are more than --gap apart: a group is one tile or a few tiles shot
-together, never half a tile. It prints the group sizes and writes the CSV atomically.
+together, never half a tile. It prints the group sizes and writes the CSV atomically. --check also prints,
+per test/ folder, how alike each image is to its closest train/good image (correlation of 24x24
+thumbnails, each minus its mean): the siblings show as near 1 for test/good and not for defective tiles.
 """
 from __future__ import annotations
 
@@ -49,11 +51,39 @@ def tile_groups(rows: List[Dict[str, str]], gap: int = GAP) -> Dict[str, str]:
     return out
 
 
+THUMB = 24
+
+
+def thumbnail(path: Path) -> "np.ndarray":
+    import cv2
+    import numpy as np
+
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise SystemExit(f"{path}: not a readable image")
+    t = cv2.resize(image.astype(np.float32), (THUMB, THUMB), interpolation=cv2.INTER_AREA).ravel()
+    t -= t.mean()
+    return t / (np.linalg.norm(t) + 1e-6)
+
+
+def closest_train_similarity(root: Path, images: List[str]) -> Dict[str, List[float]]:
+    """Per test/ folder: each image's highest thumbnail correlation with a train/good image."""
+    import numpy as np
+
+    train = np.stack([thumbnail(root / i) for i in images if i.startswith("train/")])
+    out: Dict[str, List[float]] = collections.defaultdict(list)
+    for image in images:
+        if image.startswith("test/"):
+            out[image.split("/")[1]].append(float((train @ thumbnail(root / image)).max()))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", default="benchmarks/groups/magnetic_tile.csv")
     parser.add_argument("--gap", type=int, default=GAP)
+    parser.add_argument("--check", action="store_true", help="also print how alike test/ images are to train/good")
     args = parser.parse_args()
     source_map = Path(args.data) / "source_map.csv"
     if not source_map.is_file():
@@ -73,6 +103,22 @@ def main() -> int:
     print(f"{len(groups)} images in {len(set(groups.values()))} groups ({len(good)} with good images); "
           f"images per group: " + ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items())))
     print(f"wrote {args.out}")
+    if args.check:
+        import numpy as np
+
+        print(f"closest train/good image, correlation of {THUMB}x{THUMB} thumbnails (median, 10th percentile, share > 0.95):")
+        for folder, values in sorted(closest_train_similarity(Path(args.data), sorted(groups)).items()):
+            v = np.array(values)
+            print(f"  test/{folder:9s} {np.median(v):.3f}  {np.percentile(v, 10):.3f}  {np.mean(v > 0.95):4.0%}")
+        # the grouped protocol's evaluated good images against the images it trains on
+        from train.groups import grouped_protocol, load_groups
+
+        root = Path(args.data)
+        train, evaluated = grouped_protocol(root, load_groups(Path(args.out), root))
+        bank = np.stack([thumbnail(s.image) for s in train])
+        v = np.array([float((bank @ thumbnail(s.image)).max()) for s in evaluated if s.label == 0])
+        print(f"  grouped protocol: its {len(v)} good images against its {len(train)} training images: "
+              f"{np.median(v):.3f}  {np.percentile(v, 10):.3f}  {np.mean(v > 0.95):4.0%}")
     return 0
 
 

@@ -2,13 +2,14 @@
 """What a checkpoint's coarse memory adds: the same trained model scored with and without its C term.
 
     python benchmarks/probe_coarse.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
-        --split val --weights 0 0.15 0.25 0.35 --transplant
+        --split val --weights 0 0.15 0.25 0.35 --transplant [--groups benchmarks/groups/magnetic_tile.csv]
 
 Each weight delta replaces `coarse_memory_weight` (A = (1-delta) A' + delta C; 0 = the map without the coarse
 memory, the same generator, discriminator and fine memory) and the split is scored by `train.evaluate`:
 image AUROC, pixel AUROC, AUPRO, and the pixel AUROC against good images / defective backgrounds. The
 checkpoint must have a coarse memory (`coarse_memory_weight` > 0 when fitted). Choose on `val`, report once
-on `test`. Prints a table and writes JSON.
+on `test`. With --groups (train.groups) the split is the grouped protocol's, and the checkpoint must have
+been fit with the same groups file. Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
 
+from engine.errors import DaadError  # noqa: E402
 from train.checkpoint import load_model  # noqa: E402
+from train.cli import checked_groups  # noqa: E402
 from train.evaluate import evaluate  # noqa: E402
 
 
@@ -34,10 +37,16 @@ def main() -> int:
     parser.add_argument("--split", default="val", choices=("all", "val", "test"))
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.15, 0.25, 0.35])
     parser.add_argument("--transplant", action="store_true")
+    parser.add_argument("--groups", default="", help="groups CSV the checkpoint was fit with (grouped protocol)")
     parser.add_argument("--out", default="benchmarks/results/probe_coarse")
     args = parser.parse_args()
 
-    model, _ = load_model(args.checkpoint)
+    model, state = load_model(args.checkpoint)
+    try:
+        groups = checked_groups(args.groups, Path(args.data), state, args.checkpoint) if args.groups else None
+    except DaadError as err:
+        print(f"probe_coarse: error: {err}", file=sys.stderr)
+        return 2
     if model.coarse_memory is None:
         print(f"{args.checkpoint}: has no coarse memory (fit it with coarse_memory_weight > 0)", file=sys.stderr)
         return 2
@@ -47,7 +56,8 @@ def main() -> int:
     for weight in args.weights:
         model.cfg = dataclasses.replace(own, coarse_memory_weight=weight)
         for transplant in ([False, True] if args.transplant else [False]):
-            got = evaluate(model, Path(args.data), plot=False, split=args.split, transplant=transplant)
+            got = evaluate(model, Path(args.data), plot=False, split=args.split, transplant=transplant,
+                           groups=groups)
             b = got["pixel_auroc_breakdown"]
             rows.append({"coarse_memory_weight": weight, "view": "pasted" if transplant else "test/",
                          "image_auroc": got["image_auroc"], "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],

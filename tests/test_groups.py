@@ -3,6 +3,7 @@ and every groups-file error named."""
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 from typing import Dict
 
@@ -119,3 +120,28 @@ def test_eval_refuses_groups_the_checkpoint_was_not_fit_with(dataset: Path, tmp_
     err = capsys.readouterr().err
     assert "fit without a groups file" in err and f"daad-train fit --groups {groups}" in err
     assert "Traceback" not in err
+
+
+def test_fit_holds_back_whole_groups_for_the_score_statistics(dataset: Path) -> None:
+    from train.config import preset
+    from train.fit import stores_training_blocks, statistics_split
+
+    cfg = preset("daad", image_size=(32, 32), memory_init="data", full_skip_block=(4, 4, 0))
+    assert stores_training_blocks(cfg)
+    groups = load_groups(dataset / "groups.csv", dataset)
+    train = grouped_protocol(dataset, groups)[0]
+    kept, held = statistics_split(cfg, train, [], seed=0, groups=groups)
+    assert held and kept and len(kept) + len(held) == len(train)
+    assert not {groups.group(s) for s in kept} & {groups.group(s) for s in held}
+
+
+def test_calibration_benchmark_calibrates_and_measures_on_different_held_out_parts(dataset: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_calibration import grouped_good
+
+    groups = load_groups(dataset / "groups.csv", dataset)
+    calibrate, held_out = grouped_good(dataset, dataset / "groups.csv")
+    of = {s.image: groups.group(s) for s in train_samples(dataset) + eval_samples(dataset)}
+    assert calibrate and held_out and not {of[p] for p in calibrate} & {of[p] for p in held_out}
+    trained = {groups.group(s) for s in grouped_protocol(dataset, groups)[0]}
+    assert not ({of[p] for p in calibrate} | {of[p] for p in held_out}) & trained

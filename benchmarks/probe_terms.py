@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""How `inspect`'s map weighs its terms, re-chosen on one checkpoint: every (beta, delta) pair at once.
+
+    python benchmarks/probe_terms.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
+        --split val --transplant --groups benchmarks/groups/magnetic_tile.csv \
+        --betas 0 0.25 0.5 0.75 1 --deltas 0 0.25 0.5
+
+The model's map is A = (1 - delta) [(1 - beta) L + beta M] + delta C (L the discriminator-feature distance,
+M the fine memory's rebuild error, C the coarse memory's, each divided by its mean on the held-back good
+images: DAAD.combine). The raw terms are computed once per view and recombined for every pair, smoothed and
+scored as the graph does (DAAD.smooth, DAAD.image_score), so the table costs one pass of the model. The
+checkpoint needs all three terms (gamma 0, a discriminator, a fine and a coarse memory). Choose on `val`,
+report once on `test`; with --groups the split is the grouped protocol's (train.groups). Prints a table and
+writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
+
+from engine.errors import DaadError  # noqa: E402
+from train.checkpoint import load_model  # noqa: E402
+from train.cli import checked_groups  # noqa: E402
+from train.evaluate import compute_metrics, load_split  # noqa: E402
+from train.fit import preprocess_spec  # noqa: E402
+from train.model import DAAD, RawMaps  # noqa: E402
+from train.transplant import transplant_set  # noqa: E402
+
+BATCH = 16
+
+
+@torch.no_grad()
+def raw_terms(model: DAAD, images: torch.Tensor) -> RawMaps:
+    parts: List[RawMaps] = []
+    for start in range(0, len(images), BATCH):
+        parts.append(model.maps(*model.encode(images[start:start + BATCH])))
+    return RawMaps(*(torch.cat([getattr(p, f) for p in parts]) if getattr(parts[0], f) is not None else None
+                     for f in RawMaps._fields))
+
+
+@torch.no_grad()
+def scored(model: DAAD, raw: RawMaps, beta: float, delta: float) -> Dict[str, torch.Tensor]:
+    own = model.cfg
+    model.cfg = dataclasses.replace(own, memory_score_weight=beta, coarse_memory_weight=delta)
+    try:
+        amap = torch.cat([model.smooth(model.combine(RawMaps(*(t[i:i + BATCH] if t is not None else None for t in raw))))
+                          for i in range(0, len(raw.rec), BATCH)])
+    finally:
+        model.cfg = own
+    return {"map": amap, "score": model.image_score(amap)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--deltas", type=float, nargs="+", default=[0.0, 0.25, 0.5])
+    parser.add_argument("--transplant", action="store_true")
+    parser.add_argument("--groups", default="", help="groups CSV the checkpoint was fit with (grouped protocol)")
+    parser.add_argument("--out", default="benchmarks/results/probe_terms")
+    args = parser.parse_args()
+
+    model, state = load_model(args.checkpoint)
+    cfg = model.cfg
+    if not (cfg.gamma <= 0 and model.discriminator is not None and cfg.memory_score_weight > 0
+            and model.coarse_memory is not None):
+        print(f"{args.checkpoint}: needs L, M and C (gamma 0, a discriminator, memory_score_weight > 0, a coarse "
+              "memory): an `inspect` checkpoint", file=sys.stderr)
+        return 2
+    try:
+        groups = checked_groups(args.groups, Path(args.data), state, args.checkpoint) if args.groups else None
+        spec = preprocess_spec(cfg)
+        samples, images, masks, labels, types = load_split(Path(args.data), spec, args.split, 0, groups)
+    except DaadError as err:
+        print(f"probe_terms: error: {err}", file=sys.stderr)
+        return 2
+    views = {"test/": images}
+    if args.transplant:
+        views["pasted"] = transplant_set(images, masks, labels)[0]
+    model.eval()
+    t0 = time.perf_counter()
+    rows = []
+    for view, view_images in views.items():
+        raw = raw_terms(model, torch.from_numpy(view_images))
+        for beta in args.betas:
+            for delta in args.deltas:
+                got_maps = scored(model, raw, beta, delta)
+                got = compute_metrics(labels, types, got_maps["score"].numpy(), got_maps["map"][:, 0].numpy(), masks)
+                b = got["pixel_auroc_breakdown"]
+                rows.append({"beta": beta, "delta": delta, "view": view, "image_auroc": got["image_auroc"],
+                             "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],
+                             "pixel_against_good_images": b["against_good_images"],
+                             "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
+                             "image_auroc_per_type": got["image_auroc_per_type"], "pixel_auroc_per_type": b["per_type"]})
+                print(json.dumps(rows[-1], default=float), flush=True)
+
+    print(f"\n{args.checkpoint}: split `{args.split}`{' (grouped protocol)' if groups else ''}; fitted with beta "
+          f"{cfg.memory_score_weight:g}, delta {cfg.coarse_memory_weight:g}; {time.perf_counter() - t0:.0f} s")
+    type_names = sorted({t for r in rows for t in r["image_auroc_per_type"]})
+    header = (f"{'beta':>4s} {'delta':>5s} {'view':7s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'vs good':>7s} "
+              f"{'vs bg':>6s}  " + " ".join(f"{t:>9s}" for t in type_names))
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        print(f"{r['beta']:4.2f} {r['delta']:5.2f} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} "
+              f"{r['aupro']:6.3f} {r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
+              + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in type_names))
+    write_probe_rows(Path(args.out), args, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
