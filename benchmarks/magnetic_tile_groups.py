@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.bundle import atomic_write_text  # noqa: E402
@@ -54,9 +56,8 @@ def tile_groups(rows: List[Dict[str, str]], gap: int = GAP) -> Dict[str, str]:
 THUMB = 24
 
 
-def thumbnail(path: Path) -> "np.ndarray":
+def thumbnail(path: Path) -> np.ndarray:
     import cv2
-    import numpy as np
 
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if image is None:
@@ -68,8 +69,6 @@ def thumbnail(path: Path) -> "np.ndarray":
 
 def closest_train_similarity(root: Path, images: List[str]) -> Dict[str, List[float]]:
     """Per test/ folder: each image's highest thumbnail correlation with a train/good image."""
-    import numpy as np
-
     train = np.stack([thumbnail(root / i) for i in images if i.startswith("train/")])
     out: Dict[str, List[float]] = collections.defaultdict(list)
     for image in images:
@@ -104,8 +103,6 @@ def main() -> int:
           f"images per group: " + ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items())))
     print(f"wrote {args.out}")
     if args.check:
-        import numpy as np
-
         print(f"closest train/good image, correlation of {THUMB}x{THUMB} thumbnails (median, 10th percentile, share > 0.95):")
         for folder, values in sorted(closest_train_similarity(Path(args.data), sorted(groups)).items()):
             v = np.array(values)

@@ -1,7 +1,8 @@
 """`daad-train`: fit, eval and export on the desktop.
 
     daad-train fit --data DIR [--model inspect|daad_plus|...] --out runs/x [--steps N] [--resume]
-    daad-train eval --checkpoint runs/x/last.pt --data DIR --out runs/x/eval
+    daad-train eval --checkpoint runs/x/last.pt --data DIR --out runs/x/eval [--split val|test]
+    daad-train fit/eval ... --groups GROUPS.csv   (train.groups: score only parts the model never trained on)
     daad-train export --checkpoint runs/x/last.pt --out bundle/ [--batch 8] [--parity-images DIR]
 """
 from __future__ import annotations
