@@ -3,12 +3,14 @@
 
     python benchmarks/probe_terms.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
         --split val --transplant --groups benchmarks/groups/magnetic_tile.csv \
-        --betas 0 0.25 0.5 0.75 1 --deltas 0 0.25 0.5
+        --betas 0 0.25 0.5 0.75 1 --deltas 0 0.25 0.5 [--sigmas 2 4 8 --topks 0.005 0.01 0.02]
 
 The model's map is A = (1 - delta) [(1 - beta) L + beta M] + delta C (L the discriminator-feature distance,
 M the fine memory's rebuild error, C the coarse memory's, each divided by its mean on the held-back good
 images: DAAD.combine). The raw terms are computed once per view and recombined for every pair, smoothed and
-scored as the graph does (DAAD.smooth, DAAD.image_score), so the table costs one pass of the model. The
+scored as the graph does (DAAD.smooth, DAAD.image_score), so the table costs one pass of the model.
+--sigmas and --topks also vary the smoothing's sigma and the image score's top fraction (default: the
+checkpoint's own), for every (beta, delta) pair. The
 checkpoint needs all three terms (gamma 0, a discriminator, a fine and a coarse memory). Choose on `val`,
 report once on `test`; with --groups the split is the grouped protocol's (train.groups). Prints a table and
 writes JSON.
@@ -17,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -34,7 +37,7 @@ from train.checkpoint import load_model  # noqa: E402
 from train.cli import checked_groups  # noqa: E402
 from train.evaluate import compute_metrics, load_split  # noqa: E402
 from train.fit import preprocess_spec  # noqa: E402
-from train.model import DAAD, RawMaps  # noqa: E402
+from train.model import DAAD, RawMaps, gaussian_kernel, separable_blur  # noqa: E402
 from train.transplant import transplant_set  # noqa: E402
 
 BATCH = 16
@@ -49,16 +52,30 @@ def raw_terms(model: DAAD, images: torch.Tensor) -> RawMaps:
                      for f in RawMaps._fields))
 
 
+def smoothing(sigma: float, shape: Tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """DAAD.smooth at another sigma: the separable Gaussian, its zero-padded borders divided out."""
+    kernel = gaussian_kernel(sigma)
+    norm = separable_blur(torch.ones(1, 1, *shape), kernel)
+    return lambda m: separable_blur(m, kernel) / norm
+
+
+def top_fraction_score(amap: torch.Tensor, fraction: float) -> torch.Tensor:
+    flat = amap.reshape(amap.shape[0], -1)
+    return torch.topk(flat, max(1, int(round(fraction * flat.shape[1]))), dim=1).values.mean(dim=1)
+
+
 @torch.no_grad()
-def scored(model: DAAD, raw: RawMaps, beta: float, delta: float) -> Dict[str, torch.Tensor]:
+def scored(model: DAAD, raw: RawMaps, beta: float, delta: float, sigma: float, topk: float) -> Dict[str, torch.Tensor]:
     own = model.cfg
     model.cfg = dataclasses.replace(own, memory_score_weight=beta, coarse_memory_weight=delta)
+    smooth = model.smooth if sigma == own.smoothing_sigma else smoothing(sigma, tuple(raw.rec.shape[-2:]))
     try:
-        amap = torch.cat([model.smooth(model.combine(RawMaps(*(t[i:i + BATCH] if t is not None else None for t in raw))))
+        amap = torch.cat([smooth(model.combine(RawMaps(*(t[i:i + BATCH] if t is not None else None for t in raw))))
                           for i in range(0, len(raw.rec), BATCH)])
     finally:
         model.cfg = own
-    return {"map": amap, "score": model.image_score(amap)}
+    score = model.image_score(amap) if topk == own.score_topk else top_fraction_score(amap, topk)
+    return {"map": amap, "score": score}
 
 
 def main() -> int:
@@ -68,6 +85,8 @@ def main() -> int:
     parser.add_argument("--split", default="val", choices=("all", "val", "test"))
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--deltas", type=float, nargs="+", default=[0.0, 0.25, 0.5])
+    parser.add_argument("--sigmas", type=float, nargs="+", help="smoothing sigmas (default: the checkpoint's)")
+    parser.add_argument("--topks", type=float, nargs="+", help="image score's top fractions (default: the checkpoint's)")
     parser.add_argument("--transplant", action="store_true")
     parser.add_argument("--groups", default="", help="groups CSV the checkpoint was fit with (grouped protocol)")
     parser.add_argument("--out", default="benchmarks/results/probe_terms")
@@ -90,31 +109,34 @@ def main() -> int:
     views = {"test/": images}
     if args.transplant:
         views["pasted"] = transplant_set(images, masks, labels)[0]
+    if any(t <= 0 or t >= 1 for t in args.topks or []) or any(v <= 0 for v in args.sigmas or []):
+        parser.error("--topks must lie in (0, 1) and --sigmas be > 0")
+    sigmas, topks = args.sigmas or [cfg.smoothing_sigma], args.topks or [cfg.score_topk]
     model.eval()
     t0 = time.perf_counter()
     rows = []
     for view, view_images in views.items():
         raw = raw_terms(model, torch.from_numpy(view_images))
-        for beta in args.betas:
-            for delta in args.deltas:
-                got_maps = scored(model, raw, beta, delta)
-                got = compute_metrics(labels, types, got_maps["score"].numpy(), got_maps["map"][:, 0].numpy(), masks)
-                b = got["pixel_auroc_breakdown"]
-                rows.append({"beta": beta, "delta": delta, "view": view, "image_auroc": got["image_auroc"],
-                             "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],
-                             "pixel_against_good_images": b["against_good_images"],
-                             "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
-                             "image_auroc_per_type": got["image_auroc_per_type"], "pixel_auroc_per_type": b["per_type"]})
-                print(json.dumps(rows[-1], default=float), flush=True)
+        for beta, delta, sigma, topk in itertools.product(args.betas, args.deltas, sigmas, topks):
+            got_maps = scored(model, raw, beta, delta, sigma, topk)
+            got = compute_metrics(labels, types, got_maps["score"].numpy(), got_maps["map"][:, 0].numpy(), masks)
+            b = got["pixel_auroc_breakdown"]
+            rows.append({"beta": beta, "delta": delta, "sigma": sigma, "topk": topk, "view": view,
+                         "image_auroc": got["image_auroc"],
+                         "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],
+                         "pixel_against_good_images": b["against_good_images"],
+                         "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
+                         "image_auroc_per_type": got["image_auroc_per_type"], "pixel_auroc_per_type": b["per_type"]})
+            print(json.dumps(rows[-1], default=float), flush=True)
 
     print(f"\n{args.checkpoint}: split `{args.split}`{' (grouped protocol)' if groups else ''}; fitted with beta "
           f"{cfg.memory_score_weight:g}, delta {cfg.coarse_memory_weight:g}; {time.perf_counter() - t0:.0f} s")
     type_names = sorted({t for r in rows for t in r["image_auroc_per_type"]})
-    header = (f"{'beta':>4s} {'delta':>5s} {'view':7s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'vs good':>7s} "
+    header = (f"{'beta':>4s} {'delta':>5s} {'sigma':>5s} {'topk':>5s} {'view':7s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'vs good':>7s} "
               f"{'vs bg':>6s}  " + " ".join(f"{t:>9s}" for t in type_names))
     print(header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r['beta']:4.2f} {r['delta']:5.2f} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} "
+        print(f"{r['beta']:4.2f} {r['delta']:5.2f} {r['sigma']:5g} {r['topk']:5g} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} "
               f"{r['aupro']:6.3f} {r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
               + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in type_names))
     write_probe_rows(Path(args.out), args, rows)
