@@ -7,12 +7,13 @@
 The model's unsmoothed map (what `combine` returns) is re-scored under variants of what follows it in
 the graph: the smoothing's sigma, a mix of the model's sigma with a wide one (spreads an edge's signal
 into the region it bounds), per-image background subtraction (the map minus its own median or 25th
-percentile: a defective image's lifted background is not a defect) and a self-consistency term (each
+percentile: a defective image's lifted background is not a defect) or division (over its median: a
+part whose whole map is lifted) and a self-consistency term (each
 feature vector's distance to its image's mean vector: a region unlike the rest of its part). Each row
 gives image AUROC (top-k of the variant's map), pixel AUROC, AUPRO, and the pixel AUROC against the good
 images' pixels and against the defective images' own backgrounds only (train.metrics.pixel_auroc_breakdown).
 Heat maps of the model's own map, a few images per defect type and view, go to --out as overlays_*.png.
-Choose on `val`, report once on `test`.
+Choose on `val`, report once on `test`; with --groups the split is the grouped protocol's (train.groups).
 """
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sy
 
 from engine.preprocess import denormalize  # noqa: E402
 from train import plots  # noqa: E402
+from engine.errors import DaadError  # noqa: E402
 from train.checkpoint import load_model, score_stats_images  # noqa: E402
+from train.cli import checked_groups  # noqa: E402
 from train.data import load_images, train_samples  # noqa: E402
 from train.evaluate import compute_metrics, load_split  # noqa: E402
 from train.fit import preprocess_spec  # noqa: E402
@@ -65,6 +68,10 @@ def minus_quantile(m: torch.Tensor, q: float) -> torch.Tensor:
     return m - torch.quantile(m.flatten(1), q, dim=1)[:, None, None, None]
 
 
+def over_quantile(m: torch.Tensor, q: float) -> torch.Tensor:
+    return m / torch.quantile(m.flatten(1), q, dim=1).clamp(min=1e-8)[:, None, None, None]
+
+
 def variants(model_sigma: float) -> Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Tensor]]:
     s = model_sigma
     named: Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Tensor]] = {
@@ -75,6 +82,7 @@ def variants(model_sigma: float) -> Dict[str, Callable[[Dict[str, torch.Tensor]]
         named[f"0.5 sigma {s:g} + 0.5 sigma {wide:g}"] = lambda m, wide=wide: 0.5 * blur(m["model"], s) + 0.5 * blur(m["model"], wide)
     named[f"sigma {s:g} minus its median"] = lambda m: minus_quantile(blur(m["model"], s), 0.5)
     named[f"sigma {s:g} minus its 25th percentile"] = lambda m: minus_quantile(blur(m["model"], s), 0.25)
+    named[f"sigma {s:g} over its median"] = lambda m: over_quantile(blur(m["model"], s), 0.5)
     named["0.75 model + 0.25 self-consistency"] = lambda m: blur(0.75 * m["model"] + 0.25 * m["self"], s)
     return named
 
@@ -93,13 +101,19 @@ def main() -> int:
     parser.add_argument("--data", required=True)
     parser.add_argument("--split", default="val", choices=("all", "val", "test"))
     parser.add_argument("--transplant", action="store_true")
+    parser.add_argument("--groups", default="", help="groups CSV the checkpoint was fit with (grouped protocol)")
     parser.add_argument("--out", default="benchmarks/results/probe_maps")
     args = parser.parse_args()
 
     model, state = load_model(args.checkpoint)
     data = Path(args.data)
     spec = preprocess_spec(model.cfg)
-    samples, images, masks, labels, types = load_split(data, spec, args.split)
+    try:
+        groups = checked_groups(args.groups, data, state, args.checkpoint) if args.groups else None
+        samples, images, masks, labels, types = load_split(data, spec, args.split, 0, groups)
+    except DaadError as err:
+        print(f"probe_maps: error: {err}", file=sys.stderr)
+        return 2
     views = {"test/": images}
     if args.transplant:
         views["pasted"] = transplant_set(images, masks, labels)[0]
