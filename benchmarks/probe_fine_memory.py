@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""What `inspect`'s fine memory should hold: more of each training image, or several block sizes at once.
+
+    python benchmarks/probe_fine_memory.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
+        --split val --transplant --groups benchmarks/groups/magnetic_tile.csv \
+        --rows 4 4:shift 4:flip 4:shift+flip 2+4 4+8 2+4+8 8
+
+Each row rebuilds the fine memory from the checkpoint's own training images (their standardised backbone
+features, untrained, every block once) and scores the checkpoint's map with it:
+A = (1 - delta) [(1 - beta) L + beta M] + delta C, the checkpoint's beta and delta. A row names its block
+sizes on the 32x32 feature map (`2+4+8`: M is the mean of three memories' rebuild errors, each divided by
+its mean on the held-back good images; L is the discriminator-feature distance to the read-out of the
+checkpoint's own block size) and, after a colon, what else the memories hold:
+
+- `shift`: blocks of the same images on grids offset by half a block (down, right, both): a defect that
+  straddles the grid no longer meets only misaligned items, nor does a normal region;
+- `flip`: blocks of the images flipped left-right, up-down and both (the training augmentation's flips).
+
+The first row is the checkpoint's own, trained memory (`trained`). The training images are the ones
+`fit` used: train/good (the grouped protocol's training groups with --groups) less the held-back good
+images recorded in the checkpoint, which also set every term's normalisation here. Choose on `val`,
+report once on `test`. Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
+
+from engine.errors import DaadError  # noqa: E402
+from train.checkpoint import load_model, score_stats_images  # noqa: E402
+from train.cli import checked_groups  # noqa: E402
+from train.data import load_images, train_samples  # noqa: E402
+from train.evaluate import compute_metrics, load_split  # noqa: E402
+from train.fit import backbone_features, preprocess_spec, statistics_targets  # noqa: E402
+from train.groups import grouped_protocol  # noqa: E402
+from train.model import DAAD, assemble, divide, l2_normalize  # noqa: E402
+from train.transplant import transplant_set  # noqa: E402
+
+BATCH = 16
+QUERY_CHUNK = 1024
+AUGMENTATIONS = ("shift", "flip")
+FLIPS = ((-1,), (-2,), (-1, -2))
+
+
+def parse_row(text: str) -> Tuple[Tuple[int, ...], Tuple[str, ...]]:
+    """`2+4:shift+flip` -> ((2, 4), ("shift", "flip"))."""
+    sizes, _, extra = text.partition(":")
+    try:
+        blocks = tuple(int(s) for s in sizes.split("+"))
+    except ValueError:
+        raise SystemExit(f"--rows: {text!r}: block sizes must be integers joined by '+', e.g. 2+4:shift") from None
+    augment = tuple(a for a in extra.split("+") if a)
+    unknown = set(augment) - set(AUGMENTATIONS)
+    if unknown or any(b < 1 for b in blocks):
+        raise SystemExit(f"--rows: {text!r}: sizes >= 1, augmentations among {AUGMENTATIONS}")
+    return blocks, augment
+
+
+def memory_items(bank: torch.Tensor, block: int, augment: Sequence[str]) -> torch.Tensor:
+    """Every block x block block of the (B, C, h, w) bank once, plus the augmentations' blocks."""
+    c, h, w = bank.shape[1:]
+    maps = [bank] + ([bank.flip(dims) for dims in FLIPS] if "flip" in augment else [])
+    parts = []
+    for fmap in maps:
+        parts.append(divide(fmap.contiguous(), block, block, c))
+        if "shift" in augment:
+            half = block // 2
+            for dy, dx in ((half, 0), (0, half), (half, half)):
+                rows, cols = (h - dy) // block * block, (w - dx) // block * block
+                parts.append(divide(fmap[:, :, dy:dy + rows, dx:dx + cols].contiguous(), block, block, c))
+    return torch.cat(parts)
+
+
+class Memory:
+    """Hard read-out by cosine, as BlockMemory does, over a fixed set of items."""
+
+    def __init__(self, items: torch.Tensor, block: int) -> None:
+        self.items, self.block = items, block
+        self.norms = torch.linalg.vector_norm(items, dim=1).clamp(min=1e-8)
+
+    @torch.no_grad()
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        queries = divide(x, self.block, self.block, x.shape[1])
+        index = torch.cat([((l2_normalize(q) @ self.items.t()) / self.norms).argmax(dim=1) for q in queries.split(QUERY_CHUNK)])
+        return assemble(self.items[index], tuple(x.shape), self.block, self.block, x.shape[1])  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def terms(model: DAAD, targets: torch.Tensor, coarse: torch.Tensor, memories: Optional[Dict[int, Memory]]) -> Dict[str, torch.Tensor]:
+    """Per image: M of every memory (`M<block>`), L against the read-out of the model's block size, and C.
+    memories None: the checkpoint's own maps (its trained memory)."""
+    own = model.generator.full_memory.bh
+    out: Dict[str, List[torch.Tensor]] = {}
+    for start in range(0, len(targets), BATCH):
+        x, c = targets[start:start + BATCH], coarse[start:start + BATCH]
+        if memories is None:
+            raw = model.maps(x, c)
+            got = {f"M{own}": raw.memory, "L": raw.latent, "C": raw.coarse}
+        else:
+            got = {}
+            for block, memory in memories.items():
+                readout = memory.readout(x)
+                got[f"M{block}"] = model.to_image_size(((x - readout) ** 2).mean(dim=1, keepdim=True))
+                if block == own:
+                    f_real = model.discriminator.layer_features(x, model.cfg.latent_layer)
+                    f_fake = model.discriminator.layer_features(readout, model.cfg.latent_layer)
+                    got["L"] = model.to_image_size(((f_real - f_fake) ** 2).mean(dim=1, keepdim=True))
+            got["C"] = model.coarse_map(c)
+        for key, value in got.items():
+            out.setdefault(key, []).append(value)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def encoded(model: DAAD, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    parts = [model.encode(images[i:i + BATCH]) for i in range(0, len(images), BATCH)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def anomaly_map(model: DAAD, t: Dict[str, torch.Tensor], scale: Dict[str, float], blocks: Sequence[int]) -> torch.Tensor:
+    beta, delta = model.cfg.memory_score_weight, model.cfg.coarse_memory_weight
+    memory = sum(t[f"M{b}"] / scale[f"M{b}"] for b in blocks) / len(blocks)
+    fine = (1 - beta) * t["L"] / scale["L"] + beta * memory
+    return torch.cat([model.smooth(part) for part in ((1 - delta) * fine + delta * t["C"] / scale["C"]).split(BATCH)])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
+    parser.add_argument("--rows", nargs="+", default=["4", "4:shift", "4:flip", "2+4", "4+8", "2+4+8"])
+    parser.add_argument("--transplant", action="store_true")
+    parser.add_argument("--groups", default="", help="groups CSV the checkpoint was fit with (grouped protocol)")
+    parser.add_argument("--out", default="benchmarks/results/probe_fine_memory")
+    args = parser.parse_args()
+    rows_spec = [parse_row(r) for r in args.rows]
+
+    model, state = load_model(args.checkpoint)
+    cfg = model.cfg
+    memory = model.generator.full_memory
+    if not (memory is not None and memory.hard and memory.bh == memory.bw and model.discriminator is not None
+            and cfg.gamma <= 0 and model.coarse_memory is not None and cfg.backbone):
+        print(f"{args.checkpoint}: needs an `inspect` checkpoint (a hard-read fine memory of square blocks, L and C)",
+              file=sys.stderr)
+        return 2
+    data = Path(args.data)
+    spec = preprocess_spec(cfg)
+    try:
+        groups = checked_groups(args.groups, data, state, args.checkpoint) if args.groups else None
+        every = grouped_protocol(data, groups)[0] if groups is not None else train_samples(data)
+        held = {p.resolve() for p in score_stats_images(state)}
+        train = [s for s in every if s.image.resolve() not in held]
+        stats = [s for s in every if s.image.resolve() in held]
+        recorded = int((state.get("training_data") or {}).get("n_images", -1))
+        if recorded != len(train) or not stats:
+            raise DaadError(f"{args.checkpoint}: fit trained on {recorded} images and this finds {len(train)} (with "
+                            f"{len(stats)} held back); pass the --data and --groups it was fit with")
+        samples, images, masks, labels, types = load_split(data, spec, args.split, 0, groups)
+    except DaadError as err:
+        print(f"probe_fine_memory: error: {err}", file=sys.stderr)
+        return 2
+    model.eval()
+    t0 = time.perf_counter()
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        raw, _ = backbone_features(model, model.normalise_input(torch.from_numpy(load_images(train, spec))), cpu)
+        bank = torch.cat([model.standardise(f) for f in raw.split(BATCH * 4)])
+        stats_x, stats_c = statistics_targets(model, stats, spec, cpu)
+    del raw
+    views = {"test/": torch.from_numpy(images)}
+    if args.transplant:
+        views["pasted"] = torch.from_numpy(transplant_set(images, masks, labels)[0])
+    encoded_views = {view: encoded(model, x) for view, x in views.items()}
+
+    rows = []
+    specs: List[Tuple[str, Tuple[int, ...], Tuple[str, ...]]] = [("trained", (memory.bh,), ())]
+    specs += [(text, blocks, augment) for text, (blocks, augment) in zip(args.rows, rows_spec)]
+    for name, blocks, augment in specs:
+        memories = None if name == "trained" else \
+            {b: Memory(memory_items(bank, b, augment), b) for b in sorted(set(blocks) | {memory.bh})}
+        items = {f"M{b}": len(m.items) for b, m in memories.items()} if memories else {f"M{memory.bh}": memory.items.shape[0]}
+        scale = {k: float(v.mean()) or 1.0 for k, v in terms(model, stats_x, stats_c, memories).items()}
+        for view, (x, c) in encoded_views.items():
+            amap = anomaly_map(model, terms(model, x, c, memories), scale, blocks)
+            got = compute_metrics(labels, types, model.image_score(amap).numpy(), amap[:, 0].numpy(), masks)
+            b = got["pixel_auroc_breakdown"]
+            rows.append({"row": name, "items": items, "view": view, "image_auroc": got["image_auroc"],
+                         "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],
+                         "pixel_against_good_images": b["against_good_images"],
+                         "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
+                         "image_auroc_per_type": got["image_auroc_per_type"], "pixel_auroc_per_type": b["per_type"]})
+            print(json.dumps(rows[-1], default=float), f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+    print(f"\n{args.checkpoint}: split `{args.split}`{' (grouped protocol)' if groups else ''}; {len(train)} training "
+          f"images, {len(stats)} held back; beta {cfg.memory_score_weight:g}, delta {cfg.coarse_memory_weight:g}; "
+          f"{time.perf_counter() - t0:.0f} s")
+    type_names = sorted({t for r in rows for t in r["image_auroc_per_type"]})
+    header = (f"{'row':16s} {'items':>8s} {'view':7s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'vs good':>7s} {'vs bg':>6s}  "
+              + " ".join(f"{t:>9s}" for t in type_names))
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        print(f"{r['row']:16s} {sum(r['items'].values()):8d} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} "
+              f"{r['aupro']:6.3f} {r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
+              + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in type_names))
+    write_probe_rows(Path(args.out), args, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
