@@ -52,8 +52,8 @@ def unsmoothed_maps(model: DAAD, images: torch.Tensor) -> Dict[str, torch.Tensor
     """(N, 1, H, W): the model's map before smoothing, and the self-consistency distance."""
     maps: Dict[str, List[torch.Tensor]] = {"model": [], "self": []}
     for start in range(0, len(images), BATCH):
-        x, coarse = model.encode(images[start:start + BATCH])
-        maps["model"].append(model.combine(model.maps(x, coarse)))
+        x = model.encode(images[start:start + BATCH])[0]
+        maps["model"].append(model.combine(model.image_maps(images[start:start + BATCH])))
         centre = x.mean(dim=(2, 3), keepdim=True)
         maps["self"].append(model.to_image_size(((x - centre) ** 2).mean(dim=1, keepdim=True)))
     return {k: torch.cat(v) for k, v in maps.items()}

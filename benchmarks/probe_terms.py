@@ -47,7 +47,7 @@ BATCH = 16
 def raw_terms(model: DAAD, images: torch.Tensor) -> RawMaps:
     parts: List[RawMaps] = []
     for start in range(0, len(images), BATCH):
-        parts.append(model.maps(*model.encode(images[start:start + BATCH])))
+        parts.append(model.image_maps(images[start:start + BATCH]))  # as the graph: both views with score_hflip
     return RawMaps(*(torch.cat([getattr(p, f) for p in parts]) if getattr(parts[0], f) is not None else None
                      for f in RawMaps._fields))
 

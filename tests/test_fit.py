@@ -1,6 +1,7 @@
 """Training, evaluation and export end to end on synthetic parts (small and fast)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -60,6 +61,27 @@ def test_score_statistics_are_the_models_own_scores_of_its_training_images(train
     scores = predict(model, images, torch.device("cpu"))["scores"]
     assert trained.score_stats["mean"] == pytest.approx(float(np.mean(scores)), rel=1e-5)
     assert trained.score_stats["max"] == pytest.approx(float(np.max(scores)), rel=1e-5)
+
+
+@pytest.mark.parametrize("val_fraction", [0.0, 0.25])
+def test_score_statistics_of_a_mirror_scored_model_are_its_own_scores(dataset: Path, tmp_path: Path,
+                                                                       val_fraction: float) -> None:
+    """With score_hflip the graph scores each image and its mirror image; the bundle's statistics (and the
+    map's normalisation) come from those averaged maps, of the training images or of held-back ones."""
+    from train.data import load_images, train_samples
+    from train.evaluate import predict
+    from train.fit import preprocess_spec
+
+    cfg = TrainConfig(data=str(dataset), out=str(tmp_path), steps=10, batch_size=8, lr=1e-3, val_fraction=val_fraction)
+    result = fit(preset("daad_plus", **SMALL, score_hflip=True), cfg, progress=False)
+    model, state = load_model(result.checkpoint)
+    assert model.cfg.score_hflip
+    named = set(state["training_data"]["score_stats_images"]) or {str(s.image) for s in train_samples(dataset)}
+    images = load_images([s for s in train_samples(dataset) if str(s.image) in named], preprocess_spec(model.cfg))
+    scores = predict(model, images, torch.device("cpu"))["scores"]
+    assert result.score_stats["n"] == len(images) == (24 if val_fraction == 0 else 6)
+    assert result.score_stats["mean"] == pytest.approx(float(np.mean(scores)), rel=1e-5)
+    assert result.score_stats["max"] == pytest.approx(float(np.max(scores)), rel=1e-5)
 
 
 def test_checkpoint_is_self_describing_and_loads_with_weights_only(trained) -> None:
@@ -146,10 +168,15 @@ def test_short_fit_of_the_inspect_model_separates_synthetic_defects(dataset: Pat
     assert len(unseen) == 2
     trained_on = load_images([s for s in train_samples(dataset) if str(s.image) not in unseen], spec)
     good = load_images([s for s in eval_samples(dataset) if s.label == 0], spec)
-    train_median = float(np.median(predict(model, trained_on, torch.device("cpu"))["scores"]))
     good_median = float(np.median(predict(model, good, torch.device("cpu"))["scores"]))
     assert 0.3 < result.score_stats["p50"] / good_median < 3, (result.score_stats, good_median)
-    assert train_median < 0.1 * good_median, (train_median, good_median)
+    # scored as the image alone (not with its mirror image, which the memory never held)
+    assert model.cfg.score_hflip
+    model.cfg = dataclasses.replace(model.cfg, score_hflip=False)
+    train_median = float(np.median(predict(model, trained_on, torch.device("cpu"))["scores"]))
+    one_view_median = float(np.median(predict(model, good, torch.device("cpu"))["scores"]))
+    assert train_median < 0.1 * one_view_median, (train_median, one_view_median)
+    model.cfg = dataclasses.replace(model.cfg, score_hflip=True)
     # and the shipped graph: ONNX Runtime matches PyTorch, and TensorRT's static checks pass
     from engine.check import check_graph
 

@@ -351,6 +351,7 @@ def test_inspect_is_the_cli_default_and_matches_its_example_file() -> None:
     assert cfg.adversarial and cfg.memory_score_weight == 0.5 and cfg.gamma == 0.0 and cfg.full_skip_items == 50000
     assert cfg.latent_against == "readout" and cfg.latent_layer == 1  # half M, half the discriminator vs the read-out
     assert cfg.coarse_memory_weight == 0.25 and cfg.coarse_feature_dims == 64  # and a quarter the coarse memory's C
+    assert cfg.score_hflip  # of the part and of its mirror image
     example = Path(__file__).resolve().parents[1] / "examples" / "train_features.yaml"
     loaded = yaml.safe_load(example.read_text())["model"]
     assert from_dict(ModelConfig, {**to_dict(preset("daad_plus")), **loaded}) == cfg  # the file says what the default is
@@ -432,3 +433,48 @@ def test_a_checkpoint_with_the_older_2d_smoothing_kernel_still_loads(tmp_path) -
     torch.save(state, str(path))
     loaded, _ = load_model(path)
     assert loaded.smooth_kernel.ndim == 1
+
+
+def test_mirror_scoring_averages_the_map_of_the_image_and_of_its_mirror_image() -> None:
+    """score_hflip: the map is the mean of the image's map and its mirror image's map mirrored back (the
+    smoothing is symmetric, so averaging the terms first is the same); a mirrored part gets the mirrored map."""
+    torch.manual_seed(0)
+    cfg = dict(SMALL, full_skip_block=(1, 1, 0), memory_readout="hard", memory_score_weight=0.5, gamma=0.0,
+               latent_against="readout", latent_layer=1)
+    plain = DAAD(preset("daad_plus", **cfg)).eval()
+    plain.set_score_normalisation(0.5, 2.0, 3.0)
+    both = DAAD(preset("daad_plus", **cfg, score_hflip=True)).eval()
+    both.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        one, mirrored = plain(x).anomaly_map, plain(x.flip(3)).anomaly_map.flip(3)
+        got = both(x)
+        assert not torch.allclose(one, mirrored, atol=1e-3)  # the two views disagree: the mean is not either
+        assert torch.allclose(got.anomaly_map, 0.5 * (one + mirrored), atol=1e-5)
+        assert torch.allclose(both(x.flip(3)).anomaly_map, got.anomaly_map.flip(3), atol=1e-5)
+        assert torch.allclose(got.score, both.image_score(got.anomaly_map))
+
+
+def test_the_mirror_scored_inspect_model_exports_and_matches_pytorch(tmp_path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from engine.check import check_graph
+    from train.export import export_onnx
+
+    torch.manual_seed(0)
+    model = DAAD(preset("inspect", image_size=(128, 128), full_skip_items=64, feature_dims=16, score_hflip=True),
+                 load_backbone=False)
+    model.set_feature_normalisation(torch.randn(8, 176, 16, 16) * 2 + 1)
+    model.eval()
+    path = export_onnx(model, tmp_path / "m.onnx", batch=1)
+    assert check_graph(path) == []  # the mirror is a Gather of constant column indices
+    graph = onnx.load(str(path))
+    shape = sorted(model.generator.full_memory.items.shape)
+    assert len([i for i in graph.graph.initializer if sorted(i.dims) == shape]) == 1  # both views share the memory
+    x = np.random.default_rng(0).uniform(-1, 1, size=(1, 1, 128, 128)).astype(np.float32)
+    amap, score = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["anomaly_map", "score"], {"image": x})
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x))
+    assert np.abs(amap - ref.anomaly_map.numpy()).max() < 1e-4 * max(1.0, float(ref.anomaly_map.abs().max()))
+    assert np.abs(score - ref.score.numpy()).max() < 1e-4 * max(1.0, float(ref.score.abs().max()))

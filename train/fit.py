@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -105,22 +105,42 @@ def augment(batch: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torc
 
 
 @torch.no_grad()
-def calibrate_scores(model: DAAD, targets: torch.Tensor, device: torch.device,
-                     coarse: Optional[torch.Tensor] = None) -> Dict[str, float]:
-    """Set the R/L/M(/C) normalisation from good images' targets (model.encode of each: what the generator
-    and the coarse memory rebuild, computed once by fit), then return their score statistics (for the bundle)."""
+def target_maps(model: DAAD, targets: torch.Tensor, device: torch.device,
+                coarse: Optional[torch.Tensor] = None) -> Iterator[RawMaps]:
+    """The raw maps of good images from their targets (model.encode of each: what the generator and the
+    coarse memory rebuild, computed once by fit), a batch at a time, on the CPU."""
     model.eval()
-    sums = np.zeros(len(RawMaps._fields))  # R, L, M, C summed over images
-    batches = []  # the raw maps, kept (on the CPU) so that the scores need no second pass of the model
     for start in range(0, len(targets), SCORE_BATCH):
         part = coarse[start:start + SCORE_BATCH].to(device) if coarse is not None else None
         maps = model.maps(targets[start:start + SCORE_BATCH].to(device), part)
+        yield RawMaps(*(m.cpu() if m is not None else None for m in maps))
+
+
+@torch.no_grad()
+def image_maps(model: DAAD, images: torch.Tensor, device: torch.device) -> Iterator[RawMaps]:
+    """The raw maps of good images as the graph scores them (DAAD.image_maps: with `score_hflip` the mirror
+    image's too), a batch at a time, on the CPU."""
+    model.eval()
+    for start in range(0, len(images), SCORE_BATCH):
+        maps = model.image_maps(images[start:start + SCORE_BATCH].to(device))
+        yield RawMaps(*(m.cpu() if m is not None else None for m in maps))
+
+
+@torch.no_grad()
+def calibrate_scores(model: DAAD, batches: Iterable[RawMaps], device: torch.device) -> Dict[str, float]:
+    """Set the R/L/M(/C) normalisation from good images' raw maps (`target_maps` or `image_maps`), then return
+    their score statistics (for the bundle)."""
+    sums = np.zeros(len(RawMaps._fields))  # R, L, M, C summed over images
+    kept = []  # the raw maps (on the CPU), so that the scores need no second pass of the model
+    n = 0
+    for maps in batches:
         sums += [float(m.mean()) * len(m) if m is not None else 0.0 for m in maps]
-        batches.append(RawMaps(*(m.cpu() if m is not None else None for m in maps)))
-    means = sums / max(1, len(targets))
+        n += len(maps.rec)
+        kept.append(maps)
+    means = sums / max(1, n)
     model.set_score_normalisation(*(float(m) if m > 0 else 1.0 for m in means))
     scorer = model.cpu()
-    scores = [scorer.image_score(scorer.smooth(scorer.combine(maps))).float().numpy() for maps in batches]
+    scores = [scorer.image_score(scorer.smooth(scorer.combine(maps))).float().numpy() for maps in kept]
     model.to(device)
     return summarise_scores(np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32))
 
@@ -332,8 +352,13 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
 
     score_stats: Dict[str, float] = {}
     if rank == 0:
-        targets, coarse = statistics_targets(model, unseen, spec, device) if unseen else (bank, coarse_bank)
-        score_stats = calibrate_scores(model, targets, device, coarse)
+        if model_cfg.score_hflip:  # the graph scores the mirror image too: so do its statistics
+            stats_images = torch.from_numpy(load_images(unseen, spec)) if unseen else images
+            batches = image_maps(model, stats_images, device)
+        else:
+            targets, coarse = statistics_targets(model, unseen, spec, device) if unseen else (bank, coarse_bank)
+            batches = target_maps(model, targets, device, coarse)
+        score_stats = calibrate_scores(model, batches, device)
         extra = {"score_stats": score_stats, "images_per_s": images_per_s,
                  "training_data": {"root": str(cfg.data), "n_images": len(images), "n_held_back": len(held),
                                    "held_back": [str(s.image) for s in held],

@@ -291,7 +291,8 @@ class DAAD(nn.Module):
     (R: squared reconstruction error averaged over channels; L: discriminator-feature distance,
     upsampled; M: the full-resolution memory's rebuild error, beta = `memory_score_weight`; C: the coarse
     memory's rebuild error of the backbone's 1/32 features, upsampled, delta = `coarse_memory_weight`),
-    Gaussian-smoothed, and the image score = mean of its top `score_topk` pixels.
+    Gaussian-smoothed, and the image score = mean of its top `score_topk` pixels. With `score_hflip` the
+    terms are the mean of the image's and of its mirror image's (mirrored back).
     The scales are the mean training-image values (set by `set_score_normalisation`) so that the
     weights mix terms of comparable size.
     """
@@ -336,6 +337,8 @@ class DAAD(nn.Module):
         self.register_buffer("l_scale", torch.ones(()))
         self.register_buffer("m_scale", torch.ones(()))
         self.topk = max(1, int(round(cfg.score_topk * h * w))) if cfg.score_topk > 0 else 1
+        # a Gather with constant indices: TensorRT's parsers take it in every version, a negative-step Slice not
+        self.register_buffer("mirror_columns", torch.arange(w - 1, -1, -1), persistent=False)
 
     def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
         """Per-image zero mean and unit std when `illumination_norm` (a brighter or darker part is not a defect)."""
@@ -471,8 +474,23 @@ class DAAD(nn.Module):
             return flat.max(dim=1).values
         return torch.topk(flat, self.topk, dim=1).values.mean(dim=1)
 
+    def mirror(self, t: torch.Tensor) -> torch.Tensor:
+        """Left-right mirror of an image-sized (B, C, H, W) tensor."""
+        return t.index_select(3, self.mirror_columns)
+
+    def mirror_average(self, maps: RawMaps, mirrored: RawMaps) -> RawMaps:
+        """The mean of an image's terms and its mirror image's terms, mirrored back (`score_hflip`)."""
+        return RawMaps(*(0.5 * (a + self.mirror(b)) if a is not None else None for a, b in zip(maps, mirrored)))
+
+    def image_maps(self, x: torch.Tensor) -> RawMaps:
+        """The terms the map of images x is made of: with `score_hflip`, averaged with their mirror images'."""
+        raw = self.maps(*self.encode(x))
+        if not self.cfg.score_hflip:
+            return raw
+        return self.mirror_average(raw, self.maps(*self.encode(self.mirror(x))))
+
     def forward(self, x: torch.Tensor) -> AnomalyOutput:
-        amap = self.smooth(self.combine(self.maps(*self.encode(x))))
+        amap = self.smooth(self.combine(self.image_maps(x)))
         return AnomalyOutput(anomaly_map=amap, score=self.image_score(amap))
 
     @torch.no_grad()
