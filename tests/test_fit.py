@@ -1,7 +1,6 @@
 """Training, evaluation and export end to end on synthetic parts (small and fast)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -168,15 +167,10 @@ def test_short_fit_of_the_inspect_model_separates_synthetic_defects(dataset: Pat
     assert len(unseen) == 2
     trained_on = load_images([s for s in train_samples(dataset) if str(s.image) not in unseen], spec)
     good = load_images([s for s in eval_samples(dataset) if s.label == 0], spec)
+    train_median = float(np.median(predict(model, trained_on, torch.device("cpu"))["scores"]))
     good_median = float(np.median(predict(model, good, torch.device("cpu"))["scores"]))
     assert 0.3 < result.score_stats["p50"] / good_median < 3, (result.score_stats, good_median)
-    # scored as the image alone (not with its mirror image, which the memory never held)
-    assert model.cfg.score_hflip
-    model.cfg = dataclasses.replace(model.cfg, score_hflip=False)
-    train_median = float(np.median(predict(model, trained_on, torch.device("cpu"))["scores"]))
-    one_view_median = float(np.median(predict(model, good, torch.device("cpu"))["scores"]))
-    assert train_median < 0.1 * one_view_median, (train_median, one_view_median)
-    model.cfg = dataclasses.replace(model.cfg, score_hflip=True)
+    assert train_median < 0.1 * good_median, (train_median, good_median)
     # and the shipped graph: ONNX Runtime matches PyTorch, and TensorRT's static checks pass
     from engine.check import check_graph
 

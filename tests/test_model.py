@@ -351,7 +351,7 @@ def test_inspect_is_the_cli_default_and_matches_its_example_file() -> None:
     assert cfg.adversarial and cfg.memory_score_weight == 0.5 and cfg.gamma == 0.0 and cfg.full_skip_items == 50000
     assert cfg.latent_against == "readout" and cfg.latent_layer == 1  # half M, half the discriminator vs the read-out
     assert cfg.coarse_memory_weight == 0.25 and cfg.coarse_feature_dims == 64  # and a quarter the coarse memory's C
-    assert cfg.score_hflip  # of the part and of its mirror image
+    assert not cfg.score_hflip  # the part alone, not also its mirror image
     example = Path(__file__).resolve().parents[1] / "examples" / "train_features.yaml"
     loaded = yaml.safe_load(example.read_text())["model"]
     assert from_dict(ModelConfig, {**to_dict(preset("daad_plus")), **loaded}) == cfg  # the file says what the default is
