@@ -8,9 +8,10 @@
 back), so the same generator, discriminator and memories are scored both ways. For the mirrored scoring the
 map's normalisation is re-set as `fit` sets it (train.fit.calibrate_scores on the maps of the good images the
 checkpoint names in `score_stats_images`: both views); without mirroring it is the checkpoint's own. The
-split is scored by `train.evaluate`: image, pixel AUROC, AUPRO, per type. Choose on `val`, report once on
-`test`; with --groups the split is the grouped protocol's (the checkpoint fit with the same file). Prints a
-table and writes JSON.
+split is scored as `train.evaluate` scores it: image, pixel AUROC, AUPRO, per type. Choose on `val`, report
+once on `test`; with --groups the split is the grouped protocol's (the checkpoint fit with the same file), and
+the image-AUROC difference gets a 95 % interval from resampling whole groups (train.metrics.
+group_bootstrap_auroc_difference; a pasted defect counts in its own part's group). Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ from engine.errors import DaadError  # noqa: E402
 from train.checkpoint import load_model  # noqa: E402
 from train.cli import checked_groups  # noqa: E402
 from train.data import Sample, load_images  # noqa: E402
-from train.evaluate import evaluate  # noqa: E402
+from train.evaluate import compute_metrics, load_split, predict  # noqa: E402
 from train.fit import calibrate_scores, image_maps, preprocess_spec  # noqa: E402
+from train.metrics import group_bootstrap_auroc_difference  # noqa: E402
+from train.transplant import transplant_set  # noqa: E402
 
 SCALES = ("r_scale", "l_scale", "m_scale", "c_scale")
 
@@ -61,24 +64,34 @@ def main() -> int:
     own = model.cfg
     fitted = {name: getattr(model, name).clone() for name in SCALES if hasattr(model, name)}
     cpu = torch.device("cpu")
+    samples, images, masks, labels, types = load_split(Path(args.data), preprocess_spec(own), args.split, 0, groups)
+    views = {"test/": images}
+    if args.transplant:
+        views["pasted"] = transplant_set(images, masks, labels)[0]
     t0 = time.perf_counter()
-    rows = []
+    rows, scores = [], {}
     for hflip in (own.score_hflip, not own.score_hflip):
         model.cfg = dataclasses.replace(own, score_hflip=hflip)
         for name, value in fitted.items():
             getattr(model, name).copy_(value)
         if hflip != own.score_hflip:
             calibrate_scores(model, image_maps(model, torch.from_numpy(held), cpu), cpu)
-        for transplant in ([False, True] if args.transplant else [False]):
-            got = evaluate(model, Path(args.data), plot=False, split=args.split, transplant=transplant, groups=groups)
+        for view, view_images in views.items():
+            pred = predict(model, view_images, cpu)
+            scores[hflip, view] = pred["scores"]
+            got = compute_metrics(labels, types, pred["scores"], pred["maps"], masks)
             b = got["pixel_auroc_breakdown"]
-            rows.append({"score_hflip": hflip, "fitted": hflip == own.score_hflip,
-                         "view": "pasted" if transplant else "test/",
+            rows.append({"score_hflip": hflip, "fitted": hflip == own.score_hflip, "view": view,
                          "image_auroc": got["image_auroc"], "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],
                          "pixel_against_good_images": b["against_good_images"],
                          "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
                          "image_auroc_per_type": got["image_auroc_per_type"], "pixel_auroc_per_type": b["per_type"]})
             print(json.dumps(rows[-1], default=float), flush=True)
+    intervals = {}
+    if groups is not None:
+        part_of = [groups.group(sample) for sample in samples]
+        for view in views:
+            intervals[view] = group_bootstrap_auroc_difference(labels, scores[False, view], scores[True, view], part_of)
 
     print(f"\n{args.checkpoint}: split `{args.split}`{' (grouped protocol)' if groups else ''}; fitted with "
           f"score_hflip {own.score_hflip}; {time.perf_counter() - t0:.0f} s")
@@ -90,6 +103,10 @@ def main() -> int:
         print(f"{'yes' if r['score_hflip'] else 'no':>6s} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} "
               f"{r['aupro']:6.3f} {r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
               + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in type_names))
+    for view, got in intervals.items():
+        print(f"mirror minus not, image AUROC, {view}: {got['difference']:+.3f} (95 % over {got['groups']} groups: "
+              f"{got['low']:+.3f} to {got['high']:+.3f})")
+    rows.extend({"view": view, "mirror_minus_not_image_auroc": got} for view, got in intervals.items())
     write_probe_rows(Path(args.out), args, rows)
     return 0
 

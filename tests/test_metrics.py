@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.metrics import aupro, best_f1, image_auroc, pixel_auroc, pixel_auroc_breakdown
+from train.metrics import (aupro, best_f1, group_bootstrap_auroc_difference, image_auroc, pixel_auroc,
+                           pixel_auroc_breakdown)
 
 SIZE = 16
 
@@ -82,3 +83,45 @@ def test_best_f1_finds_the_separating_threshold() -> None:
     got = best_f1([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])
     assert got["f1"] == 1.0
     assert 0.2 < got["threshold"] <= 0.8
+
+
+def clustered_scorings(groups_per_class: int = 6, per_group: int = 6) -> tuple:
+    """Two scorings whose errors are shared by the images of a group (one part, several exposures)."""
+    rng = np.random.default_rng(1)
+    n_groups = 2 * groups_per_class
+    group_labels = np.repeat([0, 1], groups_per_class)
+    labels = np.repeat(group_labels, per_group)
+    groups = np.repeat([f"part{g}" for g in range(n_groups)], per_group)
+    a = labels + np.repeat(rng.normal(0, 0.8, n_groups), per_group) + rng.normal(0, 0.05, labels.size)
+    b = labels + np.repeat(rng.normal(0, 0.8, n_groups), per_group) + rng.normal(0, 0.05, labels.size)
+    return labels, a, b, groups
+
+
+def test_group_bootstrap_of_identical_scorings_is_exactly_zero() -> None:
+    labels, a, _, groups = clustered_scorings()
+    got = group_bootstrap_auroc_difference(labels, a, a, groups, draws=200)
+    assert got["difference"] == got["low"] == got["high"] == 0.0 and got["groups"] == 12 and got["draws"] == 200
+
+
+def test_group_bootstrap_finds_a_clearly_better_scoring() -> None:
+    labels, _, _, groups = clustered_scorings()
+    chance = np.random.default_rng(2).normal(size=labels.size)
+    got = group_bootstrap_auroc_difference(labels, chance, labels.astype(float), groups, draws=500)
+    assert got["low"] > 0.2 and got["difference"] == pytest.approx(1.0 - image_auroc(labels, chance))
+
+
+def test_group_bootstrap_is_wider_than_an_image_bootstrap_when_a_group_shares_its_errors() -> None:
+    labels, a, b, groups = clustered_scorings()
+    by_group = group_bootstrap_auroc_difference(labels, a, b, groups, draws=1000)
+    by_image = group_bootstrap_auroc_difference(labels, a, b, [str(i) for i in range(labels.size)], draws=1000)
+    assert by_group["difference"] == by_image["difference"]
+    assert by_group["high"] - by_group["low"] > 1.5 * (by_image["high"] - by_image["low"]), (by_group, by_image)
+
+
+def test_the_bootstraps_rank_auroc_is_scikit_learns_with_ties() -> None:
+    from train.metrics import _rank_auroc
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 200)
+    scores = np.round(rng.normal(size=200) + labels, 1)  # many ties
+    assert _rank_auroc(labels, scores) == pytest.approx(image_auroc(labels, scores), abs=1e-12)

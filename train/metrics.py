@@ -4,7 +4,8 @@ Image AUROC, pixel AUROC and best F1 come from scikit-learn; AUPRO follows MVTec
 the mean per-region overlap (each connected ground-truth region weighs the same, however large)
 as a function of the false-positive rate on good pixels, integrated up to FPR 0.3 and divided by 0.3.
 pixel_auroc_breakdown splits the pooled pixel AUROC by its negatives (good images, defective images'
-backgrounds) and by defect type.
+backgrounds) and by defect type. group_bootstrap_auroc_difference says how sure a difference between two
+scorings is when images come in groups (one part photographed several times).
 """
 from __future__ import annotations
 
@@ -121,3 +122,34 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMI
     fpr_k = np.concatenate([[0.0], fpr_k])
     pro_k = np.concatenate([[pro_k[0] if fpr_k[1] == 0 else 0.0], pro_k])
     return float(np.trapz(pro_k, fpr_k) / fpr_limit) if hasattr(np, "trapz") else float(np.trapezoid(pro_k, fpr_k) / fpr_limit)
+
+
+def _rank_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """AUROC as the Mann-Whitney statistic (ties count half): roc_auc_score's value, ~20x faster for a bootstrap."""
+    from scipy.stats import rankdata
+
+    positives = labels == 1
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    return float((rankdata(scores)[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def group_bootstrap_auroc_difference(labels: Sequence[int], scores_a: Sequence[float], scores_b: Sequence[float],
+                                     groups: Sequence[str], draws: int = 2000, seed: int = 0) -> Dict[str, float]:
+    """Image AUROC of scoring b minus that of scoring a on the same images, with a 95 % interval from
+    resampling whole groups with replacement (paired: both scorings see each draw).
+
+    The images of one group show one part (several exposures), so they are not independent draws: resampling
+    images would make a difference look surer than it is. Draws without both classes are skipped."""
+    labels, a, b = np.asarray(labels), np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
+    names, index = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(index == g) for g in range(len(names))]
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(draws):
+        rows = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        if labels[rows].min() == labels[rows].max():
+            continue
+        differences.append(_rank_auroc(labels[rows], b[rows]) - _rank_auroc(labels[rows], a[rows]))
+    low, high = np.quantile(differences, [0.025, 0.975]) if differences else (float("nan"), float("nan"))
+    return {"difference": image_auroc(labels, b) - image_auroc(labels, a), "low": float(low), "high": float(high),
+            "draws": len(differences), "groups": len(names)}
