@@ -12,8 +12,9 @@ scored as the graph does (DAAD.smooth, DAAD.image_score), so the table costs one
 --sigmas and --topks also vary the smoothing's sigma and the image score's top fraction (default: the
 checkpoint's own), for every (beta, delta) pair. The
 checkpoint needs all three terms (gamma 0, a discriminator, a fine and a coarse memory). Choose on `val`,
-report once on `test`; with --groups the split is the grouped protocol's (train.groups). Prints a table and
-writes JSON.
+report once on `test`; with --groups the split is the grouped protocol's (train.groups), and each row's
+image-AUROC difference from the fitted (beta, delta, sigma, topk) gets a 95 % interval from resampling whole
+groups (train.metrics.group_bootstrap_auroc_difference; last column). Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from engine.errors import DaadError  # noqa: E402
 from train.checkpoint import load_model  # noqa: E402
 from train.cli import checked_groups  # noqa: E402
 from train.evaluate import compute_metrics, load_split  # noqa: E402
+from train.metrics import group_bootstrap_auroc_difference  # noqa: E402
 from train.fit import preprocess_spec  # noqa: E402
 from train.model import DAAD, RawMaps, gaussian_kernel, separable_blur  # noqa: E402
 from train.transplant import transplant_set  # noqa: E402
@@ -115,8 +117,11 @@ def main() -> int:
     model.eval()
     t0 = time.perf_counter()
     rows = []
+    own_row = (cfg.memory_score_weight, cfg.coarse_memory_weight, cfg.smoothing_sigma, cfg.score_topk)
+    part_of = [groups.group(sample) for sample in samples] if groups is not None else []
     for view, view_images in views.items():
         raw = raw_terms(model, torch.from_numpy(view_images))
+        own_scores = scored(model, raw, *own_row)["score"].numpy() if groups is not None else None
         for beta, delta, sigma, topk in itertools.product(args.betas, args.deltas, sigmas, topks):
             got_maps = scored(model, raw, beta, delta, sigma, topk)
             got = compute_metrics(labels, types, got_maps["score"].numpy(), got_maps["map"][:, 0].numpy(), masks)
@@ -127,6 +132,9 @@ def main() -> int:
                          "pixel_against_good_images": b["against_good_images"],
                          "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
                          "image_auroc_per_type": got["image_auroc_per_type"], "pixel_auroc_per_type": b["per_type"]})
+            if own_scores is not None:  # how sure this row's image-AUROC difference from the fitted one is
+                rows[-1]["minus_fitted_image_auroc"] = group_bootstrap_auroc_difference(
+                    labels, own_scores, got_maps["score"].numpy(), part_of)
             print(json.dumps(rows[-1], default=float), flush=True)
 
     print(f"\n{args.checkpoint}: split `{args.split}`{' (grouped protocol)' if groups else ''}; fitted with beta "
@@ -138,7 +146,9 @@ def main() -> int:
     for r in rows:
         print(f"{r['beta']:4.2f} {r['delta']:5.2f} {r['sigma']:5g} {r['topk']:5g} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} "
               f"{r['aupro']:6.3f} {r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
-              + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in type_names))
+              + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in type_names)
+              + (f"  {r['minus_fitted_image_auroc']['low']:+.3f}..{r['minus_fitted_image_auroc']['high']:+.3f}"
+                 if "minus_fitted_image_auroc" in r else ""))
     write_probe_rows(Path(args.out), args, rows)
     return 0
 
