@@ -14,7 +14,10 @@ checkpoint's own block size) and, after a colon, what else the memories hold:
 
 - `shift`: blocks of the same images on grids offset by half a block (down, right, both): a defect that
   straddles the grid no longer meets only misaligned items, nor does a normal region;
-- `flip`: blocks of the images flipped left-right, up-down and both (the training augmentation's flips).
+- `flip`: blocks of the images flipped left-right, up-down and both (the training augmentation's flips);
+- `l2`: read out the item nearest in Euclidean distance (the least rebuild error) instead of by cosine;
+- `k<N>`: M is the mean rebuild error over the N nearest items (PatchCore's k-nearest-neighbour average),
+  L still against the nearest.
 
 The first row is the checkpoint's own, trained memory (`trained`). The training images are the ones
 `fit` used: train/good (the grouped protocol's training groups with --groups) less the held-back good
@@ -25,10 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -43,6 +47,7 @@ from train.data import load_images, train_samples  # noqa: E402
 from train.evaluate import compute_metrics, load_split  # noqa: E402
 from train.fit import backbone_features, preprocess_spec, statistics_targets  # noqa: E402
 from train.groups import grouped_protocol  # noqa: E402
+from train.metrics import group_bootstrap_auroc_difference  # noqa: E402
 from train.model import DAAD, assemble, divide, l2_normalize  # noqa: E402
 from train.transplant import transplant_set  # noqa: E402
 
@@ -52,18 +57,27 @@ AUGMENTATIONS = ("shift", "flip")
 FLIPS = ((-1,), (-2,), (-1, -2))
 
 
-def parse_row(text: str) -> Tuple[Tuple[int, ...], Tuple[str, ...]]:
-    """`2+4:shift+flip` -> ((2, 4), ("shift", "flip"))."""
+class RowSpec(NamedTuple):
+    blocks: Tuple[int, ...]
+    augment: Tuple[str, ...]
+    metric: str  # "cosine" or "l2"
+    k: int
+
+
+def parse_row(text: str) -> RowSpec:
+    """`2+4:shift+flip` -> blocks (2, 4), augmentations ("shift", "flip"); `4:l2+k3` -> Euclidean, 3 nearest."""
     sizes, _, extra = text.partition(":")
     try:
         blocks = tuple(int(s) for s in sizes.split("+"))
     except ValueError:
         raise SystemExit(f"--rows: {text!r}: block sizes must be integers joined by '+', e.g. 2+4:shift") from None
-    augment = tuple(a for a in extra.split("+") if a)
-    unknown = set(augment) - set(AUGMENTATIONS)
-    if unknown or any(b < 1 for b in blocks):
-        raise SystemExit(f"--rows: {text!r}: sizes >= 1, augmentations among {AUGMENTATIONS}")
-    return blocks, augment
+    options = [a for a in extra.split("+") if a]
+    ks = [int(a[1:]) for a in options if re.fullmatch(r"k[1-9][0-9]*", a)]
+    augment = tuple(a for a in options if a in AUGMENTATIONS)
+    unknown = set(options) - set(AUGMENTATIONS) - {"l2"} - {f"k{k}" for k in ks}
+    if unknown or any(b < 1 for b in blocks) or len(ks) > 1:
+        raise SystemExit(f"--rows: {text!r}: sizes >= 1, options among {AUGMENTATIONS}, l2 and one k<N>")
+    return RowSpec(blocks, augment, "l2" if "l2" in options else "cosine", ks[0] if ks else 1)
 
 
 def memory_items(bank: torch.Tensor, block: int, augment: Sequence[str]) -> torch.Tensor:
@@ -82,17 +96,25 @@ def memory_items(bank: torch.Tensor, block: int, augment: Sequence[str]) -> torc
 
 
 class Memory:
-    """Hard read-out by cosine, as BlockMemory does, over a fixed set of items."""
+    """Hard read-out over a fixed set of items: by cosine, as BlockMemory does, or by Euclidean distance;
+    the k nearest items, nearest first."""
 
-    def __init__(self, items: torch.Tensor, block: int) -> None:
-        self.items, self.block = items, block
+    def __init__(self, items: torch.Tensor, block: int, metric: str = "cosine", k: int = 1) -> None:
+        self.items, self.block, self.metric, self.k = items, block, metric, k
         self.norms = torch.linalg.vector_norm(items, dim=1).clamp(min=1e-8)
+        self.half_sq_norms = 0.5 * (items * items).sum(dim=1)
+
+    def similarity(self, q: torch.Tensor) -> torch.Tensor:
+        if self.metric == "l2":  # argmax of q.m - |m|^2 / 2 is argmin of |q - m|^2
+            return q @ self.items.t() - self.half_sq_norms
+        return (l2_normalize(q) @ self.items.t()) / self.norms
 
     @torch.no_grad()
-    def readout(self, x: torch.Tensor) -> torch.Tensor:
+    def readouts(self, x: torch.Tensor) -> List[torch.Tensor]:
         queries = divide(x, self.block, self.block, x.shape[1])
-        index = torch.cat([((l2_normalize(q) @ self.items.t()) / self.norms).argmax(dim=1) for q in queries.split(QUERY_CHUNK)])
-        return assemble(self.items[index], tuple(x.shape), self.block, self.block, x.shape[1])  # type: ignore[arg-type]
+        index = torch.cat([self.similarity(q).topk(self.k, dim=1).indices for q in queries.split(QUERY_CHUNK)])
+        return [assemble(self.items[index[:, j]], tuple(x.shape), self.block, self.block, x.shape[1])  # type: ignore[arg-type]
+                for j in range(self.k)]
 
 
 @torch.no_grad()
@@ -109,8 +131,10 @@ def terms(model: DAAD, targets: torch.Tensor, coarse: torch.Tensor, memories: Op
         else:
             got = {}
             for block, memory in memories.items():
-                readout = memory.readout(x)
-                got[f"M{block}"] = model.to_image_size(((x - readout) ** 2).mean(dim=1, keepdim=True))
+                nearest = memory.readouts(x)
+                readout = nearest[0]
+                error = sum(((x - r) ** 2).mean(dim=1, keepdim=True) for r in nearest) / len(nearest)
+                got[f"M{block}"] = model.to_image_size(error)
                 if block == own:
                     f_real = model.discriminator.layer_features(x, model.cfg.latent_layer)
                     f_fake = model.discriminator.layer_features(readout, model.cfg.latent_layer)
@@ -184,22 +208,31 @@ def main() -> int:
     encoded_views = {view: encoded(model, x) for view, x in views.items()}
 
     rows = []
-    specs: List[Tuple[str, Tuple[int, ...], Tuple[str, ...]]] = [("trained", (memory.bh,), ())]
-    specs += [(text, blocks, augment) for text, (blocks, augment) in zip(args.rows, rows_spec)]
-    for name, blocks, augment in specs:
+    part_of = [groups.group(sample) for sample in samples] if groups is not None else []
+    trained_scores: Dict[str, object] = {}
+    specs: List[Tuple[str, RowSpec]] = [("trained", RowSpec((memory.bh,), (), "cosine", 1))]
+    specs += list(zip(args.rows, rows_spec))
+    for name, row in specs:
+        blocks = row.blocks
         memories = None if name == "trained" else \
-            {b: Memory(memory_items(bank, b, augment), b) for b in sorted(set(blocks) | {memory.bh})}
+            {b: Memory(memory_items(bank, b, row.augment), b, row.metric, row.k) for b in sorted(set(blocks) | {memory.bh})}
         items = {f"M{b}": len(m.items) for b, m in memories.items()} if memories else {f"M{memory.bh}": memory.items.shape[0]}
         scale = {k: float(v.mean()) or 1.0 for k, v in terms(model, stats_x, stats_c, memories).items()}
         for view, (x, c) in encoded_views.items():
             amap = anomaly_map(model, terms(model, x, c, memories), scale, blocks)
-            got = compute_metrics(labels, types, model.image_score(amap).numpy(), amap[:, 0].numpy(), masks)
+            scores = model.image_score(amap).numpy()
+            got = compute_metrics(labels, types, scores, amap[:, 0].numpy(), masks)
             b = got["pixel_auroc_breakdown"]
             rows.append({"row": name, "items": items, "view": view, "image_auroc": got["image_auroc"],
                          "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],
                          "pixel_against_good_images": b["against_good_images"],
                          "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
                          "image_auroc_per_type": got["image_auroc_per_type"], "pixel_auroc_per_type": b["per_type"]})
+            if name == "trained":
+                trained_scores[view] = scores
+            elif groups is not None:  # how sure this row's image-AUROC difference from the trained memory's is
+                rows[-1]["minus_trained_image_auroc"] = group_bootstrap_auroc_difference(
+                    labels, trained_scores[view], scores, part_of)
             print(json.dumps(rows[-1], default=float), f"{time.perf_counter() - t0:.0f} s", flush=True)
 
     print(f"\n{args.checkpoint}: split `{args.split}`{' (grouped protocol)' if groups else ''}; {len(train)} training "
@@ -212,7 +245,9 @@ def main() -> int:
     for r in rows:
         print(f"{r['row']:16s} {sum(r['items'].values()):8d} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} "
               f"{r['aupro']:6.3f} {r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
-              + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in type_names))
+              + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in type_names)
+              + (f"  {r['minus_trained_image_auroc']['low']:+.3f}..{r['minus_trained_image_auroc']['high']:+.3f}"
+                 if "minus_trained_image_auroc" in r else ""))
     write_probe_rows(Path(args.out), args, rows)
     return 0
 

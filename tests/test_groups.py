@@ -3,6 +3,7 @@ and every groups-file error named."""
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from pathlib import Path
 from typing import Dict
@@ -113,8 +114,13 @@ def test_eval_refuses_groups_the_checkpoint_was_not_fit_with(dataset: Path, tmp_
     evaluate = ["--data", str(dataset), "--groups", groups, "--split", "val", "--no-plots", "--quiet"]
     assert train_main(["eval", "--checkpoint", str(tmp_path / "grouped" / "last.pt"), *evaluate,
                        "--out", str(tmp_path / "e1")]) == 0
-    metrics = (tmp_path / "e1" / "metrics.json").read_text()
-    assert groups in metrics
+    metrics = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    assert metrics["groups"] == groups
+    intervals = metrics["image_auroc_group_intervals"]  # whole parts resampled, overall and per type
+    assert set(intervals) == {"all", *metrics["image_auroc_per_type"]}
+    assert intervals["all"]["auroc"] == metrics["image_auroc"]
+    assert all(i["low"] <= i["auroc"] <= i["high"] for i in intervals.values()), intervals
+    assert "parts resampled" in capsys.readouterr().out
     assert train_main(["eval", "--checkpoint", str(tmp_path / "plain" / "last.pt"), *evaluate,
                        "--out", str(tmp_path / "e2")]) == 1
     err = capsys.readouterr().err

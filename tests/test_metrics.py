@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.metrics import (aupro, best_f1, group_bootstrap_auroc_difference, image_auroc, pixel_auroc,
+from train.metrics import (aupro, best_f1, group_bootstrap_auroc, group_bootstrap_auroc_difference, image_auroc, pixel_auroc,
                            pixel_auroc_breakdown)
 
 SIZE = 16
@@ -116,6 +116,21 @@ def test_group_bootstrap_is_wider_than_an_image_bootstrap_when_a_group_shares_it
     by_image = group_bootstrap_auroc_difference(labels, a, b, [str(i) for i in range(labels.size)], draws=1000)
     assert by_group["difference"] == by_image["difference"]
     assert by_group["high"] - by_group["low"] > 1.5 * (by_image["high"] - by_image["low"]), (by_group, by_image)
+
+
+def test_group_bootstrap_interval_of_one_scoring_holds_its_auroc_and_widens_with_shared_errors() -> None:
+    labels, a, _, groups = clustered_scorings()
+    by_group = group_bootstrap_auroc(labels, a, groups, draws=1000)
+    by_image = group_bootstrap_auroc(labels, a, [str(i) for i in range(labels.size)], draws=1000)
+    assert by_group["auroc"] == image_auroc(labels, a) and by_group["groups"] == 12
+    assert by_group["low"] < by_group["auroc"] < by_group["high"] <= 1.0
+    assert by_group["high"] - by_group["low"] > 1.5 * (by_image["high"] - by_image["low"]), (by_group, by_image)
+
+
+def test_group_bootstrap_of_a_perfect_scoring_is_exactly_one() -> None:
+    labels, _, _, groups = clustered_scorings()
+    got = group_bootstrap_auroc(labels, labels.astype(float), groups, draws=200)
+    assert got["auroc"] == got["low"] == got["high"] == 1.0
 
 
 def test_the_bootstraps_rank_auroc_is_scikit_learns_with_ties() -> None:

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from probe_fine_memory import Memory, memory_items, parse_row  # noqa: E402
+from probe_fine_memory import Memory, RowSpec, memory_items, parse_row  # noqa: E402
 
 
 def test_shift_and_flip_add_the_offset_grids_and_flipped_maps() -> None:
@@ -24,17 +24,33 @@ def test_shift_and_flip_add_the_offset_grids_and_flipped_maps() -> None:
 def test_a_half_block_shift_is_rebuilt_exactly_only_from_the_shifted_memory() -> None:
     bank = torch.randn(3, 8, 32, 32)
     shifted = torch.roll(bank[:1], shifts=(-2, -2), dims=(-2, -1))[:, :, :28, :28]  # grid offset (2, 2)
-    exact = Memory(memory_items(bank, 4, ("shift",)), 4).readout(shifted.contiguous())
-    grid_only = Memory(memory_items(bank, 4, ()), 4).readout(shifted.contiguous())
+    exact = Memory(memory_items(bank, 4, ("shift",)), 4).readouts(shifted.contiguous())[0]
+    grid_only = Memory(memory_items(bank, 4, ()), 4).readouts(shifted.contiguous())[0]
     assert torch.allclose(exact, shifted)
     assert not torch.allclose(grid_only, shifted)
     flipped = bank[1:2].flip(-1).contiguous()
-    assert torch.allclose(Memory(memory_items(bank, 4, ("flip",)), 4).readout(flipped), flipped)
+    assert torch.allclose(Memory(memory_items(bank, 4, ("flip",)), 4).readouts(flipped)[0], flipped)
 
 
 def test_rows_parse_and_bad_rows_are_refused() -> None:
-    assert parse_row("2+4+8") == ((2, 4, 8), ())
-    assert parse_row("4:shift+flip") == ((4,), ("shift", "flip"))
-    for bad in ("4:rotate", "a+4", "0"):
+    assert parse_row("2+4+8") == RowSpec((2, 4, 8), (), "cosine", 1)
+    assert parse_row("4:shift+flip") == RowSpec((4,), ("shift", "flip"), "cosine", 1)
+    assert parse_row("4:l2+k3") == RowSpec((4,), (), "l2", 3)
+    for bad in ("4:rotate", "a+4", "0", "4:k0", "4:k2+k3"):
         with pytest.raises(SystemExit, match="--rows"):
             parse_row(bad)
+
+
+def test_euclidean_read_out_finds_the_least_error_item_where_cosine_picks_the_aligned_one() -> None:
+    items = torch.tensor([[10.0, 0.0], [0.9, 0.5]])  # the first is aligned with the query, the second close to it
+    query = torch.tensor([[1.0, 0.0]]).reshape(1, 2, 1, 1)
+    by_cosine = Memory(items, 1).readouts(query)[0].flatten()
+    by_distance = Memory(items, 1, "l2").readouts(query)[0].flatten()
+    assert torch.equal(by_cosine, items[0]) and torch.equal(by_distance, items[1])
+
+
+def test_k_nearest_read_outs_come_nearest_first() -> None:
+    items = torch.tensor([[3.0], [1.2], [0.0], [1.0]])
+    query = torch.tensor([[1.1]]).reshape(1, 1, 1, 1)
+    got = [r.item() for r in Memory(items, 1, "l2", k=3).readouts(query)]
+    assert got == pytest.approx([1.2, 1.0, 0.0])

@@ -105,6 +105,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        progress=not args.quiet, split=args.split, transplant=args.transplant, groups=groups)
     print(json.dumps({k: metrics[k] for k in ("model", "image_auroc", "pixel_auroc", "aupro")}, default=float))
     print(f"per type: {json.dumps(metrics['image_auroc_per_type'], default=float)}")
+    for name, got in metrics.get("image_auroc_group_intervals", {}).items():
+        print(f"image AUROC, {name}: {got['auroc']:.3f} (95 % over {got['groups']} parts resampled: "
+              f"{got['low']:.3f} to {got['high']:.3f})")
     print(f"metrics and plots: {args.out}")
     return 0
 

@@ -4,12 +4,13 @@ Image AUROC, pixel AUROC and best F1 come from scikit-learn; AUPRO follows MVTec
 the mean per-region overlap (each connected ground-truth region weighs the same, however large)
 as a function of the false-positive rate on good pixels, integrated up to FPR 0.3 and divided by 0.3.
 pixel_auroc_breakdown splits the pooled pixel AUROC by its negatives (good images, defective images'
-backgrounds) and by defect type. group_bootstrap_auroc_difference says how sure a difference between two
-scorings is when images come in groups (one part photographed several times).
+backgrounds) and by defect type. group_bootstrap_auroc and group_bootstrap_auroc_difference say how sure
+an image AUROC, or a difference between two scorings, is when images come in groups (one part
+photographed several times).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
@@ -133,6 +134,42 @@ def _rank_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((rankdata(scores)[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def _group_resamples(labels: np.ndarray, groups: Sequence[str], draws: int, seed: int) -> Tuple[Iterator[np.ndarray], int]:
+    """Row indices of `draws` resamples of whole groups with replacement, skipping those without both
+    classes; and the number of groups."""
+    names, index = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(index == g) for g in range(len(names))]
+    rng = np.random.default_rng(seed)
+
+    def resamples() -> Iterator[np.ndarray]:
+        for _ in range(draws):
+            rows = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+            if labels[rows].min() != labels[rows].max():
+                yield rows
+
+    return resamples(), len(names)
+
+
+def _interval(values: List[float]) -> Tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    low, high = np.quantile(values, [0.025, 0.975])
+    return float(low), float(high)
+
+
+def group_bootstrap_auroc(labels: Sequence[int], scores: Sequence[float], groups: Sequence[str],
+                          draws: int = 2000, seed: int = 0) -> Dict[str, float]:
+    """Image AUROC with a 95 % interval from resampling whole groups with replacement.
+
+    The images of one group show one part (several exposures), so they are not independent draws: with few
+    groups (a defect type seen on six tiles) the interval says how far the figure could move on other parts."""
+    labels, s = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    resamples, n_groups = _group_resamples(labels, groups, draws, seed)
+    values = [_rank_auroc(labels[rows], s[rows]) for rows in resamples]
+    low, high = _interval(values)
+    return {"auroc": image_auroc(labels, s), "low": low, "high": high, "draws": len(values), "groups": n_groups}
+
+
 def group_bootstrap_auroc_difference(labels: Sequence[int], scores_a: Sequence[float], scores_b: Sequence[float],
                                      groups: Sequence[str], draws: int = 2000, seed: int = 0) -> Dict[str, float]:
     """Image AUROC of scoring b minus that of scoring a on the same images, with a 95 % interval from
@@ -141,15 +178,8 @@ def group_bootstrap_auroc_difference(labels: Sequence[int], scores_a: Sequence[f
     The images of one group show one part (several exposures), so they are not independent draws: resampling
     images would make a difference look surer than it is. Draws without both classes are skipped."""
     labels, a, b = np.asarray(labels), np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
-    names, index = np.unique(np.asarray(groups), return_inverse=True)
-    members = [np.flatnonzero(index == g) for g in range(len(names))]
-    rng = np.random.default_rng(seed)
-    differences = []
-    for _ in range(draws):
-        rows = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-        if labels[rows].min() == labels[rows].max():
-            continue
-        differences.append(_rank_auroc(labels[rows], b[rows]) - _rank_auroc(labels[rows], a[rows]))
-    low, high = np.quantile(differences, [0.025, 0.975]) if differences else (float("nan"), float("nan"))
-    return {"difference": image_auroc(labels, b) - image_auroc(labels, a), "low": float(low), "high": float(high),
-            "draws": len(differences), "groups": len(names)}
+    resamples, n_groups = _group_resamples(labels, groups, draws, seed)
+    differences = [_rank_auroc(labels[rows], b[rows]) - _rank_auroc(labels[rows], a[rows]) for rows in resamples]
+    low, high = _interval(differences)
+    return {"difference": image_auroc(labels, b) - image_auroc(labels, a), "low": low, "high": high,
+            "draws": len(differences), "groups": n_groups}
