@@ -133,6 +133,22 @@ def test_group_bootstrap_of_a_perfect_scoring_is_exactly_one() -> None:
     assert got["auroc"] == got["low"] == got["high"] == 1.0
 
 
+def test_group_bootstrap_keeps_the_number_of_defective_parts_in_every_draw() -> None:
+    # Ten good parts and four defective ones, one of them holding a good image too: every draw holds four
+    # defective parts and ten good ones (unstratified, about one draw in 40 holds a single defective part).
+    from train.metrics import _group_resamples
+
+    labels = np.repeat([0] * 10 + [1] * 4, 3)
+    labels[-1] = 0
+    groups = np.repeat([f"part{g:02d}" for g in range(14)], 3)
+    resamples, n_groups = _group_resamples(labels, list(groups), draws=500, seed=0)
+    drawn = list(resamples)
+    assert n_groups == 14 and len(drawn) == 500
+    for rows in drawn:
+        parts = groups[rows][::3]  # each part's three rows stay together
+        assert sum(p >= "part10" for p in parts) == 4 and len(parts) == 14
+
+
 def test_the_bootstraps_rank_auroc_is_scikit_learns_with_ties() -> None:
     from train.metrics import _rank_auroc
 
