@@ -2,7 +2,8 @@
 """Stretch, letterbox or tile? How the crop's aspect ratio reaches the model, measured on the memory's map.
 
     python benchmarks/probe_resize.py --data ../shared/datasets/magnetic_tile --split val \
-        --modes stretch reflect replicate tile --sizes 256 --transplant [--mix] [--block 4]
+        --modes stretch reflect replicate tile --sizes 256 --transplant [--mix] [--block 4] \
+        [--groups benchmarks/groups/magnetic_tile.csv]
 
 magnetic_tile's crops range from 0.4 to 2.8 in height/width; the product stretches each one to the model's
 square input (engine.preprocess, `resize: stretch`), so the texture's scale differs between crops. The
@@ -17,7 +18,11 @@ masks' stretched geometry before it is scored; the image score is the top 1 % of
 brought back to the host's own shape and preprocessed like the rest). With --mix, each letterbox run beside
 `stretch` also scores the two views together (`stretch+reflect`, ...: the mean of the two maps, each divided by
 its mean over the split's maps, which needs no labels): two memories and two passes per image. --block sets
-the memory's block side (4 = inspect's; at 384 px, 6 spans what 4 spans at 256). Prints a table and writes JSON.
+the memory's block side (4 = inspect's; at 384 px, 6 spans what 4 spans at 256). --groups: the grouped
+protocol (train.groups: train on the training groups' train/good, score the split of held-out groups), and
+each row's image-AUROC difference from `stretch` in the same view gets a 95 % interval from resampling whole
+groups; every row keeps its per-image scores and each crop's aspect (height / width). Prints a table and
+writes JSON.
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ from sweep_features import backbone_features, smoothed, untrained_memory_maps  #
 from train.config import preset  # noqa: E402
 from train.data import eval_samples, load_mask, read_image, split_eval, train_samples  # noqa: E402
 from train.evaluate import compute_metrics  # noqa: E402
+from train.groups import grouped_protocol, load_groups, split_by_group  # noqa: E402
+from train.metrics import group_bootstrap_auroc_difference  # noqa: E402
 from train.fit import preprocess_spec  # noqa: E402
 from train.transplant import transplant_set  # noqa: E402
 
@@ -157,7 +164,7 @@ def score_row(maps: torch.Tensor, labels: np.ndarray, types: Sequence[str], mask
     return {**keys, "image_auroc": got["image_auroc"], "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],
             "pixel_against_good_images": b["against_good_images"],
             "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
-            "image_auroc_per_type": got["image_auroc_per_type"]}
+            "image_auroc_per_type": got["image_auroc_per_type"], "scores": [float(v) for v in scores]}
 
 
 def report(row: Dict[str, object], t0: float) -> Dict[str, object]:
@@ -176,6 +183,7 @@ def main() -> int:
     parser.add_argument("--transplant", action="store_true")
     parser.add_argument("--mix", action="store_true", help="also score stretch and each letterbox together")
     parser.add_argument("--block", type=int, default=BLOCK, help="block side of the memory, in 1/8 feature cells")
+    parser.add_argument("--groups", default="", help="groups CSV: the grouped protocol (train.groups)")
     parser.add_argument("--out", default="benchmarks/results/probe_resize")
     args = parser.parse_args()
     if any(size % 128 for size in args.sizes):
@@ -187,10 +195,16 @@ def main() -> int:
         parser.error("--mix needs `stretch` and a letterbox (reflect or replicate) in --modes")
 
     data = Path(args.data)
-    train = [gray(s.image) for s in train_samples(data)]
-    samples = eval_samples(data)
-    samples = [samples[i] for i in split_eval(samples, args.split, 0)]
+    groups = load_groups(Path(args.groups), data) if args.groups else None
+    if groups is not None:
+        training, evaluated = grouped_protocol(data, groups)
+        samples = [evaluated[i] for i in split_by_group(evaluated, args.split, groups, 0)]
+    else:
+        training, samples = train_samples(data), eval_samples(data)
+        samples = [samples[i] for i in split_eval(samples, args.split, 0)]
+    train = [gray(s.image) for s in training]
     crops = [gray(s.image) for s in samples]
+    part_of = [groups.group(s) for s in samples] if groups is not None else []
     labels = np.array([s.label for s in samples])
     types = [s.defect_type for s in samples]
     t0 = time.perf_counter()
@@ -206,6 +220,12 @@ def main() -> int:
             for mode in args.modes:
                 maps = view_maps[mode] = memory_maps(train, test, size, mode, args.block)
                 rows.append(report(score_row(maps, labels, types, masks, mode=mode, size=size, view=view), t0))
+                rows[-1]["aspect"] = [c.shape[0] / c.shape[1] for c in crops]
+                stretch = next((r for r in rows if r["mode"] == "stretch" and r["size"] == size and r["view"] == view), None)
+                if groups is not None and stretch is not None and mode != "stretch":
+                    rows[-1]["minus_stretch_image_auroc"] = group_bootstrap_auroc_difference(
+                        labels, stretch["scores"], rows[-1]["scores"], part_of)
+                    print(f"  minus stretch: {rows[-1]['minus_stretch_image_auroc']}", flush=True)
             if args.mix:
                 for mode in ("reflect", "replicate"):
                     if mode in view_maps:
