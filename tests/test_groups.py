@@ -120,7 +120,11 @@ def test_eval_refuses_groups_the_checkpoint_was_not_fit_with(dataset: Path, tmp_
     assert set(intervals) == {"all", *metrics["image_auroc_per_type"]}
     assert intervals["all"]["auroc"] == metrics["image_auroc"]
     assert all(i["low"] <= i["auroc"] <= i["high"] for i in intervals.values()), intervals
-    assert "parts resampled" in capsys.readouterr().out
+    parts = metrics["parts"]  # every held-out part of the half, worst first
+    assert [p["rank"] for p in parts] == sorted(p["rank"] for p in parts)
+    assert sum(p["images"] for p in parts) == metrics["n_good"] + metrics["n_defective"]
+    out = capsys.readouterr().out
+    assert "parts resampled" in out and f"  {parts[0]['part']}: " in out
     assert train_main(["eval", "--checkpoint", str(tmp_path / "plain" / "last.pt"), *evaluate,
                        "--out", str(tmp_path / "e2")]) == 1
     err = capsys.readouterr().err

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.metrics import (aupro, best_f1, group_bootstrap_auroc, group_bootstrap_auroc_difference, image_auroc, pixel_auroc,
+from train.metrics import (aupro, best_f1, group_bootstrap_auroc, group_bootstrap_auroc_difference, part_ranks, image_auroc, pixel_auroc,
                            pixel_auroc_breakdown)
 
 SIZE = 16
@@ -156,3 +156,17 @@ def test_the_bootstraps_rank_auroc_is_scikit_learns_with_ties() -> None:
     labels = rng.integers(0, 2, 200)
     scores = np.round(rng.normal(size=200) + labels, 1)  # many ties
     assert _rank_auroc(labels, scores) == pytest.approx(image_auroc(labels, scores), abs=1e-12)
+
+
+def test_part_ranks_put_the_missed_part_and_the_alarming_good_part_first() -> None:
+    labels = [0, 0, 0, 0, 1, 1, 1, 1, 0]
+    types = ["good"] * 4 + ["crack", "crack", "fray", "fray", "good"]
+    scores = [0.1, 0.2, 0.3, 0.9, 0.05, 0.15, 1.0, 2.0, 0.2]
+    parts = ["g1", "g1", "g2", "g2", "c1", "c1", "f1", "f1", "f1"]  # f1 holds a good image too
+    ranked = part_ranks(labels, types, scores, parts)
+    got = {r["part"]: r for r in ranked}
+    assert got["c1"]["rank"] == pytest.approx((0 + 1 / 5) / 2)  # below all five good images, then above one
+    assert got["f1"] == {"part": "f1", "defective": True, "types": ["fray"], "images": 2, "rank": 1.0}
+    assert got["g2"]["rank"] == pytest.approx(0.5)  # 0.3 and 0.9 each below two of the four defects
+    assert got["g1"]["rank"] == pytest.approx((3 / 4 + 2 / 4) / 2)
+    assert [r["part"] for r in ranked] == ["c1", "g2", "g1", "f1"]

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .groups import Groups
 
 logger = logging.getLogger("train")
+WORST_PARTS = 5  # eval --groups prints the parts ranked lowest; metrics.json holds every part
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
@@ -108,6 +109,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name, got in metrics.get("image_auroc_group_intervals", {}).items():
         print(f"image AUROC, {name}: {got['auroc']:.3f} (95 % over {got['groups']} parts resampled: "
               f"{got['low']:.3f} to {got['high']:.3f})")
+    worst = metrics.get("parts", [])[:WORST_PARTS]
+    if worst:
+        print("parts ranked lowest (rank: the mean fraction of the other class's images that each of the part's "
+              "images is ordered correctly against; 1 = all of them):")
+        for part in worst:
+            kind = "/".join(part["types"]) if part["defective"] else "good"
+            print(f"  {part['part']}: {kind}, {part['images']} images, rank {part['rank']:.2f}")
     print(f"metrics and plots: {args.out}")
     return 0
 

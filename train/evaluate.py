@@ -15,7 +15,8 @@ from engine.preprocess import denormalize
 from .data import eval_samples, load_images, load_mask, split_eval
 from .fit import preprocess_spec, resolve_device
 from .groups import Groups, grouped_protocol, split_by_group
-from .metrics import aupro, best_f1, group_bootstrap_auroc, image_auroc, pixel_auroc, pixel_auroc_breakdown
+from .metrics import (aupro, best_f1, group_bootstrap_auroc, image_auroc, part_ranks, pixel_auroc,
+                      pixel_auroc_breakdown)
 from .model import DAAD
 from .transplant import transplant_set
 from . import plots
@@ -106,8 +107,9 @@ def evaluate(model: DAAD, data_root: Path, out_dir: Optional[Path] = None, devic
     metrics["transplant"] = transplant
     metrics["groups"] = str(groups.path) if groups is not None else ""
     if groups is not None:
-        metrics["image_auroc_group_intervals"] = group_intervals(labels, types, pred["scores"],
-                                                                 [groups.group(s) for s in samples])
+        part_of = [groups.group(s) for s in samples]
+        metrics["image_auroc_group_intervals"] = group_intervals(labels, types, pred["scores"], part_of)
+        metrics["parts"] = part_ranks(labels, types, pred["scores"], part_of)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

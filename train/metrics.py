@@ -189,3 +189,30 @@ def group_bootstrap_auroc_difference(labels: Sequence[int], scores_a: Sequence[f
     low, high = _interval(differences)
     return {"difference": image_auroc(labels, b) - image_auroc(labels, a), "low": low, "high": high,
             "draws": len(differences), "groups": n_groups}
+
+
+def part_ranks(labels: Sequence[int], types: Sequence[str], scores: Sequence[float],
+               parts: Sequence[str]) -> List[Dict[str, Any]]:
+    """Per part (group): how its images rank against the other class, worst first.
+
+    A defective image's rank is the fraction of good images it scores above (ties half), a good image's the
+    fraction of defective images it scores below; a part's is the mean over its images of its own class
+    (a part of both holds its defective images' rank). Near 0 is a part the model misses or mistakes for a
+    defect; the list says which parts an AUROC is lost on."""
+    labels, s = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    good, defective = np.sort(s[labels == 0]), np.sort(s[labels == 1])
+
+    def above(values: np.ndarray, reference: np.ndarray) -> np.ndarray:  # fraction of reference below, ties half
+        return (np.searchsorted(reference, values, "left") + np.searchsorted(reference, values, "right")) / (2 * reference.size)
+
+    rank = np.where(labels == 1, above(s, good) if good.size else np.nan,
+                    1.0 - above(s, defective) if defective.size else np.nan)
+    out = []
+    names = np.asarray(parts)
+    for part in np.unique(names):
+        rows = np.flatnonzero(names == part)
+        has_defect = bool(labels[rows].max() == 1)
+        own = rows[labels[rows] == 1] if has_defect else rows
+        out.append({"part": str(part), "defective": has_defect, "types": sorted({types[i] for i in own}),
+                    "images": int(own.size), "rank": float(rank[own].mean())})
+    return sorted(out, key=lambda r: (r["rank"], r["part"]))
