@@ -115,7 +115,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "images is ordered correctly against; 1 = all of them):")
         for part in worst:
             kind = "/".join(part["types"]) if part["defective"] else "good"
-            print(f"  {part['part']}: {kind}, {part['images']} images, rank {part['rank']:.2f}")
+            images = f"{part['images']} image{'s' if part['images'] != 1 else ''}"
+            print(f"  {part['part']}: {kind}, {images}, rank {part['rank']:.2f}")
     print(f"metrics and plots: {args.out}")
     return 0
 
