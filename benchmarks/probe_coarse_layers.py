@@ -21,7 +21,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,18 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probe_fine_memory import BATCH, Memory, encoded, terms  # noqa: E402  (this folder, first on sys.path)
 from probe_json import write_probe_rows  # noqa: E402
+from probe_protocol import checkpoint_data  # noqa: E402
 
 from engine.errors import DaadError  # noqa: E402
+from train.checkpoint import load_model  # noqa: E402
+from train.data import load_images  # noqa: E402
+from train.evaluate import compute_metrics  # noqa: E402
 from train.backbone import local_context  # noqa: E402
-from train.checkpoint import load_model, score_stats_images  # noqa: E402
-from train.cli import checked_groups  # noqa: E402
-from train.data import load_images, train_samples  # noqa: E402
-from train.evaluate import compute_metrics, load_split  # noqa: E402
 from train.fit import preprocess_spec  # noqa: E402
-from train.groups import grouped_protocol  # noqa: E402
 from train.metrics import group_bootstrap_auroc_difference  # noqa: E402
 from train.model import DAAD, divide, principal_components  # noqa: E402
-from train.transplant import transplant_set  # noqa: E402
 
 
 @torch.no_grad()
@@ -62,14 +60,19 @@ def tap_features(model: DAAD, images: torch.Tensor, tap: int) -> torch.Tensor:
 
 
 class CoarseLayer:
-    """An untrained coarse memory of one block's features: standardise, project, nearest item by cosine."""
+    """An untrained coarse memory of one block's features: standardise, project, nearest item by cosine.
 
-    def __init__(self, train: torch.Tensor, dims: int) -> None:
+    items: keep that many of the training vectors, drawn at random with `rng` (0: every one)."""
+
+    def __init__(self, train: torch.Tensor, dims: int, items: int = 0, rng: Optional[torch.Generator] = None) -> None:
         self.mean = train.mean(dim=(0, 2, 3), keepdim=True)
         self.std = train.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-3)
         self.proj = principal_components(train, self.mean, self.std, dims).to(train.dtype) if dims else None
         z = self.standardise(train)
-        self.memory = Memory(divide(z.contiguous(), 1, 1, z.shape[1]), 1)
+        vectors = divide(z.contiguous(), 1, 1, z.shape[1])
+        if 0 < items < len(vectors):
+            vectors = vectors[torch.randperm(len(vectors), generator=rng)[:items]]
+        self.memory = Memory(vectors, 1)
 
     def standardise(self, raw: torch.Tensor) -> torch.Tensor:
         z = (raw - self.mean) / self.std
@@ -99,32 +102,23 @@ def main() -> int:
         return 2
     if any(t < 0 or t >= len(model.backbone._blocks) for t in args.taps):  # type: ignore[union-attr]
         parser.error(f"--taps: block indices 0..{len(model.backbone._blocks) - 1}")  # type: ignore[union-attr]
-    data = Path(args.data)
     spec = preprocess_spec(cfg)
     try:
-        groups = checked_groups(args.groups, data, state, args.checkpoint) if args.groups else None
-        every = grouped_protocol(data, groups)[0] if groups is not None else train_samples(data)
-        held = {p.resolve() for p in score_stats_images(state)}
-        train = [s for s in every if s.image.resolve() not in held]
-        stats = [s for s in every if s.image.resolve() in held]
-        if not stats:
-            raise DaadError(f"{args.checkpoint}: records no held-back good images; pass the --data and --groups it was fit with")
-        samples, images, masks, labels, types = load_split(data, spec, args.split, 0, groups)
+        got_data = checkpoint_data(args.checkpoint, state, Path(args.data), args.groups, spec, args.split)
     except DaadError as err:
         print(f"probe_coarse_layers: error: {err}", file=sys.stderr)
         return 2
+    groups, train, stats, samples, images, masks, labels, types = got_data[:8]
     model.eval()
     t0 = time.perf_counter()
     train_images = torch.from_numpy(load_images(train, spec))
     stats_images = torch.from_numpy(load_images(stats, spec))
-    views = {"test/": torch.from_numpy(images)}
-    if args.transplant:
-        views["pasted"] = torch.from_numpy(transplant_set(images, masks, labels)[0])
+    views = got_data.views(args.transplant)
     beta, delta = cfg.memory_score_weight, cfg.coarse_memory_weight
     own_stats = terms(model, *encoded(model, stats_images), None)
     scale = {k: float(v.mean()) or 1.0 for k, v in own_stats.items()}
     own_terms = {view: terms(model, *encoded(model, x), None) for view, x in views.items()}
-    part_of = [groups.group(s) for s in samples] if groups is not None else []
+    part_of = got_data.parts()
 
     def score(t: Dict[str, torch.Tensor], coarse: torch.Tensor, coarse_scale: float) -> torch.Tensor:
         fine = (1 - beta) * t["L"] / scale["L"] + beta * t[f"M{model.generator.full_memory.bh}"] / scale[  # type: ignore[union-attr]

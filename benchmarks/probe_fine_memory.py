@@ -39,17 +39,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
+from probe_protocol import checkpoint_data  # noqa: E402
 
 from engine.errors import DaadError  # noqa: E402
-from train.checkpoint import load_model, score_stats_images  # noqa: E402
-from train.cli import checked_groups  # noqa: E402
-from train.data import load_images, train_samples  # noqa: E402
-from train.evaluate import compute_metrics, load_split  # noqa: E402
+from train.checkpoint import load_model  # noqa: E402
+from train.data import load_images  # noqa: E402
+from train.evaluate import compute_metrics  # noqa: E402
 from train.fit import backbone_features, preprocess_spec, statistics_targets  # noqa: E402
-from train.groups import grouped_protocol  # noqa: E402
 from train.metrics import group_bootstrap_auroc_difference  # noqa: E402
 from train.model import DAAD, assemble, divide, l2_normalize  # noqa: E402
-from train.transplant import transplant_set  # noqa: E402
 
 BATCH = 16
 QUERY_CHUNK = 1024
@@ -178,22 +176,13 @@ def main() -> int:
         print(f"{args.checkpoint}: needs an `inspect` checkpoint (a hard-read fine memory of square blocks, L and C)",
               file=sys.stderr)
         return 2
-    data = Path(args.data)
     spec = preprocess_spec(cfg)
     try:
-        groups = checked_groups(args.groups, data, state, args.checkpoint) if args.groups else None
-        every = grouped_protocol(data, groups)[0] if groups is not None else train_samples(data)
-        held = {p.resolve() for p in score_stats_images(state)}
-        train = [s for s in every if s.image.resolve() not in held]
-        stats = [s for s in every if s.image.resolve() in held]
-        recorded = int((state.get("training_data") or {}).get("n_images", -1))
-        if recorded != len(train) or not stats:
-            raise DaadError(f"{args.checkpoint}: fit trained on {recorded} images and this finds {len(train)} (with "
-                            f"{len(stats)} held back); pass the --data and --groups it was fit with")
-        samples, images, masks, labels, types = load_split(data, spec, args.split, 0, groups)
+        got_data = checkpoint_data(args.checkpoint, state, Path(args.data), args.groups, spec, args.split)
     except DaadError as err:
         print(f"probe_fine_memory: error: {err}", file=sys.stderr)
         return 2
+    groups, train, stats, samples, images, masks, labels, types = got_data[:8]
     model.eval()
     t0 = time.perf_counter()
     cpu = torch.device("cpu")
@@ -202,13 +191,11 @@ def main() -> int:
         bank = torch.cat([model.standardise(f) for f in raw.split(BATCH * 4)])
         stats_x, stats_c = statistics_targets(model, stats, spec, cpu)
     del raw
-    views = {"test/": torch.from_numpy(images)}
-    if args.transplant:
-        views["pasted"] = torch.from_numpy(transplant_set(images, masks, labels)[0])
+    views = got_data.views(args.transplant)
     encoded_views = {view: encoded(model, x) for view, x in views.items()}
 
     rows = []
-    part_of = [groups.group(sample) for sample in samples] if groups is not None else []
+    part_of = got_data.parts()
     trained_scores: Dict[str, object] = {}
     specs: List[Tuple[str, RowSpec]] = [("trained", RowSpec((memory.bh,), (), "cosine", 1))]
     specs += list(zip(args.rows, rows_spec))

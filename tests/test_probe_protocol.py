@@ -1,0 +1,66 @@
+"""The probes' shared reading of a checkpoint: the images fit trained on, the ones it held back, and a refusal
+naming the fix when the data or groups file is not the one it was fit with."""
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from probe_protocol import checkpoint_data  # noqa: E402
+
+from engine.errors import DaadError  # noqa: E402
+from train.checkpoint import load_model  # noqa: E402
+from train.cli import main as train_main  # noqa: E402
+from train.fit import preprocess_spec  # noqa: E402
+from train.synthetic import DEFECT_TYPES, write_synthetic_dataset  # noqa: E402
+
+N_PARTS = 8
+
+
+@pytest.fixture(scope="module")
+def grouped_fit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("probe_protocol")
+    data = root / "data"
+    write_synthetic_dataset(data, n_train=3 * N_PARTS, n_test_good=N_PARTS, n_test_per_defect=4, size=32)
+    rows = {f"train/good/{i:03d}.png": f"part{i % N_PARTS}" for i in range(3 * N_PARTS)}
+    rows.update({f"test/good/{i:03d}.png": f"part{i}" for i in range(N_PARTS)})
+    for kind in DEFECT_TYPES:
+        rows.update({f"test/{kind}/{i:03d}.png": f"{kind}{i // 2}" for i in range(4)})
+    with open(data / "groups.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "group"])
+        writer.writerows(sorted(rows.items()))
+    # a memory of every training block: fit holds good parts back to normalise its terms on unseen ones
+    config = root / "memory.yaml"
+    config.write_text("model:\n  memory_init: data\n  full_skip_block: [4, 4, 0]\n")
+    assert train_main(["fit", "--data", str(data), "--model", "daad", "--config", str(config), "--size", "32",
+                       "--steps", "2", "--batch-size", "4", "--quiet", "--groups", str(data / "groups.csv"),
+                       "--out", str(root / "run")]) == 0
+    return root
+
+
+def test_the_checkpoints_training_and_held_back_images_and_the_split(grouped_fit: Path) -> None:
+    data, checkpoint = grouped_fit / "data", str(grouped_fit / "run" / "last.pt")
+    model, state = load_model(checkpoint)
+    got = checkpoint_data(checkpoint, state, data, str(data / "groups.csv"), preprocess_spec(model.cfg), "val")
+    assert got.groups is not None and got.train and got.stats
+    assert len(got.train) == state["training_data"]["n_images"]
+    train_parts = {got.groups.group(s) for s in got.train}
+    assert not train_parts & {got.groups.group(s) for s in got.stats}  # held back as whole parts
+    assert not train_parts & set(got.parts())  # nothing scored was trained on
+    assert len(got.parts()) == len(got.samples) == len(got.images) == len(got.labels)
+    views = got.views(transplant=True)
+    assert set(views) == {"test/", "pasted"} and torch.equal(views["test/"], torch.from_numpy(got.images))
+    assert set(got.views(transplant=False)) == {"test/"}
+
+
+def test_a_checkpoint_read_without_its_groups_file_is_refused_with_the_fix(grouped_fit: Path) -> None:
+    data, checkpoint = grouped_fit / "data", str(grouped_fit / "run" / "last.pt")
+    model, state = load_model(checkpoint)
+    with pytest.raises(DaadError, match="pass the --data and --groups it was fit with"):
+        checkpoint_data(checkpoint, state, data, "", preprocess_spec(model.cfg), "val")
