@@ -115,8 +115,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps (for the test suite)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.quick:
-        args.steps, args.size, args.frames = 60, 64, 16
+    if args.quick:  # 60 steps left DAAD+ at 0.67-0.70 image AUROC on these parts, 150 at 1.0 (seeds 0, 1)
+        args.steps, args.size, args.frames = 150, 64, 16
     out = Path(args.out).resolve()
     if out.exists():
         shutil.rmtree(out)
