@@ -39,9 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
-from probe_protocol import checkpoint_data  # noqa: E402
+from probe_protocol import checkpoint_data_or_exit  # noqa: E402
 
-from engine.errors import DaadError  # noqa: E402
 from train.checkpoint import load_model  # noqa: E402
 from train.data import load_images  # noqa: E402
 from train.evaluate import compute_metrics  # noqa: E402
@@ -177,11 +176,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
     spec = preprocess_spec(cfg)
-    try:
-        got_data = checkpoint_data(args.checkpoint, state, Path(args.data), args.groups, spec, args.split)
-    except DaadError as err:
-        print(f"probe_fine_memory: error: {err}", file=sys.stderr)
-        return 2
+    got_data = checkpoint_data_or_exit("probe_fine_memory", args, state, spec)
     groups, train, stats, samples, images, masks, labels, types = got_data[:8]
     model.eval()
     t0 = time.perf_counter()

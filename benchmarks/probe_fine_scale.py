@@ -34,11 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from probe_coarse_layers import CoarseLayer, tap_features  # noqa: E402  (this folder, first on sys.path)
 from probe_fine_memory import BATCH  # noqa: E402
 from probe_json import write_probe_rows  # noqa: E402
-from probe_protocol import checkpoint_data  # noqa: E402
+from probe_protocol import checkpoint_data_or_exit  # noqa: E402
 
-from engine.errors import DaadError  # noqa: E402
 from train.checkpoint import load_model  # noqa: E402
-from train.data import load_images  # noqa: E402
 from train.evaluate import compute_metrics  # noqa: E402
 from train.fit import preprocess_spec  # noqa: E402
 from train.metrics import group_bootstrap_auroc_difference, part_ranks  # noqa: E402
@@ -83,16 +81,11 @@ def main() -> int:
     if any(t < 0 or t >= len(model.backbone._blocks) for t in args.taps):  # type: ignore[union-attr]
         parser.error(f"--taps: block indices 0..{len(model.backbone._blocks) - 1}")  # type: ignore[union-attr]
     spec = preprocess_spec(cfg)
-    try:
-        got_data = checkpoint_data(args.checkpoint, state, Path(args.data), args.groups, spec, args.split)
-    except DaadError as err:
-        print(f"probe_fine_scale: error: {err}", file=sys.stderr)
-        return 2
+    got_data = checkpoint_data_or_exit("probe_fine_scale", args, state, spec)
     groups, train, stats, samples, images, masks, labels, types = got_data[:8]
     model.eval()
     t0 = time.perf_counter()
-    train_images = torch.from_numpy(load_images(train, spec))
-    stats_images = torch.from_numpy(load_images(stats, spec))
+    train_images, stats_images = got_data.training_tensors(spec)
     views = got_data.views(args.transplant)
     own_maps = {view: own_unsmoothed(model, x) for view, x in views.items()}
     part_of = got_data.parts()

@@ -2,8 +2,10 @@
 held back for the terms' normalisation, and the split to score."""
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -11,7 +13,7 @@ import torch
 from engine.errors import DaadError
 from train.checkpoint import score_stats_images
 from train.cli import checked_groups
-from train.data import Sample, train_samples
+from train.data import Sample, load_images, train_samples
 from train.evaluate import load_split
 from train.groups import Groups, grouped_protocol
 from train.transplant import transplant_set
@@ -30,6 +32,10 @@ class ProbeData(NamedTuple):
     def parts(self) -> List[str]:
         """Each scored image's group (empty without groups): what the group bootstrap resamples."""
         return [self.groups.group(s) for s in self.samples] if self.groups is not None else []
+
+    def training_tensors(self, spec: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The preprocessed training and held-back images."""
+        return torch.from_numpy(load_images(self.train, spec)), torch.from_numpy(load_images(self.stats, spec))
 
     def views(self, transplant: bool) -> Dict[str, torch.Tensor]:
         """The split's images as they are ("test/") and, with `transplant`, with its defects pasted onto good
@@ -54,3 +60,12 @@ def checkpoint_data(checkpoint: str, state: Dict[str, Any], data: Path, groups_p
         raise DaadError(f"{checkpoint}: fit trained on {recorded} images and this finds {len(train)} (with "
                         f"{len(stats)} held back); pass the --data and --groups it was fit with")
     return ProbeData(groups, train, stats, *load_split(data, spec, split, 0, groups))
+
+
+def checkpoint_data_or_exit(prog: str, args: argparse.Namespace, state: Dict[str, Any], spec: Any) -> ProbeData:
+    """checkpoint_data for a probe's --checkpoint, --data, --groups and --split; one error line and exit 2 when refused."""
+    try:
+        return checkpoint_data(args.checkpoint, state, Path(args.data), args.groups, spec, args.split)
+    except DaadError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

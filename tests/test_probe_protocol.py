@@ -2,6 +2,7 @@
 naming the fix when the data or groups file is not the one it was fit with."""
 from __future__ import annotations
 
+import argparse
 import csv
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from probe_protocol import checkpoint_data  # noqa: E402
+from probe_protocol import checkpoint_data, checkpoint_data_or_exit  # noqa: E402
 
 from engine.errors import DaadError  # noqa: E402
 from train.checkpoint import load_model  # noqa: E402
@@ -57,10 +58,20 @@ def test_the_checkpoints_training_and_held_back_images_and_the_split(grouped_fit
     views = got.views(transplant=True)
     assert set(views) == {"test/", "pasted"} and torch.equal(views["test/"], torch.from_numpy(got.images))
     assert set(got.views(transplant=False)) == {"test/"}
+    train, stats = got.training_tensors(preprocess_spec(model.cfg))
+    assert train.shape == (len(got.train), 1, 32, 32) and stats.shape == (len(got.stats), 1, 32, 32)
 
 
-def test_a_checkpoint_read_without_its_groups_file_is_refused_with_the_fix(grouped_fit: Path) -> None:
+def test_a_checkpoint_read_without_its_groups_file_is_refused_with_the_fix(grouped_fit: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
     data, checkpoint = grouped_fit / "data", str(grouped_fit / "run" / "last.pt")
     model, state = load_model(checkpoint)
     with pytest.raises(DaadError, match="pass the --data and --groups it was fit with"):
         checkpoint_data(checkpoint, state, data, "", preprocess_spec(model.cfg), "val")
+    # a probe's script says so in one line and exits 2
+    args = argparse.Namespace(checkpoint=checkpoint, data=str(data), groups="", split="val")
+    with pytest.raises(SystemExit) as exit_info:
+        checkpoint_data_or_exit("probe_x", args, state, preprocess_spec(model.cfg))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("probe_x: error: ") and err.count("\n") == 1 and "--groups it was fit with" in err
