@@ -1,0 +1,99 @@
+"""benchmarks/compare_fits.py: fits of one configuration scored on the same split, each against the first with a
+paired group-bootstrap interval, and a one-line refusal of what cannot be compared."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import compare_fits  # noqa: E402
+
+from train.cli import main as train_main  # noqa: E402
+from train.synthetic import DEFECT_TYPES, write_synthetic_dataset  # noqa: E402
+
+N_PARTS = 8
+
+
+@pytest.fixture(scope="module")
+def two_fits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A grouped fit of 2 steps, and the same fit resumed to 6 (a longer schedule)."""
+    root = tmp_path_factory.mktemp("compare_fits")
+    data = root / "data"
+    write_synthetic_dataset(data, n_train=3 * N_PARTS, n_test_good=N_PARTS, n_test_per_defect=4, size=32)
+    rows = {f"train/good/{i:03d}.png": f"part{i % N_PARTS}" for i in range(3 * N_PARTS)}
+    rows.update({f"test/good/{i:03d}.png": f"part{i}" for i in range(N_PARTS)})
+    for kind in DEFECT_TYPES:
+        rows.update({f"test/{kind}/{i:03d}.png": f"{kind}{i // 2}" for i in range(4)})
+    with open(data / "groups.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "group"])
+        writer.writerows(sorted(rows.items()))
+    fit = ["fit", "--data", str(data), "--model", "daad", "--size", "32", "--batch-size", "4", "--quiet",
+           "--groups", str(data / "groups.csv")]
+    assert train_main(fit + ["--steps", "2", "--out", str(root / "short")]) == 0
+    shutil.copytree(root / "short", root / "long")
+    assert train_main(fit + ["--steps", "6", "--resume", "--out", str(root / "long")]) == 0
+    return root
+
+
+def run(monkeypatch: pytest.MonkeyPatch, argv: List[str]) -> int:
+    monkeypatch.setattr(sys, "argv", ["compare_fits.py", *argv])
+    return compare_fits.main()
+
+
+def test_each_fit_is_compared_with_the_first_on_the_same_images(two_fits: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, out = two_fits / "data", two_fits / "out"
+    short, long = str(two_fits / "short" / "last.pt"), str(two_fits / "long" / "last.pt")
+    assert run(monkeypatch, ["--checkpoints", short, long, short, "--data", str(data), "--split", "val",
+                             "--transplant", "--groups", str(data / "groups.csv"), "--out", str(out)]) == 0
+    rows = json.loads(next(out.glob("probe_val_*.json")).read_text())["rows"]
+    assert [(r["steps"], r["view"]) for r in rows] == [(2, "test/"), (2, "pasted"), (6, "test/"), (6, "pasted"),
+                                                       (2, "test/"), (2, "pasted")]
+    assert "minus_first" not in rows[0] and "minus_first" not in rows[1]
+    for first, other in ((rows[0], rows[2]), (rows[1], rows[3])):
+        got = other["minus_first"]
+        assert set(got) == {"all", *DEFECT_TYPES}
+        assert got["all"]["difference"] == pytest.approx(other["image_auroc"] - first["image_auroc"])
+        for kind in DEFECT_TYPES:
+            want = other["image_auroc_per_type"][kind] - first["image_auroc_per_type"][kind]
+            assert got[kind]["difference"] == pytest.approx(want)
+            assert got[kind]["low"] <= got[kind]["high"] and got[kind]["draws"] > 0
+    # a fit against itself: every paired draw differs by exactly nothing
+    for name, got in rows[4]["minus_first"].items():
+        assert (got["difference"], got["low"], got["high"]) == (0.0, 0.0, 0.0), name
+
+
+def test_the_per_type_rows_hold_that_type_and_the_good_images() -> None:
+    types = ["good", "crack", "good", "uneven", "crack"]
+    got = compare_fits.type_selections(types)
+    assert set(got) == {"all", "crack", "uneven"}
+    assert got["all"].all()
+    assert got["crack"].tolist() == [True, True, True, False, True]
+    assert got["uneven"].tolist() == [True, False, True, True, False]
+    labels = np.array([0, 1, 0, 1, 1])
+    parts = ["a", "b", "c", "d", "b"]
+    better = compare_fits.paired_differences(labels, types, parts, np.array([0.5, 0.1, 0.2, 0.9, 0.3]),
+                                             np.array([0.1, 0.8, 0.2, 0.9, 0.7]))
+    assert better["crack"]["difference"] == pytest.approx(1.0 - 0.25)  # one of four pairs ranked right, then all
+
+
+def test_what_cannot_be_compared_is_refused_in_one_line(two_fits: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    data, short = two_fits / "data", str(two_fits / "short" / "last.pt")
+    assert run(monkeypatch, ["--checkpoints", short, str(two_fits / "nowhere.pt"), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere.pt: no such checkpoint" in err
+    # scored without the groups file the fit used would be refused the other way round: with one it did not use
+    other = two_fits / "other.csv"
+    other.write_text((data / "groups.csv").read_text().replace(",part0", ",partX"))
+    assert run(monkeypatch, ["--checkpoints", short, "--data", str(data), "--groups", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refit with `daad-train fit --groups" in err
