@@ -2,7 +2,6 @@
 paired group-bootstrap interval, and a one-line refusal of what cannot be compared."""
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import sys
@@ -17,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compare_fits  # noqa: E402
 
 from train.cli import main as train_main  # noqa: E402
-from train.synthetic import DEFECT_TYPES, write_synthetic_dataset  # noqa: E402
+from train.synthetic import DEFECT_TYPES  # noqa: E402
 
-N_PARTS = 8
+from tests.grouped_dataset import write_grouped_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +26,7 @@ def two_fits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A grouped fit of 2 steps, and the same fit resumed to 6 (a longer schedule)."""
     root = tmp_path_factory.mktemp("compare_fits")
     data = root / "data"
-    write_synthetic_dataset(data, n_train=3 * N_PARTS, n_test_good=N_PARTS, n_test_per_defect=4, size=32)
-    rows = {f"train/good/{i:03d}.png": f"part{i % N_PARTS}" for i in range(3 * N_PARTS)}
-    rows.update({f"test/good/{i:03d}.png": f"part{i}" for i in range(N_PARTS)})
-    for kind in DEFECT_TYPES:
-        rows.update({f"test/{kind}/{i:03d}.png": f"{kind}{i // 2}" for i in range(4)})
-    with open(data / "groups.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "group"])
-        writer.writerows(sorted(rows.items()))
+    write_grouped_dataset(data)
     fit = ["fit", "--data", str(data), "--model", "daad", "--size", "32", "--batch-size", "4", "--quiet",
            "--groups", str(data / "groups.csv")]
     assert train_main(fit + ["--steps", "2", "--out", str(root / "short")]) == 0

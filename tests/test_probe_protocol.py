@@ -3,7 +3,6 @@ naming the fix when the data or groups file is not the one it was fit with."""
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -18,24 +17,15 @@ from engine.errors import DaadError  # noqa: E402
 from train.checkpoint import load_model  # noqa: E402
 from train.cli import main as train_main  # noqa: E402
 from train.fit import preprocess_spec  # noqa: E402
-from train.synthetic import DEFECT_TYPES, write_synthetic_dataset  # noqa: E402
 
-N_PARTS = 8
+from tests.grouped_dataset import write_grouped_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def grouped_fit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("probe_protocol")
     data = root / "data"
-    write_synthetic_dataset(data, n_train=3 * N_PARTS, n_test_good=N_PARTS, n_test_per_defect=4, size=32)
-    rows = {f"train/good/{i:03d}.png": f"part{i % N_PARTS}" for i in range(3 * N_PARTS)}
-    rows.update({f"test/good/{i:03d}.png": f"part{i}" for i in range(N_PARTS)})
-    for kind in DEFECT_TYPES:
-        rows.update({f"test/{kind}/{i:03d}.png": f"{kind}{i // 2}" for i in range(4)})
-    with open(data / "groups.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "group"])
-        writer.writerows(sorted(rows.items()))
+    write_grouped_dataset(data)
     # a memory of every training block: fit holds good parts back to normalise its terms on unseen ones
     config = root / "memory.yaml"
     config.write_text("model:\n  memory_init: data\n  full_skip_block: [4, 4, 0]\n")
