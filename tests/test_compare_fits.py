@@ -88,3 +88,9 @@ def test_what_cannot_be_compared_is_refused_in_one_line(two_fits: Path, monkeypa
     assert run(monkeypatch, ["--checkpoints", short, "--data", str(data), "--groups", str(other)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "refit with `daad-train fit --groups" in err
+    # a fit at another input size scores other images
+    assert train_main(["fit", "--data", str(data), "--model", "daad", "--size", "48", "--batch-size", "4", "--quiet",
+                       "--steps", "1", "--out", str(two_fits / "wide")]) == 0
+    assert run(monkeypatch, ["--checkpoints", short, str(two_fits / "wide" / "last.pt"), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "preprocesses its input otherwise" in err
