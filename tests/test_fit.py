@@ -100,6 +100,13 @@ def test_resume_continues_from_the_checkpoint(dataset: Path, tmp_path: Path) -> 
     assert read_checkpoint(result.checkpoint)["step"] == 9
 
 
+def test_the_discriminator_learns_at_its_own_rate(dataset: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(data=str(dataset), out=str(tmp_path), steps=2, batch_size=4, lr=1e-3, disc_lr=2.5e-4)
+    state = read_checkpoint(fit(preset("daad_plus", **SMALL), cfg, progress=False).checkpoint)
+    rates = {name: [group["lr"] for group in opt["param_groups"]] for name, opt in state["optimizers"].items()}
+    assert rates == {"generator": [1e-3], "discriminator": [2.5e-4]}
+
+
 def test_fit_with_a_data_initialised_full_resolution_memory(dataset: Path, tmp_path: Path) -> None:
     model_cfg = preset("daad", full_skip_block=(2, 2, 0), full_skip_items=64, memory_init="data", **SMALL)
     result = fit(model_cfg, TrainConfig(data=str(dataset), out=str(tmp_path), steps=3, batch_size=4), progress=False)
@@ -257,6 +264,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     (["fit", "--data", "/nonexistent/ds"], "dataset directory not found"),
     (["fit", "--data", ".", "--model", "daad_plus", "--size", "40"], "multiples of 16"),
     (["fit", "--data", ".", "--size", "200"], "multiples of 128"),  # the default `inspect` model works on 1/8 features
+    (["fit", "--data", ".", "--lr=-1e-3"], "--lr: got -0.001; a learning rate is positive"),
+    (["fit", "--data", ".", "--disc-lr", "-1"], "--disc-lr: got -1; a learning rate is positive"),
     (["eval", "--checkpoint", "/nonexistent.pt", "--data", ".", "--out", "/tmp/x"], "checkpoint not found"),
     (["export", "--checkpoint", "/nonexistent.pt", "--out", "/tmp/x"], "checkpoint not found"),
 ])

@@ -83,11 +83,14 @@ def _schedule_for(args: argparse.Namespace) -> Tuple[int, float]:
 def cmd_fit(args: argparse.Namespace) -> int:
     from .fit import fit
 
-    model_cfg = _model_config(args)
     steps, lr = _schedule_for(args)
+    if lr <= 0 or args.disc_lr < 0:
+        flag, value = ("--lr", lr) if lr <= 0 else ("--disc-lr", args.disc_lr)
+        raise ConfigError(f"{flag}: got {value:g}; a learning rate is positive (e.g. 1e-3; --disc-lr 0 means --lr's)")
+    model_cfg = _model_config(args)
     train_cfg = TrainConfig(data=args.data, out=args.out, steps=steps, batch_size=args.batch_size, lr=lr,
                             seed=args.seed, device=args.device, amp=not args.no_amp, val_fraction=args.holdout,
-                            checkpoint_every=args.checkpoint_every, groups=args.groups or "")
+                            checkpoint_every=args.checkpoint_every, groups=args.groups or "", disc_lr=args.disc_lr)
     result = fit(model_cfg, train_cfg, resume=args.resume, progress=not args.quiet)
     if result.score_stats:
         print(f"checkpoint: {result.checkpoint}")
@@ -173,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit_p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     fit_p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {schedule(INSPECT_NAME)['lr']:g} for "
                        f"`inspect`, {TrainConfig.lr:g} for the paper columns)")
+    fit_p.add_argument("--disc-lr", type=float, default=TrainConfig.disc_lr,
+                       help="the discriminator's learning rate (default: --lr's)")
     fit_p.add_argument("--size", type=int, help="square input size (multiple of 16)")
     fit_p.add_argument("--channels-in", type=int, choices=(1, 3),
                        help="1 gray, 3 RGB (default: 3 if the training images are in colour, else 1)")

@@ -108,6 +108,9 @@ class TrainConfig:
     steps: int = 2000  # optimiser steps (a budget comparable across configs, unlike epochs)
     batch_size: int = 16
     lr: float = 2e-4  # Adam with DCGAN's betas; short CPU runs use 1e-3 (benchmarks, demo)
+    # the discriminator's own learning rate (0 = lr): its adversarial loss swings without settling at 1e-3
+    # (README, "Training length"); a slower discriminator is the usual steadier game
+    disc_lr: float = 0.0
     betas: Tuple[float, float] = (0.5, 0.999)
     weight_decay: float = 0.0
     loss: LossWeights = field(default_factory=LossWeights)

@@ -269,7 +269,8 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
     opt_g = torch.optim.Adam(params_g, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     optimizers: Dict[str, Any] = {"generator": opt_g}
     if model.discriminator is not None:
-        optimizers["discriminator"] = torch.optim.Adam(model.discriminator.parameters(), lr=cfg.lr, betas=cfg.betas)
+        optimizers["discriminator"] = torch.optim.Adam(model.discriminator.parameters(), lr=cfg.disc_lr or cfg.lr,
+                                                        betas=cfg.betas)
     start_step = 0
     if resume and ckpt_path.is_file():
         state = read_checkpoint(ckpt_path)
