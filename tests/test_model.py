@@ -133,6 +133,7 @@ def test_anomaly_map_is_larger_where_the_reconstruction_fails() -> None:
     ({"coarse_memory_weight": 0.25}, "no backbone"),  # the coarse memory reads the backbone's 1/32 features
     ({"coarse_memory_weight": 1.5, "backbone": "efficientnet_lite0", "image_size": (128, 128)}, "coarse_memory_weight: got 1.5"),
     ({"coarse_memory_items": 0}, "coarse_memory_items"),
+    ({"disc_spectral_norm": True}, "disc_spectral_norm: normalises the discriminator, and this model has none"),
 ])
 def test_invalid_model_configs_are_named(change: dict, problem: str) -> None:
     problems = validate_model_config(preset("daad", **{**SMALL, **change}))
@@ -478,3 +479,48 @@ def test_the_mirror_scored_inspect_model_exports_and_matches_pytorch(tmp_path) -
         ref = model(torch.from_numpy(x))
     assert np.abs(amap - ref.anomaly_map.numpy()).max() < 1e-4 * max(1.0, float(ref.anomaly_map.abs().max()))
     assert np.abs(score - ref.score.numpy()).max() < 1e-4 * max(1.0, float(ref.score.abs().max()))
+
+
+def test_a_spectrally_normalised_discriminator_keeps_each_layer_near_unit_norm() -> None:
+    """disc_spectral_norm: after some training-mode passes (power iteration) every convolution's largest singular
+    value is ~1, where the plain discriminator's is not; eval mode reuses the stored vectors (no drift)."""
+    torch.manual_seed(0)
+    model = DAAD(preset("daad_plus", **SMALL, disc_spectral_norm=True))
+    plain = DAAD(preset("daad_plus", **SMALL))
+    disc = model.discriminator
+    x = torch.randn(4, 1, 32, 32)
+    for _ in range(30):
+        disc(x)
+    convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == len(SMALL["disc_channels"]) + 1
+    sigmas = [float(torch.linalg.matrix_norm(c.weight.detach().flatten(1), ord=2)) for c in convs]
+    assert all(abs(s - 1.0) < 0.05 for s in sigmas), sigmas
+    plain_sigmas = [float(torch.linalg.matrix_norm(c.weight.detach().flatten(1), ord=2))
+                    for c in plain.discriminator.modules() if isinstance(c, torch.nn.Conv2d)]
+    assert not all(abs(s - 1.0) < 0.05 for s in plain_sigmas), plain_sigmas
+    disc.eval()
+    with torch.no_grad():
+        first = disc.layer_features(x, 1)
+        assert torch.equal(disc.layer_features(x, 1), first)
+
+
+def test_the_inspect_model_with_a_spectrally_normalised_discriminator_exports_and_matches_pytorch(tmp_path) -> None:
+    import onnxruntime as ort
+
+    from engine.check import check_graph
+    from train.export import export_onnx
+
+    torch.manual_seed(0)
+    model = DAAD(preset("inspect", image_size=(128, 128), full_skip_items=64, feature_dims=16, disc_spectral_norm=True),
+                 load_backbone=False)
+    model.set_feature_normalisation(torch.randn(8, 176, 16, 16) * 2 + 1)
+    model.discriminator(torch.randn(2, 16, 16, 16))  # one power iteration: the stored vectors differ from their init
+    model.eval()
+    path = export_onnx(model, tmp_path / "m.onnx", batch=1)
+    assert check_graph(path) == []
+    x = np.random.default_rng(0).uniform(-1, 1, size=(1, 1, 128, 128)).astype(np.float32)
+    amap, = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["anomaly_map"], {"image": x})
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).anomaly_map.numpy()
+    assert np.abs(amap - ref).max() < 1e-4 * max(1.0, float(np.abs(ref).max()))
+

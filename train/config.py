@@ -53,6 +53,9 @@ class ModelConfig:
     shrink_threshold: float = 0.0  # MemAE hard shrinkage lambda (0 = off, paper's equations have none)
     adversarial: bool = False  # discriminator + adversarial and alignment losses (DAAD+)
     disc_channels: Tuple[int, ...] = (32, 64, 128, 128)  # discriminator feature extractor widths
+    # spectral normalisation of the discriminator's convolutions (SN-GAN): bounds its Lipschitz constant, the
+    # usual cure for an adversarial game that swings without settling (README, "Training length")
+    disc_spectral_norm: bool = False
     gamma: float = 0.5  # A = gamma*R + (1-gamma)*L when adversarial; 1.0 otherwise
     # L compares the discriminator's features of the input with those of the "reconstruction" (the paper)
     # or of the full-resolution memory's "readout" (the assembled blocks: the decoder rebuilds defects too)
@@ -292,6 +295,9 @@ def validate_model_config(cfg: ModelConfig) -> List[str]:
     if not 0 <= cfg.latent_layer <= len(cfg.disc_channels):
         problems.append(f"model.latent_layer: got {cfg.latent_layer}, expected 0 (the last) to "
                         f"{len(cfg.disc_channels)} (the discriminator's strided layers)")
+    if cfg.disc_spectral_norm and not cfg.adversarial:
+        problems.append("model.disc_spectral_norm: normalises the discriminator, and this model has none; "
+                        "set adversarial: true or drop the key")
     if not 0.0 <= cfg.score_topk <= 1.0:
         problems.append(f"model.score_topk: got {cfg.score_topk}, expected within [0, 1] (1 = whole-map mean)")
     if not 0 <= cfg.feature_dims <= BACKBONE_CHANNELS:

@@ -8,6 +8,7 @@ test pins that this still works on the installed torch.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -43,7 +44,7 @@ class ExportError(DaadError):
 
 
 def export_onnx(model: DAAD, path: Path, batch: int = 1) -> Path:
-    model = model.eval().cpu()
+    model = with_plain_weights(model.eval().cpu())
     h, w = model.cfg.image_size
     dummy = torch.zeros(batch, model.cfg.in_channels, h, w)
     with warnings.catch_warnings():
@@ -54,6 +55,20 @@ def export_onnx(model: DAAD, path: Path, batch: int = 1) -> Path:
         )
     fold_constant_pads(path)
     return path
+
+
+def with_plain_weights(model: DAAD) -> DAAD:
+    """The model with a spectrally normalised discriminator replaced by its plain twin (the same numbers).
+
+    A shallow copy: the memories (hundreds of MB) are shared, only the module table is the copy's own, and
+    the caller's model is left as it was."""
+    disc = model.discriminator
+    if disc is None or not disc.spectral_norm:
+        return model
+    plain = copy.copy(model)
+    plain._modules = dict(model._modules)
+    plain.discriminator = disc.eval().with_plain_weights()
+    return plain
 
 
 def fold_constant_pads(path: Path) -> None:

@@ -8,7 +8,7 @@ Shapes use (B, C, H, W). Every reshape is static, so the model exports to ONNX w
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -234,18 +234,37 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """Feature extractor f_D followed by a classifier (real image vs reconstruction)."""
 
-    def __init__(self, in_channels: int, widths: Tuple[int, ...]) -> None:
+    def __init__(self, in_channels: int, widths: Tuple[int, ...], spectral_norm: bool = False) -> None:
         super().__init__()
+        # in eval mode a spectrally normalised weight is W / sigma with the stored power-iteration vectors:
+        # a constant of the graph, folded at export
+        norm: Callable[[nn.Module], nn.Module] = (nn.utils.parametrizations.spectral_norm if spectral_norm
+                                                  else (lambda m: m))
+        self.in_channels, self.widths, self.spectral_norm = in_channels, widths, spectral_norm
         layers: List[nn.Module] = []
         cin = in_channels
         for i, cout in enumerate(widths):
-            layers.append(nn.Conv2d(cin, cout, 4, 2, 1, bias=i == 0))
+            layers.append(norm(nn.Conv2d(cin, cout, 4, 2, 1, bias=i == 0)))
             if i > 0:
                 layers.append(nn.BatchNorm2d(cout))
             layers.append(nn.LeakyReLU(0.2, inplace=True))
             cin = cout
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Conv2d(cin, 1, 3, 1, 1)
+        self.classifier = norm(nn.Conv2d(cin, 1, 3, 1, 1))
+
+    def with_plain_weights(self) -> "Discriminator":
+        """An unnormalised twin holding this one's current (eval-mode) weights: W / sigma as plain tensors, which
+        the ONNX exporter can trace (it cannot trace the parametrisation's power-iteration read-out)."""
+        if not self.spectral_norm:
+            return self
+        twin = Discriminator(self.in_channels, self.widths)
+        state = {k: v for k, v in self.state_dict().items() if ".parametrizations." not in k}
+        with torch.no_grad():
+            for name, module in self.named_modules():
+                if nn.utils.parametrize.is_parametrized(module):
+                    state[f"{name}.weight"] = module.weight.detach().clone()
+        twin.load_state_dict(state)
+        return twin.train(self.training)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """-> (logit (B,), features (B, C, h, w))."""
@@ -322,7 +341,8 @@ class DAAD(nn.Module):
             if cfg.coarse_feature_dims:
                 self.register_buffer("coarse_proj", torch.eye(dims, COARSE_CHANNELS))
             self.register_buffer("c_scale", torch.ones(()))
-        self.discriminator = Discriminator(cfg.target_channels, cfg.disc_channels) if cfg.adversarial else None
+        self.discriminator = (Discriminator(cfg.target_channels, cfg.disc_channels, cfg.disc_spectral_norm)
+                              if cfg.adversarial else None)
         h, w = cfg.image_size
         if cfg.smoothing_sigma > 0:
             kernel = gaussian_kernel(cfg.smoothing_sigma)
