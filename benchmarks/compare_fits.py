@@ -10,8 +10,10 @@ Every checkpoint is scored as `daad-train eval` scores it (its own map, normalis
 the same images: image, pixel AUROC, AUPRO and per-type image AUROC per view. With --groups (every
 checkpoint fit with that file) each row after the first gets its image-AUROC difference from the first, for
 all defects and per type, with a 95 % interval from resampling whole tile groups, paired: both fits see each
-draw (train.metrics.group_bootstrap_auroc_difference). Choose on `val`, report once on `test`. Prints a table
-and writes JSON.
+draw (train.metrics.group_bootstrap_auroc_difference). With --ensemble a last row scores the mean of every
+checkpoint's map (image score as the first checkpoint's: top-k of the mean map), against the first the same
+way: does averaging fits beat one fit by more than fits differ? Choose on `val`, report once on `test`. Prints
+a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -57,6 +59,12 @@ def paired_differences(labels: np.ndarray, types: List[str], parts: List[str], f
     return out
 
 
+@torch.no_grad()
+def ensemble_scores(model: torch.nn.Module, mean_map: np.ndarray) -> np.ndarray:
+    """Image scores of a mean map (N, H, W), as `model` scores its own map (its top-k)."""
+    return model.image_score(torch.from_numpy(mean_map)[:, None]).numpy()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", nargs="+", required=True, help="the first is the reference")
@@ -64,6 +72,7 @@ def main() -> int:
     parser.add_argument("--split", default="val", choices=("all", "val", "test"))
     parser.add_argument("--transplant", action="store_true")
     parser.add_argument("--groups", default="", help="groups CSV every checkpoint was fit with (grouped protocol)")
+    parser.add_argument("--ensemble", action="store_true", help="add a row for the mean of every checkpoint's map")
     parser.add_argument("--out", default="benchmarks/results/compare_fits")
     args = parser.parse_args()
 
@@ -87,6 +96,11 @@ def main() -> int:
                   "(size, channels or normalisation), so they cannot score the same images; compare fits of one "
                   "configuration", file=sys.stderr)
             return 2
+        if args.ensemble and model.cfg.score_topk != loaded[0][1].cfg.score_topk:
+            print(f"compare_fits: error: {path}: model.score_topk {model.cfg.score_topk:g}, {args.checkpoints[0]} "
+                  f"{loaded[0][1].cfg.score_topk:g}; an ensemble's image score is one top-k of the mean map, so "
+                  "ensemble fits that score alike (or drop --ensemble)", file=sys.stderr)
+            return 2
     samples, images, masks, labels, types = load_split(Path(args.data), spec, args.split, 0, groups)
     parts = [groups.group(s) for s in samples] if groups is not None else []
     views = {"test/": images}
@@ -97,21 +111,31 @@ def main() -> int:
     t0 = time.perf_counter()
     rows: List[Dict[str, Any]] = []
     first_scores: Dict[str, np.ndarray] = {}
+    map_sums: Dict[str, np.ndarray] = {}
+
+    def add_row(path: str, steps: int, seed: int, view: str, scores: np.ndarray, maps: np.ndarray) -> None:
+        got = compute_metrics(labels, types, scores, maps, masks)
+        row: Dict[str, Any] = {"checkpoint": path, "steps": steps, "seed": seed, "view": view,
+                               "image_auroc": got["image_auroc"], "pixel_auroc": got["pixel_auroc"],
+                               "aupro": got["aupro"], "image_auroc_per_type": got["image_auroc_per_type"],
+                               "pixel_auroc_per_type": got["pixel_auroc_breakdown"]["per_type"]}
+        if view not in first_scores:
+            first_scores[view] = scores
+        elif parts:
+            row["minus_first"] = paired_differences(labels, types, parts, first_scores[view], scores)
+        rows.append(row)
+        print(json.dumps(row, default=float), flush=True)
+
     for path, model, state in loaded:
         for view, view_images in views.items():
             pred = predict(model, view_images, cpu)
-            got = compute_metrics(labels, types, pred["scores"], pred["maps"], masks)
-            row: Dict[str, Any] = {"checkpoint": path, "steps": int(state.get("step", 0)),
-                                   "seed": int((state.get("train_config") or {}).get("seed", -1)), "view": view,
-                                   "image_auroc": got["image_auroc"], "pixel_auroc": got["pixel_auroc"],
-                                   "aupro": got["aupro"], "image_auroc_per_type": got["image_auroc_per_type"],
-                                   "pixel_auroc_per_type": got["pixel_auroc_breakdown"]["per_type"]}
-            if view not in first_scores:
-                first_scores[view] = pred["scores"]
-            elif parts:
-                row["minus_first"] = paired_differences(labels, types, parts, first_scores[view], pred["scores"])
-            rows.append(row)
-            print(json.dumps(row, default=float), flush=True)
+            add_row(path, int(state.get("step", 0)), int((state.get("train_config") or {}).get("seed", -1)), view,
+                    pred["scores"], pred["maps"])
+            if args.ensemble:
+                map_sums[view] = map_sums.get(view, 0.0) + pred["maps"]
+    for view, total in map_sums.items():
+        mean_map = total / len(loaded)
+        add_row(f"ensemble of {len(loaded)}", -1, -1, view, ensemble_scores(loaded[0][1], mean_map), mean_map)
 
     print(f"\nsplit `{args.split}`{' (grouped protocol)' if groups else ''}; {time.perf_counter() - t0:.0f} s")
     type_names = sorted(set(types) - {"good"})

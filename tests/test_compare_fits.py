@@ -62,6 +62,37 @@ def test_each_fit_is_compared_with_the_first_on_the_same_images(two_fits: Path, 
         assert (got["difference"], got["low"], got["high"]) == (0.0, 0.0, 0.0), name
 
 
+def test_an_ensemble_scores_the_mean_of_the_fits_maps(two_fits: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = two_fits / "data"
+    short, long = str(two_fits / "short" / "last.pt"), str(two_fits / "long" / "last.pt")
+    common = ["--data", str(data), "--split", "val", "--groups", str(data / "groups.csv"), "--ensemble"]
+    # a fit with itself: the mean map is its own map, so the ensemble row is the fit's row
+    assert run(monkeypatch, ["--checkpoints", short, short, *common, "--out", str(two_fits / "self")]) == 0
+    rows = json.loads(next((two_fits / "self").glob("probe_val_*.json")).read_text())["rows"]
+    assert [r["checkpoint"] for r in rows] == [short, short, "ensemble of 2"]
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert rows[2][key] == pytest.approx(rows[0][key], abs=1e-9), key
+    assert rows[2]["minus_first"]["all"]["difference"] == pytest.approx(0.0, abs=1e-9)
+    # two fits: the mean map scores as that map does, which is neither fit's map
+    assert run(monkeypatch, ["--checkpoints", short, long, *common, "--out", str(two_fits / "pair")]) == 0
+    rows = json.loads(next((two_fits / "pair").glob("probe_val_*.json")).read_text())["rows"]
+    assert rows[2]["checkpoint"] == "ensemble of 2"
+    assert rows[2]["minus_first"]["all"]["difference"] == pytest.approx(rows[2]["image_auroc"] - rows[0]["image_auroc"])
+    assert (rows[2]["pixel_auroc"], rows[2]["aupro"]) != (rows[0]["pixel_auroc"], rows[0]["aupro"])
+    assert (rows[2]["pixel_auroc"], rows[2]["aupro"]) != (rows[1]["pixel_auroc"], rows[1]["aupro"])
+
+
+def test_the_mean_map_is_scored_by_the_models_top_k() -> None:
+    from train.config import ModelConfig
+    from train.model import DAAD
+
+    model = DAAD(ModelConfig(image_size=(32, 32), score_topk=2 / (32 * 32)))
+    mean_map = np.zeros((2, 32, 32), dtype=np.float32)
+    mean_map[0, 0, :3] = [4.0, 2.0, 1.0]
+    mean_map[1, 5, 5] = 6.0
+    assert compare_fits.ensemble_scores(model, mean_map).tolist() == pytest.approx([3.0, 3.0])
+
+
 def test_the_per_type_rows_hold_that_type_and_the_good_images() -> None:
     types = ["good", "crack", "good", "uneven", "crack"]
     got = compare_fits.type_selections(types)
@@ -94,3 +125,11 @@ def test_what_cannot_be_compared_is_refused_in_one_line(two_fits: Path, monkeypa
     assert run(monkeypatch, ["--checkpoints", short, str(two_fits / "wide" / "last.pt"), "--data", str(data)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "preprocesses its input otherwise" in err
+    # an ensemble of fits that take their image score from different top fractions has no one score
+    (two_fits / "topk.yaml").write_text("model: {score_topk: 0.05}\n")
+    assert train_main(["fit", "--data", str(data), "--model", "daad", "--size", "32", "--batch-size", "4", "--quiet",
+                       "--steps", "1", "--config", str(two_fits / "topk.yaml"), "--out", str(two_fits / "topk")]) == 0
+    assert run(monkeypatch, ["--checkpoints", short, str(two_fits / "topk" / "last.pt"), "--data", str(data),
+                             "--ensemble"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.score_topk 0.05" in err and "drop --ensemble" in err
