@@ -17,7 +17,9 @@ checkpoint's own block size) and, after a colon, what else the memories hold:
 - `flip`: blocks of the images flipped left-right, up-down and both (the training augmentation's flips);
 - `l2`: read out the item nearest in Euclidean distance (the least rebuild error) instead of by cosine;
 - `k<N>`: M is the mean rebuild error over the N nearest items (PatchCore's k-nearest-neighbour average),
-  L still against the nearest.
+  L still against the nearest;
+- `centre`: every image's features less their mean over the image, in the memory and in the queries (the
+  read-out is the item plus the query image's mean): a whole tile's shift in appearance is no longer an error.
 
 The first row is the checkpoint's own, trained memory (`trained`). The training images are the ones
 `fit` used: train/good (the grouped protocol's training groups with --groups) less the held-back good
@@ -51,6 +53,7 @@ from train.model import DAAD, assemble, divide, l2_normalize  # noqa: E402
 BATCH = 16
 QUERY_CHUNK = 1024
 AUGMENTATIONS = ("shift", "flip")
+CENTRE = "centre"
 FLIPS = ((-1,), (-2,), (-1, -2))
 
 
@@ -59,6 +62,7 @@ class RowSpec(NamedTuple):
     augment: Tuple[str, ...]
     metric: str  # "cosine" or "l2"
     k: int
+    centre: bool = False
 
 
 def parse_row(text: str) -> RowSpec:
@@ -71,10 +75,15 @@ def parse_row(text: str) -> RowSpec:
     options = [a for a in extra.split("+") if a]
     ks = [int(a[1:]) for a in options if re.fullmatch(r"k[1-9][0-9]*", a)]
     augment = tuple(a for a in options if a in AUGMENTATIONS)
-    unknown = set(options) - set(AUGMENTATIONS) - {"l2"} - {f"k{k}" for k in ks}
+    unknown = set(options) - set(AUGMENTATIONS) - {"l2", CENTRE} - {f"k{k}" for k in ks}
     if unknown or any(b < 1 for b in blocks) or len(ks) > 1:
-        raise SystemExit(f"--rows: {text!r}: sizes >= 1, options among {AUGMENTATIONS}, l2 and one k<N>")
-    return RowSpec(blocks, augment, "l2" if "l2" in options else "cosine", ks[0] if ks else 1)
+        raise SystemExit(f"--rows: {text!r}: sizes >= 1, options among {AUGMENTATIONS}, l2, {CENTRE} and one k<N>")
+    return RowSpec(blocks, augment, "l2" if "l2" in options else "cosine", ks[0] if ks else 1, CENTRE in options)
+
+
+def image_means(x: torch.Tensor) -> torch.Tensor:
+    """Each (B, C, h, w) feature map's mean vector over its positions, (B, C, 1, 1)."""
+    return x.mean(dim=(2, 3), keepdim=True)
 
 
 def memory_items(bank: torch.Tensor, block: int, augment: Sequence[str]) -> torch.Tensor:
@@ -96,8 +105,8 @@ class Memory:
     """Hard read-out over a fixed set of items: by cosine, as BlockMemory does, or by Euclidean distance;
     the k nearest items, nearest first."""
 
-    def __init__(self, items: torch.Tensor, block: int, metric: str = "cosine", k: int = 1) -> None:
-        self.items, self.block, self.metric, self.k = items, block, metric, k
+    def __init__(self, items: torch.Tensor, block: int, metric: str = "cosine", k: int = 1, centre: bool = False) -> None:
+        self.items, self.block, self.metric, self.k, self.centre = items, block, metric, k, centre
         self.norms = torch.linalg.vector_norm(items, dim=1).clamp(min=1e-8)
         self.half_sq_norms = 0.5 * (items * items).sum(dim=1)
 
@@ -108,9 +117,12 @@ class Memory:
 
     @torch.no_grad()
     def readouts(self, x: torch.Tensor) -> List[torch.Tensor]:
-        queries = divide(x, self.block, self.block, x.shape[1])
+        """The k nearest items assembled into maps of x's shape (with `centre`, searched for x less its image
+        mean, which is added back: the items hold centred blocks)."""
+        offset = image_means(x) if self.centre else torch.zeros(())
+        queries = divide((x - offset).contiguous(), self.block, self.block, x.shape[1])
         index = torch.cat([self.similarity(q).topk(self.k, dim=1).indices for q in queries.split(QUERY_CHUNK)])
-        return [assemble(self.items[index[:, j]], tuple(x.shape), self.block, self.block, x.shape[1])  # type: ignore[arg-type]
+        return [offset + assemble(self.items[index[:, j]], tuple(x.shape), self.block, self.block, x.shape[1])  # type: ignore[arg-type]
                 for j in range(self.k)]
 
 
@@ -197,7 +209,8 @@ def main() -> int:
     for name, row in specs:
         blocks = row.blocks
         memories = None if name == "trained" else \
-            {b: Memory(memory_items(bank, b, row.augment), b, row.metric, row.k) for b in sorted(set(blocks) | {memory.bh})}
+            {b: Memory(memory_items(bank - image_means(bank) if row.centre else bank, b, row.augment), b, row.metric,
+                       row.k, row.centre) for b in sorted(set(blocks) | {memory.bh})}
         items = {f"M{b}": len(m.items) for b, m in memories.items()} if memories else {f"M{memory.bh}": memory.items.shape[0]}
         scale = {k: float(v.mean()) or 1.0 for k, v in terms(model, stats_x, stats_c, memories).items()}
         for view, (x, c) in encoded_views.items():

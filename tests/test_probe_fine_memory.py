@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from probe_fine_memory import Memory, RowSpec, memory_items, parse_row  # noqa: E402
+from probe_fine_memory import Memory, RowSpec, image_means, memory_items, parse_row  # noqa: E402
 
 
 def test_shift_and_flip_add_the_offset_grids_and_flipped_maps() -> None:
@@ -36,6 +36,7 @@ def test_rows_parse_and_bad_rows_are_refused() -> None:
     assert parse_row("2+4+8") == RowSpec((2, 4, 8), (), "cosine", 1)
     assert parse_row("4:shift+flip") == RowSpec((4,), ("shift", "flip"), "cosine", 1)
     assert parse_row("4:l2+k3") == RowSpec((4,), (), "l2", 3)
+    assert parse_row("4:centre") == RowSpec((4,), (), "cosine", 1, True)
     for bad in ("4:rotate", "a+4", "0", "4:k0", "4:k2+k3"):
         with pytest.raises(SystemExit, match="--rows"):
             parse_row(bad)
@@ -54,3 +55,13 @@ def test_k_nearest_read_outs_come_nearest_first() -> None:
     query = torch.tensor([[1.1]]).reshape(1, 1, 1, 1)
     got = [r.item() for r in Memory(items, 1, "l2", k=3).readouts(query)]
     assert got == pytest.approx([1.2, 1.0, 0.0])
+
+
+def test_a_centred_memory_rebuilds_an_image_shifted_as_a_whole_which_the_plain_one_does_not() -> None:
+    bank = torch.randn(3, 8, 16, 16)
+    shifted = (bank[:1] + torch.randn(1, 8, 1, 1) * 3).contiguous()  # one offset for every position of the image
+    centred = Memory(memory_items(bank - image_means(bank), 4, ()), 4, centre=True).readouts(shifted)[0]
+    plain = Memory(memory_items(bank, 4, ()), 4).readouts(shifted)[0]
+    assert torch.allclose(centred, shifted, atol=1e-5)
+    assert not torch.allclose(plain, shifted, atol=1e-2)
+    assert image_means(bank).shape == (3, 8, 1, 1)
