@@ -134,6 +134,8 @@ def test_anomaly_map_is_larger_where_the_reconstruction_fails() -> None:
     ({"coarse_memory_weight": 1.5, "backbone": "efficientnet_lite0", "image_size": (128, 128)}, "coarse_memory_weight: got 1.5"),
     ({"coarse_memory_items": 0}, "coarse_memory_items"),
     ({"disc_spectral_norm": True}, "disc_spectral_norm: normalises the discriminator, and this model has none"),
+    ({"illumination_norm": True, "illumination_std": 0.0}, "illumination_std: got 0.0"),
+    ({"illumination_std": 0.25}, "illumination_std: the spread of the illumination-normalised image"),
 ])
 def test_invalid_model_configs_are_named(change: dict, problem: str) -> None:
     problems = validate_model_config(preset("daad", **{**SMALL, **change}))
@@ -208,6 +210,14 @@ def test_illumination_norm_makes_the_score_independent_of_brightness() -> None:
         plain = DAAD(preset("daad", **SMALL)).eval()
         assert not torch.allclose(plain(x).score, plain(x * 1.5 + 0.4).score, rtol=0.1)
     assert torch.allclose(dark, bright, rtol=1e-2)  # equal up to the variance epsilon (1e-4, FP16-safe)
+
+
+def test_illumination_std_sets_the_normalised_images_spread() -> None:
+    x = torch.rand(2, 1, 32, 32) - 0.6  # a variance of 1/12 >> the epsilon (1e-4) added to it
+    for std in (1.0, 0.25):
+        out = DAAD(preset("daad", illumination_norm=True, illumination_std=std, **SMALL)).normalise_input(x)
+        assert torch.allclose(out.mean(dim=(1, 2, 3)), torch.zeros(2), atol=1e-5)
+        assert torch.allclose(out.std(dim=(1, 2, 3), unbiased=False), torch.full((2,), std), rtol=2e-3)
 
 
 def test_full_resolution_skip_passes_through_its_memory_only_when_memories_are_on() -> None:

@@ -64,6 +64,9 @@ class ModelConfig:
     smoothing_sigma: float = 2.0  # Gaussian smoothing of the pixel map (pixels at model resolution)
     score_topk: float = 0.01  # image score = mean of the top fraction of map pixels (0 = plain max, 1 = whole-map mean)
     illumination_norm: bool = False  # per-image zero mean / unit std before the generator (lighting varies per crop)
+    # the std the normalised image is given: 1 for pixel models; the pretrained backbone was trained on images in
+    # [-1, 1], whose per-image std is about 0.25 on magnetic_tile, and a unit-std image lies outside that range
+    illumination_std: float = 1.0
     backbone: str = ""  # "" = pixel-space DAAD (the paper); "efficientnet_lite0" = memories on frozen ImageNet features
     # backbone features projected onto their top principal components on the training images (0 = all
     # 176 channels): 64 keep 89 % of the variance and the same val AUROC, in a memory 2.75x smaller
@@ -298,6 +301,11 @@ def validate_model_config(cfg: ModelConfig) -> List[str]:
     if cfg.disc_spectral_norm and not cfg.adversarial:
         problems.append("model.disc_spectral_norm: normalises the discriminator, and this model has none; "
                         "set adversarial: true or drop the key")
+    if cfg.illumination_std <= 0:
+        problems.append(f"model.illumination_std: got {cfg.illumination_std}, expected > 0 (1 = unit std)")
+    elif cfg.illumination_std != 1.0 and not cfg.illumination_norm:
+        problems.append("model.illumination_std: the spread of the illumination-normalised image, and this model "
+                        "does not normalise it; set illumination_norm: true or drop the key")
     if not 0.0 <= cfg.score_topk <= 1.0:
         problems.append(f"model.score_topk: got {cfg.score_topk}, expected within [0, 1] (1 = whole-map mean)")
     if not 0 <= cfg.feature_dims <= BACKBONE_CHANNELS:

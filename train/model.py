@@ -361,11 +361,13 @@ class DAAD(nn.Module):
         self.register_buffer("mirror_columns", torch.arange(w - 1, -1, -1), persistent=False)
 
     def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-image zero mean and unit std when `illumination_norm` (a brighter or darker part is not a defect)."""
+        """Per-image zero mean and std `illumination_std` when `illumination_norm` (a brighter or darker part is
+        not a defect)."""
         if not self.cfg.illumination_norm:
             return x
         centred = x - x.mean(dim=(1, 2, 3), keepdim=True)
-        return centred / torch.sqrt((centred * centred).mean(dim=(1, 2, 3), keepdim=True) + NORM_EPS)
+        scale = self.cfg.illumination_std / torch.sqrt((centred * centred).mean(dim=(1, 2, 3), keepdim=True) + NORM_EPS)
+        return centred * scale
 
     def targets(self, x: torch.Tensor) -> torch.Tensor:
         """What the generator must rebuild: the (normalised) image, or its standardised backbone features."""
