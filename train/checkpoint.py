@@ -13,8 +13,10 @@ from engine.errors import DaadError
 
 from .config import ModelConfig, TrainConfig, from_dict, to_dict, validate_model_config
 from .model import DAAD
+from .views import ViewEnsemble
 
 CHECKPOINT_FORMAT = 1
+VIEWS_KEY = "views"  # a combined checkpoint: one state (config + weights) per view, no optimisers
 DERIVED_BUFFERS = ("smooth_kernel", "smooth_norm")  # rebuilt from the config, dropped from older checkpoints
 
 
@@ -25,8 +27,6 @@ class CheckpointError(DaadError):
 def save_checkpoint(path: Union[str, Path], model: DAAD, train_cfg: TrainConfig, step: int,
                     optimizers: Dict[str, Any], extra: Dict[str, Any]) -> Path:
     """Atomic write: a crash mid-save never leaves a truncated checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "format": CHECKPOINT_FORMAT,
         "model_config": to_dict(model.cfg),
@@ -37,6 +37,12 @@ def save_checkpoint(path: Union[str, Path], model: DAAD, train_cfg: TrainConfig,
         "torch_rng": torch.get_rng_state(),
         **extra,
     }
+    return write_state(Path(path), state)
+
+
+def write_state(path: Path, state: Dict[str, Any]) -> Path:
+    """torch.save through a temporary file in the same folder, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     os.close(fd)
     try:
@@ -62,17 +68,29 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     return state
 
 
-def load_model(path: Union[str, Path]) -> Tuple[DAAD, Dict[str, Any]]:
-    """Rebuild the model from a checkpoint (config inside), in eval mode on the CPU."""
+def load_model(path: Union[str, Path]) -> Tuple[Union[DAAD, ViewEnsemble], Dict[str, Any]]:
+    """Rebuild the model from a checkpoint (config inside), in eval mode on the CPU: a DAAD, or for a
+    checkpoint of `daad-train combine` the ensemble of its views."""
     state = read_checkpoint(path)
-    cfg = from_dict(ModelConfig, state["model_config"], f"{path}: model_config")
+    if VIEWS_KEY in state:
+        views = [model_of(view, f"{path}: {VIEWS_KEY}[{i}]") for i, view in enumerate(state[VIEWS_KEY])]
+        return ViewEnsemble(views).eval(), state
+    return model_of(state, str(path)), state
+
+
+def model_of(state: Dict[str, Any], where: str) -> DAAD:
+    """The DAAD a checkpoint's (or an ensemble's view's) `model_config` and `model` weights describe."""
+    cfg = from_dict(ModelConfig, state["model_config"], f"{where}: model_config")
     problems = validate_model_config(cfg)
     if problems:
-        raise CheckpointError(f"{path}: " + "; ".join(problems))
+        raise CheckpointError(f"{where}: " + "; ".join(problems))
     model = DAAD(cfg, load_backbone=False)  # backbone weights are in the checkpoint
     model.load_state_dict(model_weights(state))
-    model.eval()
-    return model, state
+    return model.eval()
+
+
+def is_ensemble(state: Dict[str, Any]) -> bool:
+    return VIEWS_KEY in state
 
 
 def model_weights(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:

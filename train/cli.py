@@ -3,6 +3,7 @@
     daad-train fit --data DIR [--model inspect|daad_plus|...] --out runs/x [--steps N] [--resume]
     daad-train eval --checkpoint runs/x/last.pt --data DIR --out runs/x/eval [--split val|test]
     daad-train fit/eval ... --groups GROUPS.csv   (train.groups: score only parts the model never trained on)
+    daad-train combine --checkpoints runs/x/last.pt runs/y/last.pt --out runs/xy   (their mean map, one model)
     daad-train export --checkpoint runs/x/last.pt --out bundle/ [--batch 8] [--parity-images DIR]
 """
 from __future__ import annotations
@@ -138,6 +139,17 @@ def checked_groups(path: str, data: Path, state: Dict[str, Any], checkpoint: str
     return groups
 
 
+def cmd_combine(args: argparse.Namespace) -> int:
+    from .combine import combine
+
+    result = combine([Path(p) for p in args.checkpoints], Path(args.out))
+    stats = result.score_stats
+    print(f"checkpoint: {result.checkpoint} (the mean map of {result.n_views} views)")
+    print(f"score statistics on {stats['n']} held-back good images: p50 {stats['p50']:.4g}, p99 {stats['p99']:.4g}, "
+          f"max {stats['max']:.4g}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from engine.preprocess import list_images
 
@@ -207,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     eval_p.add_argument("--no-plots", action="store_true")
     eval_p.add_argument("--quiet", action="store_true")
     eval_p.set_defaults(func=cmd_eval)
+
+    comb_p = sub.add_parser("combine", help="several fits as one model scoring the mean of their maps")
+    comb_p.add_argument("--checkpoints", nargs="+", required=True,
+                        help="last.pt of fits with the same --data, --seed, --groups and input size (e.g. one with "
+                        "model.illumination_norm); the first's image score scores the mean map")
+    comb_p.add_argument("--out", required=True, help="run directory for the combined last.pt")
+    comb_p.set_defaults(func=cmd_combine)
 
     exp_p = sub.add_parser("export", help="write the model bundle (model.onnx + bundle.yaml)")
     exp_p.add_argument("--checkpoint", required=True)

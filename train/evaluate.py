@@ -17,8 +17,8 @@ from .fit import preprocess_spec, resolve_device
 from .groups import Groups, grouped_protocol, split_by_group
 from .metrics import (aupro, best_f1, group_bootstrap_auroc, image_auroc, part_ranks, pixel_auroc,
                       pixel_auroc_breakdown)
-from .model import DAAD
 from .transplant import transplant_set
+from .views import Scorer
 from . import plots
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ OVERLAY_CASES = 8
 
 
 @torch.no_grad()
-def predict(model: DAAD, images: np.ndarray, device: torch.device, progress: bool = False) -> Dict[str, np.ndarray]:
+def predict(model: Scorer, images: np.ndarray, device: torch.device, progress: bool = False) -> Dict[str, np.ndarray]:
     model.eval().to(device)
     maps, scores = [], []
     starts = range(0, len(images), EVAL_BATCH)
@@ -87,7 +87,7 @@ def load_split(data_root: Path, spec: Any, split: str = "all", split_seed: int =
     return samples, images, masks, labels, [s.defect_type for s in samples]
 
 
-def evaluate(model: DAAD, data_root: Path, out_dir: Optional[Path] = None, device: str = "auto",
+def evaluate(model: Scorer, data_root: Path, out_dir: Optional[Path] = None, device: str = "auto",
              plot: bool = True, progress: bool = False, split: str = "all", split_seed: int = 0,
              transplant: bool = False, groups: Optional[Groups] = None) -> Dict[str, Any]:
     """Score the test set (or a fixed half of it, see data.split_eval), compute metrics, write
@@ -101,7 +101,7 @@ def evaluate(model: DAAD, data_root: Path, out_dir: Optional[Path] = None, devic
         images, _ = transplant_set(images, masks, labels, seed=split_seed)
     pred = predict(model, images, resolve_device(device), progress)
     metrics = compute_metrics(labels, types, pred["scores"], pred["maps"], masks)
-    metrics["model"] = model.cfg.name
+    metrics["model"] = model.name
     metrics["data"] = str(data_root)
     metrics["split"] = split
     metrics["transplant"] = transplant

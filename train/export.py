@@ -28,7 +28,7 @@ from engine.preprocess import preprocess_batch, read_image
 from .checkpoint import load_model
 from .config import to_dict
 from .fit import preprocess_spec
-from .model import DAAD
+from .views import Scorer, ViewEnsemble
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ExportError(DaadError):
     """The model could not be exported or the exported graph disagrees with PyTorch."""
 
 
-def export_onnx(model: DAAD, path: Path, batch: int = 1) -> Path:
+def export_onnx(model: Scorer, path: Path, batch: int = 1) -> Path:
     model = with_plain_weights(model.eval().cpu())
     h, w = model.cfg.image_size
     dummy = torch.zeros(batch, model.cfg.in_channels, h, w)
@@ -57,11 +57,13 @@ def export_onnx(model: DAAD, path: Path, batch: int = 1) -> Path:
     return path
 
 
-def with_plain_weights(model: DAAD) -> DAAD:
+def with_plain_weights(model: Scorer) -> Scorer:
     """The model with a spectrally normalised discriminator replaced by its plain twin (the same numbers).
 
     A shallow copy: the memories (hundreds of MB) are shared, only the module table is the copy's own, and
     the caller's model is left as it was."""
+    if isinstance(model, ViewEnsemble):
+        return model.with_plain_weights()
     disc = model.discriminator
     if disc is None or not disc.spectral_norm:
         return model
@@ -121,7 +123,7 @@ def _drop_dead_nodes(graph: Any) -> None:
             graph.node.remove(node)
 
 
-def parity(model: DAAD, bundle: Bundle, images: np.ndarray) -> Dict[str, float]:
+def parity(model: Scorer, bundle: Bundle, images: np.ndarray) -> Dict[str, float]:
     """Max |ONNX Runtime - PyTorch| over maps and scores on the given preprocessed images, and the largest
     |PyTorch| value (the scale the tolerance is relative to)."""
     from engine.onnxruntime_backend import OnnxRuntimeBackend
@@ -187,7 +189,7 @@ def export_bundle(checkpoint: Union[str, Path], out: Union[str, Path], batches: 
     return load_bundle(out)
 
 
-def write_staged_bundle(model: DAAD, state: Dict[str, Any], root: Path, batches: Sequence[int],
+def write_staged_bundle(model: Scorer, state: Dict[str, Any], root: Path, batches: Sequence[int],
                         metrics: Optional[Dict[str, Any]]) -> Bundle:
     if 1 not in batches:
         batches = (1,) + tuple(batches)
@@ -200,7 +202,14 @@ def write_staged_bundle(model: DAAD, state: Dict[str, Any], root: Path, batches:
     for key in ("held_back", "score_stats_images"):
         data.pop(key, None)  # keep the bundle small; the checkpoint has the lists
     return write_bundle(
-        root, name=model.cfg.name, preprocess=preprocess_spec(model.cfg), graph_files=files, opset=OPSET,
-        model_config=to_dict(model.cfg), score_stats=dict(state.get("score_stats") or {}), metrics=metrics or {},
+        root, name=model.name, preprocess=preprocess_spec(model.cfg), graph_files=files, opset=OPSET,
+        model_config=bundle_model_config(model), score_stats=dict(state.get("score_stats") or {}), metrics=metrics or {},
         training_data=data,
     )
+
+
+def bundle_model_config(model: Scorer) -> Dict[str, Any]:
+    """The config a bundle describes its model by: the fit's, or for an ensemble every view's."""
+    if isinstance(model, ViewEnsemble):
+        return {"views": [to_dict(cfg) for cfg in model.view_configs]}
+    return to_dict(model.cfg)

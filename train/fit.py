@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from engine.errors import ConfigError
 from engine.preprocess import PreprocessSpec
 
-from .checkpoint import model_weights, read_checkpoint, save_checkpoint
+from .checkpoint import is_ensemble, model_weights, read_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, validate_model_config
 from .data import Sample, has_colour, load_images, split_holdout, train_samples
 from .groups import Groups, grouped_protocol, holdout_by_group, load_groups
@@ -274,6 +274,9 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
     start_step = 0
     if resume and ckpt_path.is_file():
         state = read_checkpoint(ckpt_path)
+        if is_ensemble(state):
+            raise ConfigError(f"{ckpt_path}: a combination of fits (`daad-train combine`), which does not train; "
+                              "resume one of the fits it was made of, then combine again")
         model.load_state_dict(model_weights(state))
         for name, opt in optimizers.items():
             opt.load_state_dict(state["optimizers"][name])

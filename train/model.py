@@ -360,6 +360,10 @@ class DAAD(nn.Module):
         # a Gather with constant indices: TensorRT's parsers take it in every version, a negative-step Slice not
         self.register_buffer("mirror_columns", torch.arange(w - 1, -1, -1), persistent=False)
 
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
     def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
         """Per-image zero mean and std `illumination_std` when `illumination_norm` (a brighter or darker part is
         not a defect)."""

@@ -1,0 +1,141 @@
+"""`daad-train combine`: two fits (plain and illumination-normalised) as one model scoring their mean map,
+checked against the fits themselves, exported as one graph, and refused where the fits do not match."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import ConfigError, DatasetError
+from train.checkpoint import load_model, read_checkpoint
+from train.combine import check_compatible, combine, held_back_images
+from train.config import TrainConfig, preset
+from train.data import eval_samples, load_images
+from train.evaluate import evaluate, predict
+from train.export import export_bundle
+from train.fit import fit, preprocess_spec, summarise_scores
+from train.model import DAAD
+from train.synthetic import write_synthetic_dataset
+from train.views import ViewEnsemble
+
+SEPARATION_AUROC = 0.9
+CPU = torch.device("cpu")
+
+
+def small_inspect(**overrides):
+    # the shipped configuration scaled down as in test_fit: 128 px, every training block in the memory
+    return preset("inspect", image_size=(128, 128), memory_items=50, **overrides)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("syn")
+    write_synthetic_dataset(root, n_train=24, n_test_good=8, n_test_per_defect=3, size=96)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fits(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    runs = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, cfg, seed in (("plain", small_inspect(), 0), ("illum", small_inspect(illumination_norm=True), 0),
+                            ("seed1", small_inspect(), 1)):
+        train = TrainConfig(data=str(dataset), out=str(runs / name), steps=5, batch_size=4, seed=seed)
+        out[name] = fit(cfg, train, progress=False).checkpoint
+    out["both"] = combine([out["plain"], out["illum"]], runs / "both").checkpoint
+    return out
+
+
+def test_the_combined_model_scores_the_mean_of_its_fits_maps(fits: dict, dataset: Path) -> None:
+    both, state = load_model(fits["both"])
+    plain, _ = load_model(fits["plain"])
+    illum, _ = load_model(fits["illum"])
+    assert isinstance(both, ViewEnsemble) and [v.cfg.illumination_norm for v in both.views] == [False, True]
+    images = load_images(eval_samples(dataset), preprocess_spec(plain.cfg))
+    got, a, b = (predict(m, images, CPU) for m in (both, plain, illum))
+    mean_map = (a["maps"] + b["maps"]) / 2
+    assert np.abs(got["maps"] - mean_map).max() < 1e-5
+    assert not np.allclose(a["maps"], b["maps"], atol=1e-3)  # two different views, not one twice
+    topk = plain.image_score(torch.from_numpy(mean_map)[:, None]).numpy()
+    assert np.abs(got["scores"] - topk).max() < 1e-5
+    # its statistics: its own scores of the good images both fits held back, on the mean map
+    held = state["training_data"]["score_stats_images"]
+    assert held == read_checkpoint(fits["illum"])["training_data"]["score_stats_images"] and len(held) == 2
+    scores = predict(both, held_back_images(held, preprocess_spec(both.cfg)), CPU)["scores"]
+    assert state["score_stats"] == pytest.approx(summarise_scores(scores), rel=1e-5)
+    assert "mean map of 2 views" in state["training_data"]["score_stats_from"]
+    metrics = evaluate(both, dataset, plot=False)
+    assert metrics["image_auroc"] >= SEPARATION_AUROC and metrics["model"] == "DAAD+@efficientnet_lite0 x2 views"
+
+
+def test_the_combined_model_exports_one_graph_that_matches_pytorch(fits: dict, dataset: Path, tmp_path: Path) -> None:
+    from engine.check import check_graph
+    from engine.onnxruntime_backend import OnnxRuntimeBackend
+
+    bundle = export_bundle(fits["both"], tmp_path / "bundle", batches=(1,),
+                           parity_images=sorted((dataset / "test").glob("*/*.png"))[::6])
+    parity = bundle.metadata["parity"]
+    assert parity["max_abs_map"] < 1e-4 * max(1.0, parity["max_abs_reference"]) and parity["n_images"] >= 3
+    assert check_graph(bundle.onnx_path(1)) == []
+    views = bundle.metadata["model"]["config"]["views"]
+    assert [v["illumination_norm"] for v in views] == [False, True]
+    assert bundle.metadata["score_stats"] == read_checkpoint(fits["both"])["score_stats"]
+    # the graph is both views: the same frame scored by the bundle and by the two fits' own mean
+    plain, _ = load_model(fits["plain"])
+    illum, _ = load_model(fits["illum"])
+    x = load_images(eval_samples(dataset)[-1:], preprocess_spec(plain.cfg))
+    backend = OnnxRuntimeBackend(bundle, batch=1)
+    try:
+        got = backend.infer(x)
+    finally:
+        backend.close()
+    mean_map = (predict(plain, x, CPU)["maps"] + predict(illum, x, CPU)["maps"]) / 2
+    assert np.abs(got.anomaly_map[:, 0] - mean_map).max() < 1e-4 * max(1.0, float(np.abs(mean_map).max()))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("which,expected", [
+    (("plain", "seed1"), "training_data.score_stats_images differs"),  # another seed held back other images
+    (("both", "plain"), "already a combination"),
+    (("plain",), "expected two fits or more"),
+])
+def test_combine_refuses_fits_that_cannot_be_averaged(fits: dict, tmp_path: Path, which: tuple, expected: str) -> None:
+    proc = _cli("combine", "--checkpoints", *(str(fits[w]) for w in which), "--out", str(tmp_path / "c"))
+    assert proc.returncode == 1 and expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "c" / "last.pt").exists()
+
+
+def test_a_combined_checkpoint_is_not_resumed(fits: dict, dataset: Path) -> None:
+    train = TrainConfig(data=str(dataset), out=str(fits["both"].parent), steps=6, batch_size=4)
+    with pytest.raises(ConfigError, match="a combination of fits"):
+        fit(small_inspect(), train, resume=True, progress=False)
+
+
+def test_views_of_another_size_or_image_score_are_refused() -> None:
+    base = small_inspect(full_skip_items=64)
+    state = {"training_data": {"score_stats_images": ["a.png"], "groups_sha256": ""}}
+    paths = [Path("a/last.pt"), Path("b/last.pt")]
+    for change, field in ((dict(image_size=(256, 256)), "image_size"), (dict(score_topk=0.05), "score_topk")):
+        views = [DAAD(base, load_backbone=False), DAAD(dataclasses.replace(base, **change), load_backbone=False)]
+        with pytest.raises(ConfigError, match=f"b/last.pt: model.{field}"):
+            check_compatible(paths, [state, state], views)
+    grouped = {"training_data": {"score_stats_images": ["a.png"], "groups_sha256": "ab12"}}
+    views = [DAAD(base, load_backbone=False)] * 2
+    with pytest.raises(ConfigError, match="same --groups"):
+        check_compatible(paths, [state, grouped], views)
+    with pytest.raises(ConfigError, match="score_stats_images is empty"):
+        check_compatible(paths, [{"training_data": {}}, state], views)
+
+
+def test_a_missing_held_back_image_is_named(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=f"{tmp_path / 'gone.png'}: no such image file.*where the fits' --data is"):
+        held_back_images([str(tmp_path / "gone.png")], preprocess_spec(small_inspect()))
