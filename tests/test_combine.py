@@ -13,7 +13,8 @@ import torch
 
 from engine.errors import ConfigError, DatasetError
 from train.checkpoint import load_model, read_checkpoint
-from train.combine import check_compatible, combine, held_back_images
+from train.cli import build_parser, fit_view_names, main as train_main
+from train.combine import check_compatible, held_back_images
 from train.config import TrainConfig, preset
 from train.data import eval_samples, load_images
 from train.evaluate import evaluate, predict
@@ -41,18 +42,23 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def fits(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`daad-train fit` of `inspect` as shipped (both views, combined), scaled down; and one view of another seed."""
     runs = tmp_path_factory.mktemp("runs")
-    out = {}
-    for name, cfg, seed in (("plain", small_inspect(), 0), ("illum", small_inspect(illumination_norm=True), 0),
-                            ("seed1", small_inspect(), 1)):
-        train = TrainConfig(data=str(dataset), out=str(runs / name), steps=5, batch_size=4, seed=seed)
-        out[name] = fit(cfg, train, progress=False).checkpoint
-    out["both"] = combine([out["plain"], out["illum"]], runs / "both").checkpoint
-    return out
+    small = runs / "small.yaml"
+    small.write_text("model: {memory_items: 50}\n")
+    common = ["fit", "--data", str(dataset), "--size", "128", "--steps", "5", "--batch-size", "4", "--quiet",
+              "--config", str(small)]
+    assert train_main([*common, "--out", str(runs / "both")]) == 0
+    assert train_main([*common, "--out", str(runs / "seed1"), "--views", "plain", "--seed", "1"]) == 0
+    views = runs / "both" / "views"
+    return {"both": runs / "both" / "last.pt", "plain": views / "plain" / "last.pt",
+            "illum": views / "illumination" / "last.pt", "seed1": runs / "seed1" / "last.pt"}
 
 
 def test_the_combined_model_scores_the_mean_of_its_fits_maps(fits: dict, dataset: Path) -> None:
     both, state = load_model(fits["both"])
+    assert state["combined_from"] == [str(fits["plain"]), str(fits["illum"])]
+    assert isinstance(load_model(fits["seed1"])[0], DAAD) and not (fits["seed1"].parent / "views").exists()
     plain, _ = load_model(fits["plain"])
     illum, _ = load_model(fits["illum"])
     assert isinstance(both, ViewEnsemble) and [v.cfg.illumination_norm for v in both.views] == [False, True]
@@ -139,3 +145,29 @@ def test_views_of_another_size_or_image_score_are_refused() -> None:
 def test_a_missing_held_back_image_is_named(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=f"{tmp_path / 'gone.png'}: no such image file.*where the fits' --data is"):
         held_back_images([str(tmp_path / "gone.png")], preprocess_spec(small_inspect()))
+
+
+@pytest.mark.parametrize("argv,illumination_norm,expected", [
+    ([], False, ["plain", "illumination"]),  # `inspect`: both views
+    ([], True, []),  # a config that normalises: that one model, as configured
+    (["--views", "plain"], False, ["plain"]),
+    (["--model", "daad_plus"], False, []),  # the paper columns: one model, as configured
+])
+def test_which_views_fit_fits(argv: list, illumination_norm: bool, expected: list) -> None:
+    args = build_parser().parse_args(["fit", "--data", "d", *argv])
+    assert fit_view_names(args, small_inspect(illumination_norm=illumination_norm)) == expected
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--views", "plain", "plain"], "--views: got plain plain, expected distinct names"),
+    (["--model", "daad", "--size", "32", "--views", "plain", "illumination"], "which this model has not"),
+    (["--config", "{illum}", "--views", "plain", "illumination"], "model.illumination_norm: set by the views"),
+])
+def test_fit_refuses_views_it_cannot_average_before_training(dataset: Path, tmp_path: Path, argv: list,
+                                                               expected: str) -> None:
+    illum = tmp_path / "illum.yaml"
+    illum.write_text("model: {illumination_norm: true}\n")
+    argv = [a.replace("{illum}", str(illum)) for a in argv]
+    proc = _cli("fit", "--data", str(dataset), "--out", str(tmp_path / "run"), "--quiet", *argv)
+    assert proc.returncode == 1 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()

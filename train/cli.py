@@ -1,6 +1,6 @@
 """`daad-train`: fit, eval and export on the desktop.
 
-    daad-train fit --data DIR [--model inspect|daad_plus|...] --out runs/x [--steps N] [--resume]
+    daad-train fit --data DIR [--model inspect|daad_plus|...] --out runs/x [--steps N] [--resume] [--views plain]
     daad-train eval --checkpoint runs/x/last.pt --data DIR --out runs/x/eval [--split val|test]
     daad-train fit/eval ... --groups GROUPS.csv   (train.groups: score only parts the model never trained on)
     daad-train combine --checkpoints runs/x/last.pt runs/y/last.pt --out runs/xy   (their mean map, one model)
@@ -22,6 +22,7 @@ from engine.errors import ConfigError, DaadError, DatasetError
 
 from .config import INSPECT_NAME, PRESETS, ModelConfig, TrainConfig, from_dict, preset, schedule, to_dict
 from .data import has_colour, train_samples
+from .views import DEFAULT_VIEWS, VIEWS, view_configs
 
 if TYPE_CHECKING:
     from .groups import Groups
@@ -92,12 +93,34 @@ def cmd_fit(args: argparse.Namespace) -> int:
     train_cfg = TrainConfig(data=args.data, out=args.out, steps=steps, batch_size=args.batch_size, lr=lr,
                             seed=args.seed, device=args.device, amp=not args.no_amp, val_fraction=args.holdout,
                             checkpoint_every=args.checkpoint_every, groups=args.groups or "", disc_lr=args.disc_lr)
+    names = fit_view_names(args, model_cfg)
+    if len(names) > 1:
+        from .combine import fit_views
+
+        both = fit_views(model_cfg, train_cfg, names, resume=args.resume, progress=not args.quiet)
+        if both.combined is not None:
+            for name, view in zip(names, both.views):
+                print(f"view {name}: {view.checkpoint} ({view.images_per_s:.1f} images/s)")
+            print(f"checkpoint: {both.combined.checkpoint} (the mean map of {both.combined.n_views} views)")
+        return 0
+    if names:
+        model_cfg = view_configs(model_cfg, names)[0][1]
     result = fit(model_cfg, train_cfg, resume=args.resume, progress=not args.quiet)
     if result.score_stats:
         print(f"checkpoint: {result.checkpoint}")
         print(f"throughput: {result.images_per_s:.1f} images/s; final losses: "
               + ", ".join(f"{k}={v:.4f}" for k, v in result.history[-1].items() if k != "step") if result.history else "")
     return 0
+
+
+def fit_view_names(args: argparse.Namespace, cfg: ModelConfig) -> List[str]:
+    """--views, or the model's default: `inspect` fits both views unless its config sets illumination_norm
+    (then the config as given, one view); the paper columns one, as configured (no names)."""
+    if args.views:
+        return list(args.views)
+    if args.model == INSPECT_NAME and not cfg.illumination_norm:
+        return list(DEFAULT_VIEWS)
+    return []
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -194,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit_p.add_argument("--channels-in", type=int, choices=(1, 3),
                        help="1 gray, 3 RGB (default: 3 if the training images are in colour, else 1)")
     fit_p.add_argument("--backbone", choices=("", "efficientnet_lite0"), help="memories on frozen ImageNet features")
+    fit_p.add_argument("--views", nargs="+", choices=sorted(VIEWS), metavar="VIEW",
+                       help=f"fit one model per view and score the mean of their maps ({', '.join(sorted(VIEWS))}; "
+                       f"default for `inspect`: {' '.join(DEFAULT_VIEWS)}, about twice the fit and inference time "
+                       "of `--views plain`); the fits go to OUT/views/VIEW, the combined checkpoint to OUT/last.pt")
     fit_p.add_argument("--seed", type=int, default=0)
     fit_p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     fit_p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
@@ -201,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit_p.add_argument("--groups", help="CSV `image,group` of images showing one part (train.groups): train on the "
                        "grouped protocol's images only, so that `eval --groups` scores parts the model never saw")
     fit_p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
-    fit_p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    fit_p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (with several views, each from OUT/views/VIEW/last.pt, then combine again)")
     fit_p.add_argument("--quiet", action="store_true", help="no progress bar")
     fit_p.set_defaults(func=cmd_fit)
 

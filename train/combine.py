@@ -6,9 +6,10 @@ statistics are set on them here, on the mean map the bundle will compute.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,8 +18,12 @@ from engine.errors import ConfigError, DatasetError, ImageError
 from engine.preprocess import preprocess, read_image
 
 from .checkpoint import CHECKPOINT_FORMAT, VIEWS_KEY, is_ensemble, model_of, read_checkpoint, write_state
-from .fit import CHECKPOINT_NAME, SCORE_BATCH, preprocess_spec, summarise_scores
-from .views import ViewEnsemble
+from .config import ModelConfig, TrainConfig
+from .fit import (CHECKPOINT_NAME, SCORE_BATCH, FitResult, distributed_context, fit, preprocess_spec,
+                  stores_training_blocks, summarise_scores)
+from .views import ViewEnsemble, view_configs
+
+VIEWS_DIR = "views"  # OUT/views/<name>/: each view's own fit (last.pt, log.jsonl); OUT/last.pt combines them
 
 VIEW_KEYS = ("model_config", "model", "train_config", "step", "score_stats")  # what a view keeps of its fit
 
@@ -104,3 +109,26 @@ def combine(checkpoints: Sequence[Path], out: Path) -> CombineResult:
     write_state(target, state)
     return CombineResult(target, score_stats, len(views))
 
+
+
+@dataclass
+class ViewsFitResult:
+    views: List[FitResult]
+    combined: Optional[CombineResult]  # None on the ranks of a torchrun other than 0
+
+
+def fit_views(model_cfg: ModelConfig, train_cfg: TrainConfig, names: Sequence[str], resume: bool = False,
+              progress: bool = True) -> ViewsFitResult:
+    """One fit per view (same data, seed and groups, so the same held-back images) under OUT/views/<name>,
+    then `combine` into OUT/last.pt."""
+    configs = view_configs(model_cfg, names)
+    if len(configs) > 1 and not stores_training_blocks(model_cfg):
+        raise ConfigError(f"--views: {' '.join(names)} average fits in units of good images held back from a memory "
+                          "of training blocks, which this model has not (memory_init data, full_skip_block); use a "
+                          "backbone model such as `inspect`, or one view")
+    out = Path(train_cfg.out)
+    results = [fit(cfg, dataclasses.replace(train_cfg, out=str(out / VIEWS_DIR / name)), resume=resume,
+                   progress=progress) for name, cfg in configs]
+    rank = distributed_context()[0]
+    combined = combine([r.checkpoint for r in results], out) if rank == 0 else None
+    return ViewsFitResult(results, combined)

@@ -9,13 +9,39 @@ averaged, and the image score is the first view's top-k of the mean map.
 from __future__ import annotations
 
 import copy
-from typing import List, Sequence, Union
+import dataclasses
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
 from .model import DAAD, AnomalyOutput
+
+
+# What each view named on `daad-train fit --views` changes in the model config. "plain" pins the
+# normalisation off, so the two views differ in it whatever the YAML says.
+VIEWS: Dict[str, Dict[str, Any]] = {
+    "plain": {"illumination_norm": False, "illumination_std": 1.0},
+    "illumination": {"illumination_norm": True},
+}
+
+# `inspect`'s default: its map and an illumination-normalised fit's, averaged (README, "Two views")
+DEFAULT_VIEWS: Tuple[str, ...] = ("plain", "illumination")
+
+
+def view_configs(cfg: ModelConfig, names: Sequence[str]) -> List[Tuple[str, ModelConfig]]:
+    """(name, config) per view: the base config with the view's overrides. ConfigError for an unknown or
+    repeated view, or a config that sets what the views set."""
+    from engine.errors import ConfigError
+
+    unknown = [n for n in names if n not in VIEWS]
+    if unknown or len(set(names)) != len(names) or not names:
+        raise ConfigError(f"--views: got {' '.join(names) or 'none'}, expected distinct names of {sorted(VIEWS)}")
+    if len(names) > 1 and cfg.illumination_norm:
+        raise ConfigError("model.illumination_norm: set by the views (plain: off, illumination: on); drop it from "
+                          "the config, or pass --views illumination for that view alone")
+    return [(n, dataclasses.replace(cfg, **VIEWS[n])) for n in names]
 
 
 class ViewEnsemble(nn.Module):
