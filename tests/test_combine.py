@@ -76,7 +76,7 @@ def test_the_combined_model_scores_the_mean_of_its_fits_maps(fits: dict, dataset
     assert state["score_stats"] == pytest.approx(summarise_scores(scores), rel=1e-5)
     assert "mean map of 2 views" in state["training_data"]["score_stats_from"]
     metrics = evaluate(both, dataset, plot=False)
-    assert metrics["image_auroc"] >= SEPARATION_AUROC and metrics["model"] == "DAAD+@efficientnet_lite0 x2 views"
+    assert metrics["image_auroc"] >= SEPARATION_AUROC and metrics["model"] == "DAAD+@efficientnet_lite0-2views"
 
 
 def test_the_combined_model_exports_one_graph_that_matches_pytorch(fits: dict, dataset: Path, tmp_path: Path) -> None:

@@ -63,9 +63,9 @@ class ModelConfig:
     latent_layer: int = 0  # features after this strided layer of the discriminator (0 = its last)
     smoothing_sigma: float = 2.0  # Gaussian smoothing of the pixel map (pixels at model resolution)
     score_topk: float = 0.01  # image score = mean of the top fraction of map pixels (0 = plain max, 1 = whole-map mean)
-    # per-image zero mean and std `illumination_std` before the generator (lighting varies per crop). Off for
-    # `inspect`: on magnetic_tile's grouped val half its crack gain in one fit did not repeat with another seed;
-    # its map averaged with the default's lifts pixel AUROC 2-3 points, for two models per frame (README)
+    # per-image zero mean and std `illumination_std` before the generator (lighting varies per crop). Off in
+    # `inspect`'s config: alone it cost image AUROC on magnetic_tile's unseen tiles; `daad-train fit` fits
+    # `inspect` with and without it (train/views.py) and scores the mean map: 2-3 pixel AUROC points (README)
     illumination_norm: bool = False
     # the std the normalised image is given: 1 for pixel models; the pretrained backbone was trained on images in
     # [-1, 1], whose per-image std is about 0.25 on magnetic_tile, and a unit-std image lies outside that range
@@ -158,7 +158,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 # and that read-out; a quarter of the map is a coarse memory's rebuild error of the backbone's 1/32 features
 # (64 principal components, every training vector), for defects wider than a block; scored by its top 1 %;
 # chosen on the `val` half of magnetic_tile, on its
-# defects as they are and pasted onto good parts. `daad-train fit` uses it unless --model names a paper column.
+# defects as they are and pasted onto good parts. `daad-train fit` uses it unless --model names a paper column,
+# in two views (as written and with illumination_norm; `--views`, train/views.py) whose maps it averages.
 INSPECT: Dict[str, Any] = {
     **PRESETS["daad_plus"], "backbone": "efficientnet_lite0", "image_size": (256, 256), "feature_dims": 64,
     "blocks": ((1, 1, 0), (1, 1, 0), (1, 1, 0), (1, 1, 0)), "memory_items": 500,

@@ -60,7 +60,7 @@ class ViewEnsemble(nn.Module):
 
     @property
     def name(self) -> str:
-        return f"{self.cfg.name} x{len(self.views)} views"
+        return f"{self.cfg.name}-{len(self.views)}views"
 
     @property
     def view_configs(self) -> List[ModelConfig]:
