@@ -1,4 +1,5 @@
-"""Shared fixtures: a real template bundle (ONNX, no training) and a real Mosquitto broker."""
+"""Shared fixtures: a real template bundle (ONNX, no training), a real Mosquitto broker, and a small synthetic
+MVTec-layout dataset for short fits (modules may define their own `dataset`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 from engine.bundle import Bundle
 from tests.bundle_factory import make_template_bundle
 from tests.mqtt_broker import MosquittoBroker
+from train.synthetic import write_synthetic_dataset
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +26,11 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 good training parts, 8 good and 3 per defect type in test/, 96 px: what the fit tests train on."""
+    root = tmp_path_factory.mktemp("syn")
+    write_synthetic_dataset(root, n_train=24, n_test_good=8, n_test_per_defect=3, size=96)
+    return root

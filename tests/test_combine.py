@@ -21,7 +21,6 @@ from train.evaluate import evaluate, predict
 from train.export import export_bundle
 from train.fit import fit, preprocess_spec, summarise_scores
 from train.model import DAAD
-from train.synthetic import write_synthetic_dataset
 from train.views import ViewEnsemble
 
 SEPARATION_AUROC = 0.9
@@ -31,13 +30,6 @@ CPU = torch.device("cpu")
 def small_inspect(**overrides):
     # the shipped configuration scaled down as in test_fit: 128 px, every training block in the memory
     return preset("inspect", image_size=(128, 128), memory_items=50, **overrides)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("syn")
-    write_synthetic_dataset(root, n_train=24, n_test_good=8, n_test_per_defect=3, size=96)
-    return root
 
 
 @pytest.fixture(scope="module")

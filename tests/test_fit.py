@@ -25,13 +25,6 @@ SEPARATION_AUROC = 0.9  # synthetic pits/scratches are obvious; a regression tha
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("syn")
-    write_synthetic_dataset(root, n_train=24, n_test_good=8, n_test_per_defect=3, size=96)
-    return root
-
-
-@pytest.fixture(scope="module")
 def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("run")
     cfg = TrainConfig(data=str(dataset), out=str(out), steps=80, batch_size=8, lr=1e-3, checkpoint_every=40)
