@@ -3,6 +3,7 @@ checked against the fits themselves, exported as one graph, and refused where th
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,27 @@ def test_fit_refuses_views_it_cannot_average_before_training(dataset: Path, tmp_
     proc = _cli("fit", "--data", str(dataset), "--out", str(tmp_path / "run"), "--quiet", *argv)
     assert proc.returncode == 1 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_fits_both_views_and_rank_0_combines_them(dataset: Path, tmp_path: Path) -> None:
+    # torchrun re-initialises the process group for the second view (fit() tears it down after the first)
+    (tmp_path / "small.yaml").write_text("model: {memory_items: 50}\n")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train", "fit",
+           "--data", str(dataset), "--size", "128", "--steps", "4", "--batch-size", "4", "--device", "cpu",
+           "--config", str(tmp_path / "small.yaml"), "--out", str(out), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # rank 0 alone reports (once, not once per process) and combines
+    assert [line.split(":")[0] for line in proc.stdout.splitlines()] == [
+        "model.in_channels 1", "view plain", "view illumination", "checkpoint"]
+    views = [out / "views" / name / "last.pt" for name in ("plain", "illumination")]
+    assert all(read_checkpoint(v)["step"] == 4 for v in views)
+    state = read_checkpoint(out / "last.pt")
+    assert state["combined_from"] == [str(v) for v in views]
+    # the same statistics a single-process combine of the two fits gives
+    proc = _cli("combine", "--checkpoints", *map(str, views), "--out", str(tmp_path / "again"))
+    assert proc.returncode == 0, proc.stderr
+    assert state["score_stats"] == pytest.approx(read_checkpoint(tmp_path / "again" / "last.pt")["score_stats"],
+                                                rel=1e-4, abs=1e-6)  # other thread counts: float noise

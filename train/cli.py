@@ -71,9 +71,16 @@ def _channels_of(data: Path) -> int:
         channels = 3 if has_colour(train_samples(data)) else 1
     except DatasetError:
         return 0
-    print(f"model.in_channels {channels}: the training images are {'in colour' if channels == 3 else 'gray'} "
-          "(--channels-in chooses)")
+    if _is_rank_0():  # under torchrun every process reads the data; one reports
+        print(f"model.in_channels {channels}: the training images are {'in colour' if channels == 3 else 'gray'} "
+              "(--channels-in chooses)")
     return channels
+
+
+def _is_rank_0() -> bool:
+    from .fit import distributed_context
+
+    return distributed_context()[0] == 0
 
 
 def _schedule_for(args: argparse.Namespace) -> Tuple[int, float]:
