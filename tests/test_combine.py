@@ -3,6 +3,7 @@ checked against the fits themselves, exported as one graph, and refused where th
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -188,3 +189,23 @@ def test_torchrun_fits_both_views_and_rank_0_combines_them(dataset: Path, tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert state["score_stats"] == pytest.approx(read_checkpoint(tmp_path / "again" / "last.pt")["score_stats"],
                                                 rel=1e-4, abs=1e-6)  # other thread counts: float noise
+
+
+def test_fit_resume_continues_each_view_and_combines_again(dataset: Path, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "small.yaml").write_text("model: {memory_items: 50}\n")
+    common = ["fit", "--data", str(dataset), "--size", "128", "--batch-size", "4", "--quiet",
+              "--config", str(tmp_path / "small.yaml"), "--out", str(tmp_path / "run")]
+    assert train_main([*common, "--steps", "3"]) == 0
+    first = read_checkpoint(tmp_path / "run" / "last.pt")
+    views = [tmp_path / "run" / "views" / name / "last.pt" for name in ("plain", "illumination")]
+    with caplog.at_level(logging.INFO, logger="train.fit"):
+        assert train_main([*common, "--steps", "5", "--resume"]) == 0
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("resumed")] == [
+        f"resumed from {v} at step 3" for v in views]
+    assert [read_checkpoint(v)["step"] for v in views] == [5, 5]
+    state = read_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["combined_from"] == [str(v) for v in views]
+    # the combination was made again from the longer fits, not kept from the first
+    assert state["score_stats"] != first["score_stats"]
+    assert first["training_data"]["score_stats_images"] == state["training_data"]["score_stats_images"]
