@@ -4,7 +4,8 @@
     python benchmarks/probe_maps.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
         --split val --transplant --out benchmarks/results/probe_maps
 
-The model's unsmoothed map (what `combine` returns) is re-scored under variants of what follows it in
+The model's unsmoothed map (what `combine` returns; for a combination of views, `daad-train combine`, the
+mean of theirs) is re-scored under variants of what follows it in
 the graph: the smoothing's sigma, a mix of the model's sigma with a wide one (spreads an edge's signal
 into the region it bounds), per-image background subtraction (the map minus its own median or 25th
 percentile: a defective image's lifted background is not a defect) or division (over its median: a
@@ -38,8 +39,9 @@ from train.cli import checked_groups  # noqa: E402
 from train.data import load_images, train_samples  # noqa: E402
 from train.evaluate import compute_metrics, load_split  # noqa: E402
 from train.fit import preprocess_spec  # noqa: E402
-from train.model import DAAD, gaussian_kernel, separable_blur  # noqa: E402
+from train.model import gaussian_kernel, separable_blur  # noqa: E402
 from train.transplant import transplant_set  # noqa: E402
+from train.views import Scorer, ViewEnsemble  # noqa: E402
 
 BATCH = 16
 OVERLAYS_PER_TYPE = 4
@@ -48,8 +50,12 @@ TRAIN_STRIDE = 4  # every 4th training image normalises the self-consistency ter
 
 
 @torch.no_grad()
-def unsmoothed_maps(model: DAAD, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """(N, 1, H, W): the model's map before smoothing, and the self-consistency distance."""
+def unsmoothed_maps(model: Scorer, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """(N, 1, H, W): the model's map before smoothing, and the self-consistency distance. For a combination of
+    views the mean of theirs (smoothing is linear: the mean of smoothed maps is the smoothed mean)."""
+    if isinstance(model, ViewEnsemble):
+        each = [unsmoothed_maps(view, images) for view in model.views]
+        return {k: torch.stack([m[k] for m in each]).mean(dim=0) for k in each[0]}
     maps: Dict[str, List[torch.Tensor]] = {"model": [], "self": []}
     for start in range(0, len(images), BATCH):
         x = model.encode(images[start:start + BATCH])[0]

@@ -209,3 +209,16 @@ def test_fit_resume_continues_each_view_and_combines_again(dataset: Path, tmp_pa
     # the combination was made again from the longer fits, not kept from the first
     assert state["score_stats"] != first["score_stats"]
     assert first["training_data"]["score_stats_images"] == state["training_data"]["score_stats_images"]
+
+
+def test_probe_maps_scores_a_combination_by_the_mean_of_its_views_unsmoothed_maps(fits: dict, dataset: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from probe_maps import blur, unsmoothed_maps
+
+    both, _ = load_model(fits["both"])
+    images = torch.from_numpy(load_images(eval_samples(dataset)[:6], preprocess_spec(both.cfg)))
+    raw = unsmoothed_maps(both, images)
+    with torch.no_grad():
+        assert (blur(raw["model"], both.cfg.smoothing_sigma) - both(images).anomaly_map).abs().max() < 1e-5
+    plain = unsmoothed_maps(both.views[0], images)["model"]
+    assert (raw["model"] - plain).abs().max() > 1e-3  # the mean of two views, not the first

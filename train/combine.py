@@ -19,8 +19,8 @@ from engine.preprocess import preprocess, read_image
 
 from .checkpoint import CHECKPOINT_FORMAT, VIEWS_KEY, is_ensemble, model_of, read_checkpoint, write_state
 from .config import ModelConfig, TrainConfig
-from .fit import (CHECKPOINT_NAME, SCORE_BATCH, FitResult, distributed_context, fit, preprocess_spec,
-                  stores_training_blocks, summarise_scores)
+from .fit import (CHECKPOINT_NAME, SCORE_BATCH, FitResult, distributed_context, fit, join_process_group,
+                  leave_process_group, preprocess_spec, resolve_device, stores_training_blocks, summarise_scores)
 from .views import ViewEnsemble, view_configs
 
 VIEWS_DIR = "views"  # OUT/views/<name>/: each view's own fit (last.pt, log.jsonl); OUT/last.pt combines them
@@ -127,8 +127,10 @@ def fit_views(model_cfg: ModelConfig, train_cfg: TrainConfig, names: Sequence[st
                           "of training blocks, which this model has not (memory_init data, full_skip_block); use a "
                           "backbone model such as `inspect`, or one view")
     out = Path(train_cfg.out)
+    rank, _, local_rank = distributed_context()
+    owns_group = join_process_group(resolve_device(train_cfg.device, local_rank))  # one group for every view
     results = [fit(cfg, dataclasses.replace(train_cfg, out=str(out / VIEWS_DIR / name)), resume=resume,
                    progress=progress) for name, cfg in configs]
-    rank = distributed_context()[0]
     combined = combine([r.checkpoint for r in results], out) if rank == 0 else None
+    leave_process_group(owns_group)
     return ViewsFitResult(results, combined)

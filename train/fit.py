@@ -86,6 +86,24 @@ def distributed_context() -> Tuple[int, int, int]:
     return rank, world, local_rank
 
 
+def join_process_group(device: torch.device) -> bool:
+    """Set up torchrun's process group unless it is up already; True if this call set it up (and so tears it
+    down). Several fits in one run (the views) share one group: torn down and set up again, the second
+    rendezvous on torchrun's store could wait forever (seen once in a test of two views)."""
+    if distributed_context()[1] == 1 or dist.is_initialized():
+        return False
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def leave_process_group(owned: bool) -> None:
+    """Every rank waits for the others (rank 0 writes the checkpoint); the group's owner then tears it down."""
+    if distributed_context()[1] > 1:
+        dist.barrier()
+        if owned:
+            dist.destroy_process_group()
+
+
 def augment(batch: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
     """Flips and small shifts only: colour or blur jitter would teach the model to rebuild defects."""
     b, _, h, w = batch.shape
@@ -235,8 +253,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
         raise ConfigError("; ".join(problems))
     rank, world, local_rank = distributed_context()
     device = resolve_device(cfg.device, local_rank)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    owns_group = join_process_group(device)
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     ckpt_path = out / CHECKPOINT_NAME
@@ -371,7 +388,5 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
                                    "score_stats_images": [str(s.image) for s in unseen],
                                    "groups_sha256": groups.sha256 if groups is not None else ""}}
         save_checkpoint(ckpt_path, model.cpu(), cfg, cfg.steps, optimizers, extra)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group(owns_group)
     return FitResult(ckpt_path, cfg.steps, images_per_s, history, score_stats)
