@@ -124,7 +124,8 @@ def test_views_of_another_size_or_image_score_are_refused() -> None:
     base = small_inspect(full_skip_items=64)
     state = {"training_data": {"score_stats_images": ["a.png"], "groups_sha256": ""}}
     paths = [Path("a/last.pt"), Path("b/last.pt")]
-    for change, field in ((dict(image_size=(256, 256)), "image_size"), (dict(score_topk=0.05), "score_topk")):
+    for change, field in ((dict(image_size=(256, 256)), "image_size"), (dict(score_topk=0.05), "score_topk"),
+                          (dict(score_minus_mean=False), "score_minus_mean")):
         views = [DAAD(base, load_backbone=False), DAAD(dataclasses.replace(base, **change), load_backbone=False)]
         with pytest.raises(ConfigError, match=f"b/last.pt: model.{field}"):
             check_compatible(paths, [state, state], views)

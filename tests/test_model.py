@@ -122,6 +122,7 @@ def test_anomaly_map_is_larger_where_the_reconstruction_fails() -> None:
     ({"temperature": 0.0}, "temperature"),
     ({"full_skip_block": (3, 3, 0)}, "full_skip_block"),
     ({"score_topk": 1.5}, "score_topk"),
+    ({"score_topk": 1.0, "score_minus_mean": True}, "score_minus_mean: the whole-map mean"),
     ({"memory_readout": "nearest"}, "memory_readout"),
     ({"memory_score_weight": 0.5}, "set full_skip_block"),  # M needs the full-resolution memory
     ({"memory_score_weight": 1.5, "full_skip_block": (1, 1, 0)}, "within [0, 1]"),
@@ -148,6 +149,7 @@ def test_invalid_model_configs_are_named(change: dict, problem: str) -> None:
     {"full_skip_block": (1, 1, 0), "memory_readout": "hard", "memory_score_weight": 0.5},  # ArgMax + Gather, M term
     {"full_skip_block": (1, 1, 0), "memory_readout": "hard", "memory_score_weight": 0.5, "gamma": 0.0,
      "latent_against": "readout", "latent_layer": 1},  # L of the discriminator's first layer against the read-out
+    {"score_topk": 0.05, "score_minus_mean": True},  # the peak against the map's own level, in the graph
 ])
 def test_export_is_static_opset17_and_matches_pytorch(tmp_path, variant: dict) -> None:
     import onnx
@@ -236,6 +238,18 @@ def test_whole_map_score_is_the_mean_of_the_map() -> None:
     model = DAAD(preset("daad", score_topk=1.0, **SMALL))
     amap = torch.rand(3, 1, 32, 32)
     assert torch.allclose(model.image_score(amap), amap.mean(dim=(1, 2, 3)))
+
+
+def test_score_minus_mean_is_the_peak_less_the_maps_own_level() -> None:
+    plain = DAAD(preset("daad", score_topk=0.1, **SMALL))
+    relative = DAAD(preset("daad", score_topk=0.1, score_minus_mean=True, **SMALL))
+    amap = torch.rand(3, 1, 32, 32)
+    expected = torch.topk(amap.flatten(1), round(0.1 * 32 * 32), dim=1).values.mean(dim=1) - amap.mean(dim=(1, 2, 3))
+    assert torch.allclose(relative.image_score(amap), expected, atol=1e-6)
+    # a map lifted as a whole scores as before; the plain top-k rises with it
+    assert torch.allclose(relative.image_score(amap + 2.0), relative.image_score(amap), atol=1e-5)
+    assert torch.allclose(plain.image_score(amap + 2.0), plain.image_score(amap) + 2.0, atol=1e-5)
+    assert preset("inspect").score_minus_mean and not preset("daad_plus").score_minus_mean
 
 
 def test_data_initialised_memory_items_are_blocks_of_the_training_inputs() -> None:

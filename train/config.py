@@ -63,6 +63,10 @@ class ModelConfig:
     latent_layer: int = 0  # features after this strided layer of the discriminator (0 = its last)
     smoothing_sigma: float = 2.0  # Gaussian smoothing of the pixel map (pixels at model resolution)
     score_topk: float = 0.01  # image score = mean of the top fraction of map pixels (0 = plain max, 1 = whole-map mean)
+    # the image score less the map's own mean: a part's peak against its own level. On unseen parts a whole map is
+    # lifted (a good tile the memory never saw scores above those it did, everywhere), so the plain top-k ranks
+    # lifted good tiles with defects; on in `inspect` (README, "The image score against the map's own level")
+    score_minus_mean: bool = False
     # per-image zero mean and std `illumination_std` before the generator (lighting varies per crop). Off in
     # `inspect`'s config: alone it cost image AUROC on magnetic_tile's unseen tiles; `daad-train fit` fits
     # `inspect` with and without it (train/views.py) and scores the mean map: 2-3 pixel AUROC points (README)
@@ -166,7 +170,7 @@ INSPECT: Dict[str, Any] = {
     "full_skip_block": (4, 4, 0), "full_skip_items": 50000, "memory_init": "data", "memory_readout": "hard",
     "memory_score_weight": 0.5, "gamma": 0.0, "latent_against": "readout", "latent_layer": 1,
     "coarse_memory_weight": 0.25, "coarse_memory_items": 50000, "coarse_feature_dims": 64,
-    "score_topk": 0.01, "smoothing_sigma": 4.0,
+    "score_topk": 0.01, "score_minus_mean": True, "smoothing_sigma": 4.0,
 }
 INSPECT_NAME = "inspect"
 # the schedule every `inspect` figure was measured with (300 steps x batch 16, lr 1e-3: ~10 min on 2 CPU
@@ -312,6 +316,9 @@ def validate_model_config(cfg: ModelConfig) -> List[str]:
                         "does not normalise it; set illumination_norm: true or drop the key")
     if not 0.0 <= cfg.score_topk <= 1.0:
         problems.append(f"model.score_topk: got {cfg.score_topk}, expected within [0, 1] (1 = whole-map mean)")
+    elif cfg.score_minus_mean and cfg.score_topk >= 1.0:
+        problems.append("model.score_minus_mean: the whole-map mean (score_topk 1) less itself is 0 for every image; "
+                        "set score_topk below 1 (e.g. 0.01) or drop score_minus_mean")
     if not 0 <= cfg.feature_dims <= BACKBONE_CHANNELS:
         problems.append(f"model.feature_dims: got {cfg.feature_dims}, expected 0 (all) to {BACKBONE_CHANNELS} principal components")
     elif cfg.feature_dims and not cfg.backbone:

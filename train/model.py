@@ -310,7 +310,8 @@ class DAAD(nn.Module):
     (R: squared reconstruction error averaged over channels; L: discriminator-feature distance,
     upsampled; M: the full-resolution memory's rebuild error, beta = `memory_score_weight`; C: the coarse
     memory's rebuild error of the backbone's 1/32 features, upsampled, delta = `coarse_memory_weight`),
-    Gaussian-smoothed, and the image score = mean of its top `score_topk` pixels. With `score_hflip` the
+    Gaussian-smoothed, and the image score = mean of its top `score_topk` pixels (less the map's mean with
+    `score_minus_mean`). With `score_hflip` the
     terms are the mean of the image's and of its mirror image's (mirrored back).
     The scales are the mean training-image values (set by `set_score_normalisation`) so that the
     weights mix terms of comparable size.
@@ -496,9 +497,8 @@ class DAAD(nn.Module):
         flat = amap.reshape(amap.shape[0], -1)
         if self.cfg.score_topk >= 1.0:
             return flat.mean(dim=1)  # the whole map: for defects that change a part's overall texture
-        if self.topk == 1:
-            return flat.max(dim=1).values
-        return torch.topk(flat, self.topk, dim=1).values.mean(dim=1)
+        peak = flat.max(dim=1).values if self.topk == 1 else torch.topk(flat, self.topk, dim=1).values.mean(dim=1)
+        return peak - flat.mean(dim=1) if self.cfg.score_minus_mean else peak
 
     def mirror(self, t: torch.Tensor) -> torch.Tensor:
         """Left-right mirror of an image-sized (B, C, H, W) tensor."""

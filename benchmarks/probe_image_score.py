@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Is a part's peak better told from its own background than from zero? The image score re-checked on fits.
+
+    python benchmarks/probe_image_score.py --checkpoints runs/a/last.pt [runs/b/last.pt ...] \
+        --data ../shared/datasets/magnetic_tile --split val --transplant --groups benchmarks/groups/magnetic_tile.csv
+
+On unseen parts a whole map is lifted: a good tile the memory never saw scores above the good tiles it did,
+everywhere, so its top-k competes with a defective crop's peak. Each row scores the checkpoint's own map (one
+fit, or a combination of views) with the model's top-k less a level of the same map: its mean, its median,
+its 25th or 10th percentile, or the 25th percentile of the map average-pooled 4x4 (what a graph can compute:
+TensorRT's TopK takes k <= 3840, so the quantile of a 64x64 map, not of 65 536 pixels). The map itself, and so
+pixel AUROC and AUPRO, are unchanged. With --groups every row gets its image-AUROC difference from the model's
+own score, overall and per type, with a 95 % interval from resampling whole tile groups (paired). Choose on
+`val`, report once on `test`. Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compare_fits import paired_differences  # noqa: E402  (this folder, first on sys.path)
+from probe_json import write_probe_rows  # noqa: E402
+
+from engine.errors import DaadError  # noqa: E402
+from train.checkpoint import load_model  # noqa: E402
+from train.cli import checked_groups  # noqa: E402
+from train.evaluate import load_split, predict  # noqa: E402
+from train.fit import preprocess_spec  # noqa: E402
+from train.groups import Groups  # noqa: E402
+from train.metrics import image_auroc  # noqa: E402
+from train.transplant import transplant_set  # noqa: E402
+
+POOL = 4  # the pooled map's cell: 256 px -> 64 x 64 = 4 096 values
+
+
+def pooled_quantile(maps: np.ndarray, q: float) -> np.ndarray:
+    """Per image, the q-quantile of the (N, H, W) map average-pooled POOL x POOL."""
+    pooled = F.avg_pool2d(torch.from_numpy(maps)[:, None], POOL).flatten(1)
+    return torch.quantile(pooled, q, dim=1).numpy()
+
+
+def levels() -> Dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Name -> the per-image level subtracted from the model's score (zero: the model's own)."""
+    flat: Callable[[np.ndarray], np.ndarray] = lambda m: m.reshape(len(m), -1)
+    return {
+        "top-k (the model's)": lambda m: np.zeros(len(m)),
+        "top-k minus the map's mean": lambda m: flat(m).mean(axis=1),
+        "top-k minus its median": lambda m: np.quantile(flat(m), 0.5, axis=1),
+        "top-k minus its 25th percentile": lambda m: np.quantile(flat(m), 0.25, axis=1),
+        "top-k minus its 10th percentile": lambda m: np.quantile(flat(m), 0.10, axis=1),
+        f"top-k minus the 25th pct, {POOL}x{POOL}-pooled": lambda m: pooled_quantile(m, 0.25),
+    }
+
+
+def per_type(labels: np.ndarray, types: List[str], scores: np.ndarray) -> Dict[str, float]:
+    out = {}
+    for t in sorted(set(types) - {"good"}):
+        sel = np.array([ty in ("good", t) for ty in types])
+        out[t] = image_auroc(labels[sel], scores[sel])
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", nargs="+", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
+    parser.add_argument("--transplant", action="store_true")
+    parser.add_argument("--groups", default="", help="groups CSV every checkpoint was fit with (grouped protocol)")
+    parser.add_argument("--out", default="benchmarks/results/probe_image_score")
+    args = parser.parse_args()
+
+    rows: List[Dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for path in args.checkpoints:
+        try:
+            if not Path(path).is_file():
+                raise DaadError(f"{path}: no such checkpoint; pass the last.pt of a `daad-train fit` run")
+            model, state = load_model(path)
+            groups: Optional[Groups] = checked_groups(args.groups, Path(args.data), state, path) if args.groups else None
+            samples, images, masks, labels, types = load_split(Path(args.data), preprocess_spec(model.cfg), args.split,
+                                                               0, groups)
+        except DaadError as err:
+            print(f"probe_image_score: error: {err}", file=sys.stderr)
+            return 2
+        parts = [groups.group(s) for s in samples] if groups is not None else []
+        views = {"test/": images}
+        if args.transplant:
+            views["pasted"] = transplant_set(images, masks, labels)[0]
+        for view, view_images in views.items():
+            pred = predict(model, view_images, torch.device("cpu"))
+            own = pred["scores"].astype(np.float64)
+            for name, level in levels().items():
+                scores = own - level(pred["maps"].astype(np.float64))
+                row: Dict[str, Any] = {"checkpoint": path, "view": view, "score": name,
+                                       "image_auroc": image_auroc(labels, scores),
+                                       "image_auroc_per_type": per_type(labels, types, scores)}
+                if parts and rows and rows[-1]["checkpoint"] == path and rows[-1]["view"] == view:
+                    row["minus_model"] = paired_differences(labels, types, parts, own, scores)
+                rows.append(row)
+                print(json.dumps(row, default=float), flush=True)
+
+    print(f"\nsplit `{args.split}`{' (grouped protocol)' if args.groups else ''}; {time.perf_counter() - t0:.0f} s")
+    type_names = sorted({t for r in rows for t in r["image_auroc_per_type"]})
+    header = f"{'checkpoint':24s} {'view':7s} {'image score':40s} {'image':>6s}  " + " ".join(f"{t:>8s}" for t in type_names)
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        print(f"{r['checkpoint'][-24:]:24s} {r['view']:7s} {r['score']:40s} {r['image_auroc']:6.3f}  "
+              + " ".join(f"{r['image_auroc_per_type'][t]:8.3f}" for t in type_names))
+    for r in rows:
+        for name, got in r.get("minus_model", {}).items():
+            if name in ("all", "crack"):
+                print(f"{r['checkpoint'][-24:]} {r['view']} {r['score']}, {name}: {got['difference']:+.3f} "
+                      f"(95 % over {got['groups']} groups: {got['low']:+.3f} to {got['high']:+.3f})")
+    write_probe_rows(Path(args.out), args, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
