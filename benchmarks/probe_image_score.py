@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compare_fits import paired_differences  # noqa: E402  (this folder, first on sys.path)
+from compare_fits import paired_differences, type_selections  # noqa: E402  (this folder, first on sys.path)
 from probe_json import write_probe_rows  # noqa: E402
 
 from engine.errors import DaadError  # noqa: E402
@@ -63,11 +63,8 @@ def levels() -> Dict[str, Callable[[np.ndarray], np.ndarray]]:
 
 
 def per_type(labels: np.ndarray, types: List[str], scores: np.ndarray) -> Dict[str, float]:
-    out = {}
-    for t in sorted(set(types) - {"good"}):
-        sel = np.array([ty in ("good", t) for ty in types])
-        out[t] = image_auroc(labels[sel], scores[sel])
-    return out
+    """Image AUROC of each defect type against the good images."""
+    return {t: image_auroc(labels[sel], scores[sel]) for t, sel in type_selections(types).items() if t != "all"}
 
 
 def main() -> int:

@@ -26,3 +26,11 @@ def test_each_level_is_the_named_statistic_of_its_own_map() -> None:
     for name, level in got.items():
         if name != "top-k (the model's)":
             assert level[1] > level[0] + 4.0 and level[1] > level[2] + 4.0, name
+
+
+def test_per_type_auroc_ranks_each_type_against_the_good_images() -> None:
+    labels = np.array([0, 0, 1, 1, 1, 1])
+    types = ["good", "good", "crack", "crack", "fray", "fray"]
+    scores = np.array([0.2, 0.4, 0.9, 0.8, 0.3, 0.1])  # cracks above every good image, frays below most
+    got = probe_image_score.per_type(labels, types, scores)
+    assert got == {"crack": 1.0, "fray": 0.25}
