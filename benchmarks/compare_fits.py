@@ -74,7 +74,13 @@ def main() -> int:
     parser.add_argument("--groups", default="", help="groups CSV every checkpoint was fit with (grouped protocol)")
     parser.add_argument("--ensemble", action="store_true", help="add a row for the mean of every checkpoint's map")
     parser.add_argument("--out", default="benchmarks/results/compare_fits")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the maps are computed (cuda: a GPU machine; the metrics stay on the CPU)")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("compare_fits: error: --device cuda, but no CUDA device is visible; use --device cpu", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
 
     loaded = []
     groups: Optional[Groups] = None
@@ -107,7 +113,6 @@ def main() -> int:
     if args.transplant:
         views["pasted"] = transplant_set(images, masks, labels)[0]
 
-    cpu = torch.device("cpu")
     t0 = time.perf_counter()
     rows: List[Dict[str, Any]] = []
     first_scores: Dict[str, np.ndarray] = {}
@@ -128,7 +133,7 @@ def main() -> int:
 
     for path, model, state in loaded:
         for view, view_images in views.items():
-            pred = predict(model, view_images, cpu)
+            pred = predict(model, view_images, device)
             add_row(path, int(state.get("step", 0)), int((state.get("train_config") or {}).get("seed", -1)), view,
                     pred["scores"], pred["maps"])
             if args.ensemble:

@@ -10,6 +10,7 @@ from typing import List
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -133,3 +134,12 @@ def test_what_cannot_be_compared_is_refused_in_one_line(two_fits: Path, monkeypa
                              "--ensemble"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model.score_topk 0.05" in err and "drop --ensemble" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is visible")
+def test_cuda_without_a_gpu_is_refused_in_one_line(two_fits: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    short = str(two_fits / "short" / "last.pt")
+    assert run(monkeypatch, ["--checkpoints", short, "--data", str(two_fits / "data"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA device is visible; use --device cpu" in err
