@@ -9,9 +9,12 @@ mean of theirs) is re-scored under variants of what follows it in
 the graph: the smoothing's sigma, a mix of the model's sigma with a wide one (spreads an edge's signal
 into the region it bounds), per-image background subtraction (the map minus its own median or 25th
 percentile: a defective image's lifted background is not a defect) or division (over its median: a
-part whose whole map is lifted) and a self-consistency term (each
-feature vector's distance to its image's mean vector: a region unlike the rest of its part). Each row
-gives image AUROC (top-k of the variant's map), pixel AUROC, AUPRO, and the pixel AUROC against the good
+part whose whole map is lifted), a self-consistency term (each
+feature vector's distance to its image's mean vector: a region unlike the rest of its part), a grey-level
+closing of the smoothed map (raises a region bounded by high scores, such as an uneven region inside its
+step, to its border's level), and with a coarse memory the fine and coarse maps alone and other weights of
+the coarse one. --only TEXT... scores the model's row and the variants whose name holds a TEXT. Each row
+gives image AUROC (the model's image score of the variant's map), pixel AUROC, AUPRO, and the pixel AUROC against the good
 images' pixels and against the defective images' own backgrounds only (train.metrics.pixel_auroc_breakdown).
 Heat maps of the model's own map, a few images per defect type and view, go to --out as overlays_*.png.
 Choose on `val`, report once on `test`; with --groups the split is the grouped protocol's (train.groups).
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,6 +50,8 @@ from train.views import Scorer, ViewEnsemble  # noqa: E402
 BATCH = 16
 OVERLAYS_PER_TYPE = 4
 WIDE_SIGMAS = (32.0, 64.0)
+CLOSING_SIZES = (31, 63, 127)
+COARSE_WEIGHTS = (0.4, 0.55)
 TRAIN_STRIDE = 4  # every 4th training image normalises the self-consistency term where fit() held none back
 
 
@@ -56,10 +62,13 @@ def unsmoothed_maps(model: Scorer, images: torch.Tensor) -> Dict[str, torch.Tens
     if isinstance(model, ViewEnsemble):
         each = [unsmoothed_maps(view, images) for view in model.views]
         return {k: torch.stack([m[k] for m in each]).mean(dim=0) for k in each[0]}
-    maps: Dict[str, List[torch.Tensor]] = {"model": [], "self": []}
+    maps: Dict[str, List[torch.Tensor]] = {"model": [], "self": [], "fine": [], "coarse": []}
     for start in range(0, len(images), BATCH):
         x = model.encode(images[start:start + BATCH])[0]
-        maps["model"].append(model.combine(model.image_maps(images[start:start + BATCH])))
+        terms = model.image_maps(images[start:start + BATCH])
+        maps["model"].append(model.combine(terms))
+        maps["fine"].append(model.combine_fine(terms))
+        maps["coarse"].append(terms.coarse / model.c_scale if terms.coarse is not None else torch.zeros_like(maps["fine"][-1]))
         centre = x.mean(dim=(2, 3), keepdim=True)
         maps["self"].append(model.to_image_size(((x - centre) ** 2).mean(dim=1, keepdim=True)))
     return {k: torch.cat(v) for k, v in maps.items()}
@@ -78,7 +87,18 @@ def over_quantile(m: torch.Tensor, q: float) -> torch.Tensor:
     return m / torch.quantile(m.flatten(1), q, dim=1).clamp(min=1e-8)[:, None, None, None]
 
 
-def variants(model_sigma: float) -> Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Tensor]]:
+def closing(m: torch.Tensor, size: int) -> torch.Tensor:
+    """Grey-level closing (a max filter, then a min filter, size x size pixels): a region no wider than the
+    filter whose border scores high is raised to its border's level; an isolated peak is not widened.
+    Separable (a row pass, then a column pass): a square's max is the max of its rows' maxima."""
+    def max_filter(x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(x, (1, size), stride=1, padding=(0, size // 2))
+        return F.max_pool2d(x, (size, 1), stride=1, padding=(size // 2, 0))
+
+    return -max_filter(-max_filter(m))
+
+
+def variants(model_sigma: float, coarse_weight: float) -> Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Tensor]]:
     s = model_sigma
     named: Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Tensor]] = {
         f"sigma {s:g} (the model's)": lambda m: blur(m["model"], s)}
@@ -90,7 +110,23 @@ def variants(model_sigma: float) -> Dict[str, Callable[[Dict[str, torch.Tensor]]
     named[f"sigma {s:g} minus its 25th percentile"] = lambda m: minus_quantile(blur(m["model"], s), 0.25)
     named[f"sigma {s:g} over its median"] = lambda m: over_quantile(blur(m["model"], s), 0.5)
     named["0.75 model + 0.25 self-consistency"] = lambda m: blur(0.75 * m["model"] + 0.25 * m["self"], s)
+    for size in CLOSING_SIZES:
+        named[f"sigma {s:g}, closed {size} px"] = lambda m, size=size: closing(blur(m["model"], s), size)
+        named[f"0.5 sigma {s:g} + 0.5 closed {size} px"] = (
+            lambda m, size=size: 0.5 * blur(m["model"], s) + 0.5 * closing(blur(m["model"], s), size))
+    if coarse_weight > 0:  # the coarse memory's share of the map (`coarse_memory_weight`)
+        named[f"sigma {s:g}, fine map only"] = lambda m: blur(m["fine"], s)
+        named[f"sigma {s:g}, coarse map only"] = lambda m: blur(m["coarse"], s)
+        for delta in COARSE_WEIGHTS:
+            named[f"sigma {s:g}, coarse weight {delta:g}"] = (
+                lambda m, delta=delta: blur((1 - delta) * m["fine"] + delta * m["coarse"], s))
     return named
+
+
+def coarse_weight(model: Scorer) -> float:
+    """The coarse memory's weight in the map (fit_views gives every view of a combination the same)."""
+    first = model.views[0] if isinstance(model, ViewEnsemble) else model
+    return float(first.cfg.coarse_memory_weight) if first.coarse_memory is not None else 0.0
 
 
 def write_overlays(path: Path, samples: list, images, amap: torch.Tensor, masks, types: List[str], spec) -> None:
@@ -109,6 +145,8 @@ def main() -> int:
     parser.add_argument("--transplant", action="store_true")
     parser.add_argument("--groups", default="", help="groups CSV the checkpoint was fit with (grouped protocol)")
     parser.add_argument("--out", default="benchmarks/results/probe_maps")
+    parser.add_argument("--only", nargs="+", default=[], metavar="TEXT",
+                        help="score only the variants whose name holds one of these (the model's row always)")
     args = parser.parse_args()
 
     model, state = load_model(args.checkpoint)
@@ -134,7 +172,9 @@ def main() -> int:
     for view, view_images in views.items():
         raw = unsmoothed_maps(model, torch.from_numpy(view_images))
         raw["self"] = raw["self"] / max(self_scale, 1e-8)  # comparable with the model's map (mean ~1 on good parts)
-        for k, (name, variant) in enumerate(variants(model.cfg.smoothing_sigma).items()):
+        for k, (name, variant) in enumerate(variants(model.cfg.smoothing_sigma, coarse_weight(model)).items()):
+            if k > 0 and args.only and not any(text in name for text in args.only):
+                continue
             amap = variant(raw)
             if k == 0:  # the model's own map
                 write_overlays(out / f"overlays_{args.split}_{view.strip('/')}.png", samples, view_images, amap, masks,

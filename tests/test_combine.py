@@ -214,7 +214,7 @@ def test_fit_resume_continues_each_view_and_combines_again(dataset: Path, tmp_pa
 
 def test_probe_maps_scores_a_combination_by_the_mean_of_its_views_unsmoothed_maps(fits: dict, dataset: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from probe_maps import blur, unsmoothed_maps
+    from probe_maps import blur, coarse_weight, unsmoothed_maps
 
     both, _ = load_model(fits["both"])
     images = torch.from_numpy(load_images(eval_samples(dataset)[:6], preprocess_spec(both.cfg)))
@@ -223,3 +223,8 @@ def test_probe_maps_scores_a_combination_by_the_mean_of_its_views_unsmoothed_map
         assert (blur(raw["model"], both.cfg.smoothing_sigma) - both(images).anomaly_map).abs().max() < 1e-5
     plain = unsmoothed_maps(both.views[0], images)["model"]
     assert (raw["model"] - plain).abs().max() > 1e-3  # the mean of two views, not the first
+    # its fine and coarse terms, mixed at the model's own weight, are the model's map
+    delta = coarse_weight(both)
+    assert delta == both.views[0].cfg.coarse_memory_weight > 0
+    assert ((1 - delta) * raw["fine"] + delta * raw["coarse"] - raw["model"]).abs().max() < 1e-5
+    assert (raw["coarse"] - raw["fine"]).abs().max() > 1e-3
