@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,14 +42,14 @@ from train.cli import checked_groups  # noqa: E402
 from train.data import load_images, train_samples  # noqa: E402
 from train.evaluate import compute_metrics, load_split  # noqa: E402
 from train.fit import preprocess_spec  # noqa: E402
-from train.model import gaussian_kernel, separable_blur  # noqa: E402
+from train.model import gaussian_kernel, grey_closing, separable_blur  # noqa: E402
 from train.transplant import transplant_set  # noqa: E402
 from train.views import Scorer, ViewEnsemble  # noqa: E402
 
 BATCH = 16
 OVERLAYS_PER_TYPE = 4
 WIDE_SIGMAS = (32.0, 64.0)
-CLOSING_SIZES = (31, 63, 127)
+CLOSING_SIZES = (31, 63, 127, 191, 255)
 COARSE_WEIGHTS = (0.4, 0.55)
 TRAIN_STRIDE = 4  # every 4th training image normalises the self-consistency term where fit() held none back
 
@@ -87,17 +86,6 @@ def over_quantile(m: torch.Tensor, q: float) -> torch.Tensor:
     return m / torch.quantile(m.flatten(1), q, dim=1).clamp(min=1e-8)[:, None, None, None]
 
 
-def closing(m: torch.Tensor, size: int) -> torch.Tensor:
-    """Grey-level closing (a max filter, then a min filter, size x size pixels): a region no wider than the
-    filter whose border scores high is raised to its border's level; an isolated peak is not widened.
-    Separable (a row pass, then a column pass): a square's max is the max of its rows' maxima."""
-    def max_filter(x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(x, (1, size), stride=1, padding=(0, size // 2))
-        return F.max_pool2d(x, (size, 1), stride=1, padding=(size // 2, 0))
-
-    return -max_filter(-max_filter(m))
-
-
 def variants(model_sigma: float, coarse_weight: float) -> Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Tensor]]:
     s = model_sigma
     named: Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Tensor]] = {
@@ -111,9 +99,9 @@ def variants(model_sigma: float, coarse_weight: float) -> Dict[str, Callable[[Di
     named[f"sigma {s:g} over its median"] = lambda m: over_quantile(blur(m["model"], s), 0.5)
     named["0.75 model + 0.25 self-consistency"] = lambda m: blur(0.75 * m["model"] + 0.25 * m["self"], s)
     for size in CLOSING_SIZES:
-        named[f"sigma {s:g}, closed {size} px"] = lambda m, size=size: closing(blur(m["model"], s), size)
+        named[f"sigma {s:g}, closed {size} px"] = lambda m, size=size: grey_closing(blur(m["model"], s), size)
         named[f"0.5 sigma {s:g} + 0.5 closed {size} px"] = (
-            lambda m, size=size: 0.5 * blur(m["model"], s) + 0.5 * closing(blur(m["model"], s), size))
+            lambda m, size=size: 0.5 * blur(m["model"], s) + 0.5 * grey_closing(blur(m["model"], s), size))
     if coarse_weight > 0:  # the coarse memory's share of the map (`coarse_memory_weight`)
         named[f"sigma {s:g}, fine map only"] = lambda m: blur(m["fine"], s)
         named[f"sigma {s:g}, coarse map only"] = lambda m: blur(m["coarse"], s)

@@ -22,7 +22,7 @@ from train.data import eval_samples, load_images
 from train.evaluate import evaluate, predict
 from train.export import export_bundle
 from train.fit import fit, preprocess_spec, summarise_scores
-from train.model import DAAD
+from train.model import DAAD, grey_closing
 from train.views import ViewEnsemble
 
 SEPARATION_AUROC = 0.9
@@ -49,6 +49,15 @@ def fits(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
             "illum": views / "illumination" / "last.pt", "seed1": runs / "seed1" / "last.pt"}
 
 
+def closed_mean(plain: DAAD, illum: DAAD, images: np.ndarray) -> tuple:
+    """(map, score) of two views' mean as the combination computes it: the mean of their smoothed maps, scored,
+    then closed with `map_closing`."""
+    with torch.no_grad():
+        x = torch.from_numpy(images)
+        mean = (plain.scored_map(x) + illum.scored_map(x)) / 2
+        return grey_closing(mean, plain.cfg.map_closing)[:, 0].numpy(), plain.image_score(mean).numpy()
+
+
 def test_the_combined_model_scores_the_mean_of_its_fits_maps(fits: dict, dataset: Path) -> None:
     both, state = load_model(fits["both"])
     assert state["combined_from"] == [str(fits["plain"]), str(fits["illum"])]
@@ -58,11 +67,11 @@ def test_the_combined_model_scores_the_mean_of_its_fits_maps(fits: dict, dataset
     assert isinstance(both, ViewEnsemble) and [v.cfg.illumination_norm for v in both.views] == [False, True]
     images = load_images(eval_samples(dataset), preprocess_spec(plain.cfg))
     got, a, b = (predict(m, images, CPU) for m in (both, plain, illum))
-    mean_map = (a["maps"] + b["maps"]) / 2
+    mean_map, mean_score = closed_mean(plain, illum, images)
+    assert plain.cfg.map_closing == 63  # as shipped: the mean of the views' maps, closed once
     assert np.abs(got["maps"] - mean_map).max() < 1e-5
     assert not np.allclose(a["maps"], b["maps"], atol=1e-3)  # two different views, not one twice
-    topk = plain.image_score(torch.from_numpy(mean_map)[:, None]).numpy()
-    assert np.abs(got["scores"] - topk).max() < 1e-5
+    assert np.abs(got["scores"] - mean_score).max() < 1e-5
     # its statistics: its own scores of the good images both fits held back, on the mean map
     held = state["training_data"]["score_stats_images"]
     assert held == read_checkpoint(fits["illum"])["training_data"]["score_stats_images"] and len(held) == 2
@@ -94,7 +103,7 @@ def test_the_combined_model_exports_one_graph_that_matches_pytorch(fits: dict, d
         got = backend.infer(x)
     finally:
         backend.close()
-    mean_map = (predict(plain, x, CPU)["maps"] + predict(illum, x, CPU)["maps"]) / 2
+    mean_map = closed_mean(plain, illum, x)[0]
     assert np.abs(got.anomaly_map[:, 0] - mean_map).max() < 1e-4 * max(1.0, float(np.abs(mean_map).max()))
 
 
@@ -125,7 +134,7 @@ def test_views_of_another_size_or_image_score_are_refused() -> None:
     state = {"training_data": {"score_stats_images": ["a.png"], "groups_sha256": ""}}
     paths = [Path("a/last.pt"), Path("b/last.pt")]
     for change, field in ((dict(image_size=(256, 256)), "image_size"), (dict(score_topk=0.05), "score_topk"),
-                          (dict(score_minus_mean=False), "score_minus_mean")):
+                          (dict(score_minus_mean=False), "score_minus_mean"), (dict(map_closing=0), "map_closing")):
         views = [DAAD(base, load_backbone=False), DAAD(dataclasses.replace(base, **change), load_backbone=False)]
         with pytest.raises(ConfigError, match=f"b/last.pt: model.{field}"):
             check_compatible(paths, [state, state], views)
@@ -220,7 +229,8 @@ def test_probe_maps_scores_a_combination_by_the_mean_of_its_views_unsmoothed_map
     images = torch.from_numpy(load_images(eval_samples(dataset)[:6], preprocess_spec(both.cfg)))
     raw = unsmoothed_maps(both, images)
     with torch.no_grad():
-        assert (blur(raw["model"], both.cfg.smoothing_sigma) - both(images).anomaly_map).abs().max() < 1e-5
+        smoothed = blur(raw["model"], both.cfg.smoothing_sigma)
+        assert (grey_closing(smoothed, both.cfg.map_closing) - both(images).anomaly_map).abs().max() < 1e-5
     plain = unsmoothed_maps(both.views[0], images)["model"]
     assert (raw["model"] - plain).abs().max() > 1e-3  # the mean of two views, not the first
     # its fine and coarse terms, mixed at the model's own weight, are the model's map

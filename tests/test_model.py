@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from train.config import PRESETS, preset, validate_model_config
-from train.model import DAAD, BlockMemory, assemble, divide
+from train.model import DAAD, BlockMemory, assemble, divide, grey_closing
 
 SMALL = dict(image_size=(32, 32), channels=(8, 8, 16, 16, 16), disc_channels=(8, 8, 16, 16), memory_items=10,
              blocks=((4, 4, 0), (2, 2, 0), (2, 2, 0), (1, 1, 0)))
@@ -137,6 +137,9 @@ def test_anomaly_map_is_larger_where_the_reconstruction_fails() -> None:
     ({"disc_spectral_norm": True}, "disc_spectral_norm: normalises the discriminator, and this model has none"),
     ({"illumination_norm": True, "illumination_std": 0.0}, "illumination_std: got 0.0"),
     ({"illumination_std": 0.25}, "illumination_std: the spread of the illumination-normalised image"),
+    ({"map_closing": 8}, "map_closing: got 8, expected 0 (none) or an odd filter size from 3 to 255"),
+    ({"map_closing": 1}, "map_closing: got 1"),
+    ({"map_closing": 317}, "map_closing: got 317"),
 ])
 def test_invalid_model_configs_are_named(change: dict, problem: str) -> None:
     problems = validate_model_config(preset("daad", **{**SMALL, **change}))
@@ -150,6 +153,7 @@ def test_invalid_model_configs_are_named(change: dict, problem: str) -> None:
     {"full_skip_block": (1, 1, 0), "memory_readout": "hard", "memory_score_weight": 0.5, "gamma": 0.0,
      "latent_against": "readout", "latent_layer": 1},  # L of the discriminator's first layer against the read-out
     {"score_topk": 0.05, "score_minus_mean": True},  # the peak against the map's own level, in the graph
+    {"score_topk": 0.05, "map_closing": 15},  # the closed map: MaxPool rows and columns, the score before it
 ])
 def test_export_is_static_opset17_and_matches_pytorch(tmp_path, variant: dict) -> None:
     import onnx
@@ -389,7 +393,7 @@ def test_coarse_memory_mixes_its_rebuild_error_of_the_1_32_features_into_the_map
     from train.backbone import COARSE_CHANNELS, COARSE_TAP, TAPS
 
     torch.manual_seed(0)
-    base = dict(image_size=(128, 128), full_skip_items=64, smoothing_sigma=0.0)
+    base = dict(image_size=(128, 128), full_skip_items=64, smoothing_sigma=0.0, map_closing=0)
     plain = DAAD(preset("inspect", **base, coarse_memory_weight=0.0), load_backbone=False)
     assert plain.coarse_memory is None and len(plain.backbone._blocks) == max(TAPS) + 1  # nothing deeper is built
     model = DAAD(preset("inspect", **base, coarse_memory_weight=0.25, coarse_memory_items=40, coarse_feature_dims=dims),
@@ -422,13 +426,20 @@ def test_coarse_memory_mixes_its_rebuild_error_of_the_1_32_features_into_the_map
         assert torch.allclose(model(x).anomaly_map, expected, atol=1e-5)
 
 
-def test_the_inspect_model_exports_a_graph_tensorrt_can_take(tmp_path) -> None:
+@pytest.mark.parametrize("closing", [0, 127])
+def test_the_inspect_model_exports_a_graph_tensorrt_can_take(tmp_path, closing: int) -> None:
+    import onnx
+
     from engine.check import check_graph
     from train.export import export_onnx
 
-    model = DAAD(preset("inspect", image_size=(128, 128), full_skip_items=64), load_backbone=False).eval()
+    model = DAAD(preset("inspect", image_size=(128, 128), full_skip_items=64, map_closing=closing),
+                 load_backbone=False).eval()
     path = export_onnx(model, tmp_path / "m.onnx", batch=1)
     assert check_graph(path) == []  # static shapes everywhere (gray input repeated by Concat, ArgMax + Gather)
+    pools = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MaxPool"]
+    windows = [list(a.ints) for n in pools for a in n.attribute if a.name == "kernel_shape"]
+    assert windows == ([[1, closing], [closing, 1]] * 2 if closing else [])  # 1-D windows, under TensorRT's limit
 
 
 
@@ -548,3 +559,16 @@ def test_the_inspect_model_with_a_spectrally_normalised_discriminator_exports_an
         ref = model(torch.from_numpy(x)).anomaly_map.numpy()
     assert np.abs(amap - ref).max() < 1e-4 * max(1.0, float(np.abs(ref).max()))
 
+
+
+def test_map_closing_closes_the_output_map_and_scores_before_it() -> None:
+    torch.manual_seed(0)
+    open_model = DAAD(preset("daad_plus", **SMALL)).eval()
+    closed_model = DAAD(preset("daad_plus", map_closing=9, **SMALL)).eval()
+    closed_model.load_state_dict(open_model.state_dict())
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        before, after = open_model(x), closed_model(x)
+    assert torch.equal(after.anomaly_map, grey_closing(before.anomaly_map, 9))
+    assert not torch.equal(after.anomaly_map, before.anomaly_map) and torch.all(after.anomaly_map >= before.anomaly_map)
+    assert torch.equal(after.score, before.score)  # whether a part is defective does not move with the map

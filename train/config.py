@@ -67,6 +67,11 @@ class ModelConfig:
     # lifted (a good tile the memory never saw scores above those it did, everywhere), so the plain top-k ranks
     # lifted good tiles with defects; on in `inspect` (README, "The image score against the map's own level")
     score_minus_mean: bool = False
+    # a grey-level closing of the pixel map after smoothing (square, this many pixels, odd; 0 = none): raises a
+    # region whose border scores high (an uneven region inside the step that bounds it, a strip between a step
+    # and the frame's edge narrower than half the filter) to its border's level. The map tells where; the image
+    # score is taken before the closing, so whether a part is defective does not change with it
+    map_closing: int = 0
     # per-image zero mean and std `illumination_std` before the generator (lighting varies per crop). Off in
     # `inspect`'s config: alone it cost image AUROC on magnetic_tile's unseen tiles; `daad-train fit` fits
     # `inspect` with and without it (train/views.py) and scores the mean map: 2-3 pixel AUROC points (README)
@@ -146,6 +151,8 @@ COARSE_CHANNELS = 320  # = train.backbone.COARSE_CHANNELS (likewise)
 MEMORY_INITS = ("random", "data")
 MEMORY_READOUTS = ("soft", "hard")
 LATENT_AGAINST = ("reconstruction", "readout")
+# the closing runs as 1-D max filters (MaxPool 1xk, kx1); TensorRT 8.4 fails on pooling windows of 317 and more
+MAX_MAP_CLOSING = 255
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "ae": {"skips": False, "memory": False, "adversarial": False, "gamma": 1.0},
@@ -170,7 +177,7 @@ INSPECT: Dict[str, Any] = {
     "full_skip_block": (4, 4, 0), "full_skip_items": 50000, "memory_init": "data", "memory_readout": "hard",
     "memory_score_weight": 0.5, "gamma": 0.0, "latent_against": "readout", "latent_layer": 1,
     "coarse_memory_weight": 0.25, "coarse_memory_items": 50000, "coarse_feature_dims": 64,
-    "score_topk": 0.01, "score_minus_mean": True, "smoothing_sigma": 4.0,
+    "score_topk": 0.01, "score_minus_mean": True, "smoothing_sigma": 4.0, "map_closing": 63,
 }
 INSPECT_NAME = "inspect"
 # the schedule every `inspect` figure was measured with (300 steps x batch 16, lr 1e-3: ~10 min on 2 CPU
@@ -319,6 +326,9 @@ def validate_model_config(cfg: ModelConfig) -> List[str]:
     elif cfg.score_minus_mean and cfg.score_topk >= 1.0:
         problems.append("model.score_minus_mean: the whole-map mean (score_topk 1) less itself is 0 for every image; "
                         "set score_topk below 1 (e.g. 0.01) or drop score_minus_mean")
+    if cfg.map_closing and (cfg.map_closing < 3 or cfg.map_closing % 2 == 0 or cfg.map_closing > MAX_MAP_CLOSING):
+        problems.append(f"model.map_closing: got {cfg.map_closing}, expected 0 (none) or an odd filter size from 3 "
+                        f"to {MAX_MAP_CLOSING} pixels")
     if not 0 <= cfg.feature_dims <= BACKBONE_CHANNELS:
         problems.append(f"model.feature_dims: got {cfg.feature_dims}, expected 0 (all) to {BACKBONE_CHANNELS} principal components")
     elif cfg.feature_dims and not cfg.backbone:

@@ -301,6 +301,19 @@ def separable_blur(m: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return F.conv2d(m, kernel.reshape(1, 1, 1, -1), padding=(0, r))
 
 
+def grey_closing(m: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 1, H, W) closed with a size x size square: a max filter, then a min filter, each as a row and a
+    column pass (a square's max is the max of its rows' maxima). A region no wider than the filter whose
+    border scores high is raised to its border's level; an isolated peak keeps its width. The frame's edge
+    pads nothing (MaxPool ignores padding), so a strip between a high line and the edge, narrower than half
+    the filter, is filled as well."""
+    def max_filter(x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(x, (1, size), stride=1, padding=(0, size // 2))
+        return F.max_pool2d(x, (size, 1), stride=1, padding=(size // 2, 0))
+
+    return -max_filter(-max_filter(m))
+
+
 class DAAD(nn.Module):
     """Generator (+ discriminator for DAAD+) and the in-graph scoring head.
 
@@ -515,9 +528,17 @@ class DAAD(nn.Module):
             return raw
         return self.mirror_average(raw, self.maps(*self.encode(self.mirror(x))))
 
+    def scored_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The smoothed map the image score is taken from (before `map_closing`)."""
+        return self.smooth(self.combine(self.image_maps(x)))
+
+    def pixel_map(self, amap: torch.Tensor) -> torch.Tensor:
+        """The map the model outputs, from the scored one: closed with `map_closing` where set."""
+        return grey_closing(amap, self.cfg.map_closing) if self.cfg.map_closing else amap
+
     def forward(self, x: torch.Tensor) -> AnomalyOutput:
-        amap = self.smooth(self.combine(self.image_maps(x)))
-        return AnomalyOutput(anomaly_map=amap, score=self.image_score(amap))
+        amap = self.scored_map(x)
+        return AnomalyOutput(anomaly_map=self.pixel_map(amap), score=self.image_score(amap))
 
     @torch.no_grad()
     def set_score_normalisation(self, r_mean: float, l_mean: float, m_mean: float = 1.0, c_mean: float = 1.0) -> None:

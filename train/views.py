@@ -71,12 +71,12 @@ class ViewEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> AnomalyOutput:
         # each view's map is already smoothed and in its own held-back units; the mean of smoothed maps is the
-        # smoothed mean, so no second blur
-        amap = self.views[0](x).anomaly_map
+        # smoothed mean, so no second blur. The closing (not linear) closes the mean map, as one model's
+        amap = self.views[0].scored_map(x)
         for view in self.views[1:]:
-            amap = amap + view(x).anomaly_map
+            amap = amap + view.scored_map(x)
         amap = amap / len(self.views)
-        return AnomalyOutput(anomaly_map=amap, score=self.image_score(amap))
+        return AnomalyOutput(anomaly_map=self.views[0].pixel_map(amap), score=self.image_score(amap))
 
     def with_plain_weights(self) -> "ViewEnsemble":
         """A shallow copy whose views have plain discriminators (for the ONNX exporter; see export.py)."""
