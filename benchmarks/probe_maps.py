@@ -5,16 +5,24 @@
         --split val --transplant --out benchmarks/results/probe_maps
 
 The model's unsmoothed map (what `combine` returns; for a combination of views, `daad-train combine`, the
-mean of theirs) is re-scored under variants of what follows it in
-the graph: the smoothing's sigma, a mix of the model's sigma with a wide one (spreads an edge's signal
-into the region it bounds), per-image background subtraction (the map minus its own median or 25th
-percentile: a defective image's lifted background is not a defect) or division (over its median: a
-part whose whole map is lifted), a self-consistency term (each
-feature vector's distance to its image's mean vector: a region unlike the rest of its part), a grey-level
-closing of the smoothed map (raises a region bounded by high scores, such as an uneven region inside its
-step, to its border's level), and with a coarse memory the fine and coarse maps alone and other weights of
-the coarse one. --only TEXT... scores the model's row and the variants whose name holds a TEXT. Each row
-gives image AUROC (the model's image score of the variant's map), pixel AUROC, AUPRO, and the pixel AUROC against the good
+mean of theirs) is re-scored under variants of what follows it in the graph:
+- the smoothing's sigma, and a mix of the model's sigma with a wide one (spreads an edge's signal into the
+  region it bounds);
+- per-image background subtraction (the map minus its own median or 25th percentile: a defective image's
+  lifted background is not a defect) or division (over its median: a part whose whole map is lifted);
+- the held-back good images' mean map at each pixel subtracted or divided out (where on the frame new good
+  parts score high anyway);
+- a self-consistency term (each feature vector's distance to its image's mean vector: a region unlike the
+  rest of its part);
+- a grey-level closing of the smoothed map (raises a region bounded by high scores, such as an uneven region
+  inside its step, to its border's level), with squares, with rectangles (height x width: a tall one fills
+  deeper between a step across the part and the frame's edge), and after other sigmas;
+- the closed map with every pixel lifted by the part's image score times a share (the score's verdict moves
+  whole parts against each other, the order inside a part stays);
+- with a coarse memory, the fine and coarse maps alone and other weights of the coarse one, open and closed;
+- for a combination of two views, other weights of the second view in the closed map.
+--only TEXT... scores the model's row and the variants whose name holds a TEXT. Each row gives image AUROC
+(the model's image score of the variant's map), pixel AUROC, AUPRO, and the pixel AUROC against the good
 images' pixels and against the defective images' own backgrounds only (train.metrics.pixel_auroc_breakdown).
 Heat maps of the model's own map, a few images per defect type and view, go to --out as overlays_*.png.
 Choose on `val`, report once on `test`; with --groups the split is the grouped protocol's (train.groups).
@@ -50,6 +58,12 @@ BATCH = 16
 OVERLAYS_PER_TYPE = 4
 WIDE_SIGMAS = (32.0, 64.0)
 CLOSING_SIZES = (31, 63, 127, 191, 255)
+# (height, width): a step across the part closed up to half the height deep towards the frame's edge, while
+# scattered highs must line up over the width to be joined; and the same turned (a step along the part)
+CLOSING = 63  # `inspect`'s map_closing: the size the variants below close with where the model closes nothing
+SECOND_VIEW_WEIGHTS = (0.0, 0.35, 0.65, 0.8, 1.0)  # 0.5 is the combination's own mean
+SCORE_SHARES = (0.25, 0.5, 1.0, 2.0, 4.0)  # the image score added to every pixel of its map, times this
+CLOSING_RECTANGLES = ((127, 63), (191, 63), (255, 63), (255, 31), (255, 127), (63, 127), (63, 255))
 COARSE_WEIGHTS = (0.4, 0.55)
 TRAIN_STRIDE = 4  # every 4th training image normalises the self-consistency term where fit() held none back
 
@@ -60,7 +74,8 @@ def unsmoothed_maps(model: Scorer, images: torch.Tensor) -> Dict[str, torch.Tens
     views the mean of theirs (smoothing is linear: the mean of smoothed maps is the smoothed mean)."""
     if isinstance(model, ViewEnsemble):
         each = [unsmoothed_maps(view, images) for view in model.views]
-        return {k: torch.stack([m[k] for m in each]).mean(dim=0) for k in each[0]}
+        mean = {k: torch.stack([m[k] for m in each]).mean(dim=0) for k in each[0]}
+        return {**mean, **{f"view{i}": m["model"] for i, m in enumerate(each)}}  # and each view's own map
     maps: Dict[str, List[torch.Tensor]] = {"model": [], "self": [], "fine": [], "coarse": []}
     for start in range(0, len(images), BATCH):
         x = model.encode(images[start:start + BATCH])[0]
@@ -86,8 +101,16 @@ def over_quantile(m: torch.Tensor, q: float) -> torch.Tensor:
     return m / torch.quantile(m.flatten(1), q, dim=1).clamp(min=1e-8)[:, None, None, None]
 
 
-def variants(model_sigma: float, coarse_weight: float) -> Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Tensor]]:
-    s = model_sigma
+def variants(model_sigma: float, coarse_weight: float, image_score: Callable[[torch.Tensor], torch.Tensor],
+             closing: int = CLOSING, views: int = 1) -> Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Tensor]]:
+    s, c = model_sigma, closing
+
+    def closed_with_score(m: Dict[str, torch.Tensor], share: float) -> torch.Tensor:
+        # the closed map, every pixel lifted by the part's image score (taken before the closing, as the model
+        # takes it) times share: the order inside a part stays, across parts the score's verdict moves them
+        smoothed = blur(m["model"], s)
+        return grey_closing(smoothed, c) + share * image_score(smoothed)[:, None, None, None]
+
     named: Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Tensor]] = {
         f"sigma {s:g} (the model's)": lambda m: blur(m["model"], s)}
     for sigma in (2 * s, 4 * s):
@@ -97,18 +120,43 @@ def variants(model_sigma: float, coarse_weight: float) -> Dict[str, Callable[[Di
     named[f"sigma {s:g} minus its median"] = lambda m: minus_quantile(blur(m["model"], s), 0.5)
     named[f"sigma {s:g} minus its 25th percentile"] = lambda m: minus_quantile(blur(m["model"], s), 0.25)
     named[f"sigma {s:g} over its median"] = lambda m: over_quantile(blur(m["model"], s), 0.5)
+    named[f"sigma {s:g} minus the good parts' mean map"] = lambda m: blur(m["model"], s) - m["position_mean"]
+    named[f"sigma {s:g} over the good parts' mean map"] = lambda m: blur(m["model"], s) / m["position_mean"].clamp(min=1e-3)
+    named[f"sigma {s:g} minus the good parts' mean map, closed {c} px"] = (
+        lambda m: grey_closing(blur(m["model"], s) - m["position_mean"], c))
     named["0.75 model + 0.25 self-consistency"] = lambda m: blur(0.75 * m["model"] + 0.25 * m["self"], s)
     for size in CLOSING_SIZES:
         named[f"sigma {s:g}, closed {size} px"] = lambda m, size=size: grey_closing(blur(m["model"], s), size)
         named[f"0.5 sigma {s:g} + 0.5 closed {size} px"] = (
             lambda m, size=size: 0.5 * blur(m["model"], s) + 0.5 * grey_closing(blur(m["model"], s), size))
+    for share in SCORE_SHARES:
+        named[f"sigma {s:g}, closed {c} px, + {share:g} x the image score"] = (
+            lambda m, share=share: closed_with_score(m, share))
+    for height, width in CLOSING_RECTANGLES:
+        named[f"sigma {s:g}, closed {height}x{width} px"] = (
+            lambda m, size=(height, width): grey_closing(blur(m["model"], s), size))
+    named[f"sigma {s:g}, the larger of closed 255x{c} and {c}x255 px"] = (  # a step in either direction
+        lambda m: torch.maximum(grey_closing(blur(m["model"], s), (255, c)), grey_closing(blur(m["model"], s), (c, 255))))
+    for sigma in (1.5 * s, 2 * s):
+        named[f"sigma {sigma:g}, closed {c} px"] = lambda m, sigma=sigma: grey_closing(blur(m["model"], sigma), c)
+    if views == 2:  # a combination of two views: the second's share of the pixel map other than a half
+        for weight in SECOND_VIEW_WEIGHTS:
+            named[f"sigma {s:g}, the second view weighted {weight:g}, closed {c} px"] = (
+                lambda m, weight=weight: grey_closing(blur((1 - weight) * m["view0"] + weight * m["view1"], s), c))
     if coarse_weight > 0:  # the coarse memory's share of the map (`coarse_memory_weight`)
         named[f"sigma {s:g}, fine map only"] = lambda m: blur(m["fine"], s)
         named[f"sigma {s:g}, coarse map only"] = lambda m: blur(m["coarse"], s)
         for delta in COARSE_WEIGHTS:
             named[f"sigma {s:g}, coarse weight {delta:g}"] = (
                 lambda m, delta=delta: blur((1 - delta) * m["fine"] + delta * m["coarse"], s))
+        for delta in (*COARSE_WEIGHTS, 0.1):
+            named[f"sigma {s:g}, coarse weight {delta:g}, closed {c} px"] = (
+                lambda m, delta=delta: grey_closing(blur((1 - delta) * m["fine"] + delta * m["coarse"], s), c))
     return named
+
+
+def views_of(model: Scorer) -> int:
+    return len(model.views) if isinstance(model, ViewEnsemble) else 1
 
 
 def coarse_weight(model: Scorer) -> float:
@@ -155,12 +203,18 @@ def main() -> int:
     t0 = time.perf_counter()
     unseen = {p.resolve() for p in score_stats_images(state)}
     good = [s for s in train_samples(data) if s.image.resolve() in unseen] or train_samples(data)[::TRAIN_STRIDE]
-    self_scale = float(unsmoothed_maps(model, torch.from_numpy(load_images(good, spec)))["self"].mean())
+    good_maps = unsmoothed_maps(model, torch.from_numpy(load_images(good, spec)))
+    self_scale = float(good_maps["self"].mean())
+    # the held-back good images' mean map at each pixel (smoothed as the model smooths): where on a part new
+    # good parts score high anyway (its edges, a fixed reflection)
+    position_mean = blur(good_maps["model"], model.cfg.smoothing_sigma).mean(dim=0, keepdim=True)
     rows = []
     for view, view_images in views.items():
         raw = unsmoothed_maps(model, torch.from_numpy(view_images))
         raw["self"] = raw["self"] / max(self_scale, 1e-8)  # comparable with the model's map (mean ~1 on good parts)
-        for k, (name, variant) in enumerate(variants(model.cfg.smoothing_sigma, coarse_weight(model)).items()):
+        raw["position_mean"] = position_mean
+        for k, (name, variant) in enumerate(variants(model.cfg.smoothing_sigma, coarse_weight(model), model.image_score,
+                                                          model.cfg.map_closing or CLOSING, views_of(model)).items()):
             if k > 0 and args.only and not any(text in name for text in args.only):
                 continue
             amap = variant(raw)

@@ -238,3 +238,27 @@ def test_probe_maps_scores_a_combination_by_the_mean_of_its_views_unsmoothed_map
     assert delta == both.views[0].cfg.coarse_memory_weight > 0
     assert ((1 - delta) * raw["fine"] + delta * raw["coarse"] - raw["model"]).abs().max() < 1e-5
     assert (raw["coarse"] - raw["fine"]).abs().max() > 1e-3
+
+
+def test_probe_maps_rows_weigh_a_combinations_views_and_lift_parts_by_their_score(fits: dict, dataset: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from probe_maps import blur, coarse_weight, unsmoothed_maps, variants, views_of
+
+    both, _ = load_model(fits["both"])
+    images = torch.from_numpy(load_images(eval_samples(dataset)[:6], preprocess_spec(both.cfg)))
+    raw = unsmoothed_maps(both, images)
+    sigma, closing = both.cfg.smoothing_sigma, both.cfg.map_closing
+    named = variants(sigma, coarse_weight(both), both.image_score, closing, views_of(both))
+    with torch.no_grad():
+        shipped = both(images).anomaly_map
+        first_alone = grey_closing(blur(unsmoothed_maps(both.views[0], images)["model"], sigma), closing)
+        second_alone = grey_closing(blur(unsmoothed_maps(both.views[1], images)["model"], sigma), closing)
+        closed = named[f"sigma {sigma:g}, closed {closing} px"](raw)
+        lifted = named[f"sigma {sigma:g}, closed {closing} px, + 1 x the image score"](raw)
+        weighted = {w: named[f"sigma {sigma:g}, the second view weighted {w:g}, closed {closing} px"](raw) for w in (0, 1)}
+    assert (closed - shipped).abs().max() < 1e-5  # the model's own closed map
+    assert (weighted[0] - first_alone).abs().max() < 1e-5 and (weighted[1] - second_alone).abs().max() < 1e-5
+    assert (weighted[0] - weighted[1]).abs().max() > 1e-3  # two views that differ
+    # every pixel of a part lifted by that part's image score, taken before the closing as the model takes it
+    lift = (lifted - closed).flatten(1)
+    assert torch.allclose(lift, both(images).score[:, None].expand_as(lift), atol=1e-4)

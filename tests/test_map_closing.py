@@ -53,3 +53,18 @@ def test_a_combination_closes_the_mean_of_its_views_maps_and_scores_it_before() 
         mean = (views[0].scored_map(x) + views[1].scored_map(x)) / 2
     assert torch.allclose(out.anomaly_map, closing(mean, 9), atol=1e-6)  # closed once, after the mean
     assert torch.allclose(out.score, views[0].image_score(mean), atol=1e-6)
+
+
+def test_a_rectangle_closes_as_deep_as_half_its_height_across_a_step_and_equals_the_2d_filter() -> None:
+    m = torch.zeros(1, 1, 64, 48)
+    m[..., 20, :] = 1.0  # a step across the frame, 20 rows below its top edge
+    assert torch.all(closing(m, (41, 9))[..., :20, :] == 1.0)  # a tall rectangle fills the strip as the 41 square does
+    assert torch.all(closing(m, (41, 9))[..., 21:, :] == 0.0)  # and not the open side
+    assert torch.all(closing(m, (9, 41))[..., :10, :] == 0.0)  # turned, it is only 9 rows tall: the strip stays
+    r = torch.rand(2, 1, 40, 52, generator=torch.Generator().manual_seed(1))
+    for height, width in ((9, 3), (3, 15), (31, 7)):
+        pad = (height // 2, width // 2)
+        rect = -torch.nn.functional.max_pool2d(-torch.nn.functional.max_pool2d(r, (height, width), 1, pad),
+                                               (height, width), 1, pad)
+        assert torch.equal(closing(r, (height, width)), rect)
+    assert torch.equal(closing(r, 9), closing(r, (9, 9)))  # an int is the square

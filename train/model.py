@@ -8,7 +8,7 @@ Shapes use (B, C, H, W). Every reshape is static, so the model exports to ONNX w
 from __future__ import annotations
 
 import math
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -301,15 +301,17 @@ def separable_blur(m: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return F.conv2d(m, kernel.reshape(1, 1, 1, -1), padding=(0, r))
 
 
-def grey_closing(m: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, 1, H, W) closed with a size x size square: a max filter, then a min filter, each as a row and a
-    column pass (a square's max is the max of its rows' maxima). A region no wider than the filter whose
-    border scores high is raised to its border's level; an isolated peak keeps its width. The frame's edge
-    pads nothing (MaxPool ignores padding), so a strip between a high line and the edge, narrower than half
-    the filter, is filled as well."""
+def grey_closing(m: torch.Tensor, size: Union[int, Tuple[int, int]]) -> torch.Tensor:
+    """(B, 1, H, W) closed with a size x size square, or a (height, width) rectangle: a max filter, then a min
+    filter, each as a row and a column pass (a rectangle's max is the max of its rows' maxima). A region no
+    wider than the filter whose border scores high is raised to its border's level; an isolated peak keeps its
+    width. The frame's edge pads nothing (MaxPool ignores padding), so a strip between a high line and the
+    edge, narrower than half the filter across the line, is filled as well."""
+    height, width = (size, size) if isinstance(size, int) else size
+
     def max_filter(x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(x, (1, size), stride=1, padding=(0, size // 2))
-        return F.max_pool2d(x, (size, 1), stride=1, padding=(size // 2, 0))
+        x = F.max_pool2d(x, (1, width), stride=1, padding=(0, width // 2))
+        return F.max_pool2d(x, (height, 1), stride=1, padding=(height // 2, 0))
 
     return -max_filter(-max_filter(m))
 
