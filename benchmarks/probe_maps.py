@@ -58,11 +58,11 @@ BATCH = 16
 OVERLAYS_PER_TYPE = 4
 WIDE_SIGMAS = (32.0, 64.0)
 CLOSING_SIZES = (31, 63, 127, 191, 255)
-# (height, width): a step across the part closed up to half the height deep towards the frame's edge, while
-# scattered highs must line up over the width to be joined; and the same turned (a step along the part)
 CLOSING = 63  # `inspect`'s map_closing: the size the variants below close with where the model closes nothing
 SECOND_VIEW_WEIGHTS = (0.0, 0.35, 0.65, 0.8, 1.0)  # 0.5 is the combination's own mean
 SCORE_SHARES = (0.25, 0.5, 1.0, 2.0, 4.0)  # the image score added to every pixel of its map, times this
+# (height, width): a step across the part closed up to half the height deep towards the frame's edge, while
+# scattered highs must line up over the width to be joined; and the same turned (a step along the part)
 CLOSING_RECTANGLES = ((127, 63), (191, 63), (255, 63), (255, 31), (255, 127), (63, 127), (63, 255))
 COARSE_WEIGHTS = (0.4, 0.55)
 TRAIN_STRIDE = 4  # every 4th training image normalises the self-consistency term where fit() held none back
