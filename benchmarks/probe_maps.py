@@ -19,6 +19,8 @@ mean of theirs) is re-scored under variants of what follows it in the graph:
   deeper between a step across the part and the frame's edge), and after other sigmas;
 - the closed map with every pixel lifted by the part's image score times a share (the score's verdict moves
   whole parts against each other, the order inside a part stays);
+- the closed map plus a share of its edge-side row fill (train.model.edge_side_fill: a step across the part
+  lifts the strip between it and the nearer edge), or the larger of the two;
 - with a coarse memory, the fine and coarse maps alone and other weights of the coarse one, open and closed;
 - for a combination of two views, other weights of the second view in the closed map.
 --only TEXT... scores the model's row and the variants whose name holds a TEXT. Each row gives image AUROC
@@ -50,7 +52,7 @@ from train.cli import checked_groups  # noqa: E402
 from train.data import load_images, train_samples  # noqa: E402
 from train.evaluate import compute_metrics, load_split  # noqa: E402
 from train.fit import preprocess_spec  # noqa: E402
-from train.model import gaussian_kernel, grey_closing, separable_blur  # noqa: E402
+from train.model import edge_side_fill, gaussian_kernel, grey_closing, separable_blur  # noqa: E402
 from train.transplant import transplant_set  # noqa: E402
 from train.views import Scorer, ViewEnsemble  # noqa: E402
 
@@ -60,6 +62,7 @@ WIDE_SIGMAS = (32.0, 64.0)
 CLOSING_SIZES = (31, 63, 127, 191, 255)
 CLOSING = 63  # `inspect`'s map_closing: the size the variants below close with where the model closes nothing
 SECOND_VIEW_WEIGHTS = (0.0, 0.35, 0.65, 0.8, 1.0)  # 0.5 is the combination's own mean
+EDGE_FILL_SHARES = (0.5, 1.0, 2.0)  # the edge-side row fill added to the closed map, times this
 SCORE_SHARES = (0.25, 0.5, 1.0, 2.0, 4.0)  # the image score added to every pixel of its map, times this
 # (height, width): a step across the part closed up to half the height deep towards the frame's edge, while
 # scattered highs must line up over the width to be joined; and the same turned (a step along the part)
@@ -139,6 +142,12 @@ def variants(model_sigma: float, coarse_weight: float, image_score: Callable[[to
         lambda m: torch.maximum(grey_closing(blur(m["model"], s), (255, c)), grey_closing(blur(m["model"], s), (c, 255))))
     for sigma in (1.5 * s, 2 * s):
         named[f"sigma {sigma:g}, closed {c} px"] = lambda m, sigma=sigma: grey_closing(blur(m["model"], sigma), c)
+    named[f"sigma {s:g}, closed {c} px, the larger of it and the edge-side row fill"] = (
+        lambda m: (lambda b: torch.maximum(grey_closing(b, c), b.mean(dim=(2, 3), keepdim=True) + edge_side_fill(b)))(
+            blur(m["model"], s)))
+    for share in EDGE_FILL_SHARES:
+        named[f"sigma {s:g}, closed {c} px, + {share:g} x the edge-side row fill"] = (
+            lambda m, share=share: (lambda b: grey_closing(b, c) + share * edge_side_fill(b))(blur(m["model"], s)))
     if views == 2:  # a combination of two views: the second's share of the pixel map other than a half
         for weight in SECOND_VIEW_WEIGHTS:
             named[f"sigma {s:g}, the second view weighted {weight:g}, closed {c} px"] = (

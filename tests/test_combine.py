@@ -22,7 +22,7 @@ from train.data import eval_samples, load_images
 from train.evaluate import evaluate, predict
 from train.export import export_bundle
 from train.fit import fit, preprocess_spec, summarise_scores
-from train.model import DAAD, grey_closing
+from train.model import DAAD, edge_side_fill, grey_closing
 from train.views import ViewEnsemble
 
 SEPARATION_AUROC = 0.9
@@ -51,11 +51,12 @@ def fits(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def closed_mean(plain: DAAD, illum: DAAD, images: np.ndarray) -> tuple:
     """(map, score) of two views' mean as the combination computes it: the mean of their smoothed maps, scored,
-    then closed with `map_closing`."""
+    then closed with `map_closing` and its edge-side row fill added (`edge_fill_weight`)."""
     with torch.no_grad():
         x = torch.from_numpy(images)
         mean = (plain.scored_map(x) + illum.scored_map(x)) / 2
-        return grey_closing(mean, plain.cfg.map_closing)[:, 0].numpy(), plain.image_score(mean).numpy()
+        amap = grey_closing(mean, plain.cfg.map_closing) + plain.cfg.edge_fill_weight * edge_side_fill(mean)
+        return amap[:, 0].numpy(), plain.image_score(mean).numpy()
 
 
 def test_the_combined_model_scores_the_mean_of_its_fits_maps(fits: dict, dataset: Path) -> None:
@@ -68,7 +69,7 @@ def test_the_combined_model_scores_the_mean_of_its_fits_maps(fits: dict, dataset
     images = load_images(eval_samples(dataset), preprocess_spec(plain.cfg))
     got, a, b = (predict(m, images, CPU) for m in (both, plain, illum))
     mean_map, mean_score = closed_mean(plain, illum, images)
-    assert plain.cfg.map_closing == 63  # as shipped: the mean of the views' maps, closed once
+    assert plain.cfg.map_closing == 63 and plain.cfg.edge_fill_weight == 0.5  # as shipped: the mean, closed once
     assert np.abs(got["maps"] - mean_map).max() < 1e-5
     assert not np.allclose(a["maps"], b["maps"], atol=1e-3)  # two different views, not one twice
     assert np.abs(got["scores"] - mean_score).max() < 1e-5
@@ -134,7 +135,8 @@ def test_views_of_another_size_or_image_score_are_refused() -> None:
     state = {"training_data": {"score_stats_images": ["a.png"], "groups_sha256": ""}}
     paths = [Path("a/last.pt"), Path("b/last.pt")]
     for change, field in ((dict(image_size=(256, 256)), "image_size"), (dict(score_topk=0.05), "score_topk"),
-                          (dict(score_minus_mean=False), "score_minus_mean"), (dict(map_closing=0), "map_closing")):
+                          (dict(score_minus_mean=False), "score_minus_mean"), (dict(map_closing=0), "map_closing"),
+                          (dict(edge_fill_weight=0.0), "edge_fill_weight")):
         views = [DAAD(base, load_backbone=False), DAAD(dataclasses.replace(base, **change), load_backbone=False)]
         with pytest.raises(ConfigError, match=f"b/last.pt: model.{field}"):
             check_compatible(paths, [state, state], views)
@@ -230,7 +232,7 @@ def test_probe_maps_scores_a_combination_by_the_mean_of_its_views_unsmoothed_map
     raw = unsmoothed_maps(both, images)
     with torch.no_grad():
         smoothed = blur(raw["model"], both.cfg.smoothing_sigma)
-        assert (grey_closing(smoothed, both.cfg.map_closing) - both(images).anomaly_map).abs().max() < 1e-5
+        assert (both.views[0].pixel_map(smoothed) - both(images).anomaly_map).abs().max() < 1e-5
     plain = unsmoothed_maps(both.views[0], images)["model"]
     assert (raw["model"] - plain).abs().max() > 1e-3  # the mean of two views, not the first
     # its fine and coarse terms, mixed at the model's own weight, are the model's map
@@ -254,9 +256,12 @@ def test_probe_maps_rows_weigh_a_combinations_views_and_lift_parts_by_their_scor
         first_alone = grey_closing(blur(unsmoothed_maps(both.views[0], images)["model"], sigma), closing)
         second_alone = grey_closing(blur(unsmoothed_maps(both.views[1], images)["model"], sigma), closing)
         closed = named[f"sigma {sigma:g}, closed {closing} px"](raw)
+        filled = named[f"sigma {sigma:g}, closed {closing} px, + {both.cfg.edge_fill_weight:g} x the edge-side row fill"](raw)
         lifted = named[f"sigma {sigma:g}, closed {closing} px, + 1 x the image score"](raw)
         weighted = {w: named[f"sigma {sigma:g}, the second view weighted {w:g}, closed {closing} px"](raw) for w in (0, 1)}
-    assert (closed - shipped).abs().max() < 1e-5  # the model's own closed map
+    assert (filled - shipped).abs().max() < 1e-5  # the model's own map: closed, plus its share of the row fill
+    fill = both.cfg.edge_fill_weight * edge_side_fill(blur(raw["model"], sigma))
+    assert (filled - closed - fill).abs().max() < 1e-5 and fill.abs().max() > 0  # its fill, from the map before closing
     assert (weighted[0] - first_alone).abs().max() < 1e-5 and (weighted[1] - second_alone).abs().max() < 1e-5
     assert (weighted[0] - weighted[1]).abs().max() > 1e-3  # two views that differ
     # every pixel of a part lifted by that part's image score, taken before the closing as the model takes it

@@ -1,8 +1,10 @@
-"""train.model.grey_closing (`model.map_closing`, and a variant of benchmarks/probe_maps.py), on constructed maps."""
+"""train.model.grey_closing (`model.map_closing`) and edge_side_fill (`model.edge_fill_weight`), and variants of
+benchmarks/probe_maps.py, on constructed maps."""
 from __future__ import annotations
 
 import torch
 
+from train.model import edge_side_fill
 from train.model import grey_closing as closing
 
 
@@ -68,3 +70,29 @@ def test_a_rectangle_closes_as_deep_as_half_its_height_across_a_step_and_equals_
                                                (height, width), 1, pad)
         assert torch.equal(closing(r, (height, width)), rect)
     assert torch.equal(closing(r, 9), closing(r, (9, 9)))  # an int is the square
+
+
+def test_a_step_across_the_part_lifts_the_strip_to_the_nearer_edge_and_nothing_beyond() -> None:
+    m = torch.zeros(2, 1, 64, 48)
+    m[0, :, 20, :] = 1.0  # a step across the frame in the upper half: the strip above it is the smaller side
+    m[1, :, 50, :] = 1.0  # one in the lower half
+    fill = edge_side_fill(m)
+    assert fill.shape == (2, 1, 64, 1)  # a row profile, added along each row by broadcasting
+    assert torch.all(fill[0, :, :21] == 1.0) and torch.all(fill[0, :, 21:] == 0.0)
+    assert torch.all(fill[1, :, 50:] == 1.0) and torch.all(fill[1, :, :50] == 0.0)
+    blob = torch.zeros(1, 1, 64, 48)
+    blob[..., 30:34, 20:24] = 1.0  # a small high spot lifts its rows by its share of the width only
+    assert edge_side_fill(blob).max() <= 4 / 48 + 1e-6
+    lifted = torch.rand(1, 1, 64, 48, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(edge_side_fill(lifted + 3.0), edge_side_fill(lifted), atol=1e-5)  # the part's own level is taken off
+
+
+def test_the_exportable_fill_equals_running_maxima_from_the_middle_less_the_median_row() -> None:
+    for height, width in ((64, 48), (9, 5), (256, 256)):
+        m = torch.rand(3, 1, height, width, generator=torch.Generator().manual_seed(height))
+        rows = m.mean(dim=3, keepdim=True)
+        half = height // 2
+        top = rows[:, :, :half].flip(2).cummax(dim=2).values.flip(2)
+        bottom = rows[:, :, half:].cummax(dim=2).values
+        expected = torch.cat([top, bottom], dim=2) - rows.median(dim=2, keepdim=True).values
+        assert torch.equal(edge_side_fill(m), expected)

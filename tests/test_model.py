@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from train.config import PRESETS, preset, validate_model_config
-from train.model import DAAD, BlockMemory, assemble, divide, grey_closing
+from train.model import DAAD, BlockMemory, assemble, divide, edge_side_fill, grey_closing
 
 SMALL = dict(image_size=(32, 32), channels=(8, 8, 16, 16, 16), disc_channels=(8, 8, 16, 16), memory_items=10,
              blocks=((4, 4, 0), (2, 2, 0), (2, 2, 0), (1, 1, 0)))
@@ -140,6 +140,7 @@ def test_anomaly_map_is_larger_where_the_reconstruction_fails() -> None:
     ({"map_closing": 8}, "map_closing: got 8, expected 0 (none) or an odd filter size from 3 to 255"),
     ({"map_closing": 1}, "map_closing: got 1"),
     ({"map_closing": 317}, "map_closing: got 317"),
+    ({"edge_fill_weight": -0.5}, "edge_fill_weight: got -0.5, expected >= 0"),
 ])
 def test_invalid_model_configs_are_named(change: dict, problem: str) -> None:
     problems = validate_model_config(preset("daad", **{**SMALL, **change}))
@@ -154,6 +155,7 @@ def test_invalid_model_configs_are_named(change: dict, problem: str) -> None:
      "latent_against": "readout", "latent_layer": 1},  # L of the discriminator's first layer against the read-out
     {"score_topk": 0.05, "score_minus_mean": True},  # the peak against the map's own level, in the graph
     {"score_topk": 0.05, "map_closing": 15},  # the closed map: MaxPool rows and columns, the score before it
+    {"score_topk": 0.05, "map_closing": 15, "edge_fill_weight": 0.5},  # + the edge-side row fill: Pad, MaxPool, TopK
 ])
 def test_export_is_static_opset17_and_matches_pytorch(tmp_path, variant: dict) -> None:
     import onnx
@@ -393,7 +395,7 @@ def test_coarse_memory_mixes_its_rebuild_error_of_the_1_32_features_into_the_map
     from train.backbone import COARSE_CHANNELS, COARSE_TAP, TAPS
 
     torch.manual_seed(0)
-    base = dict(image_size=(128, 128), full_skip_items=64, smoothing_sigma=0.0, map_closing=0)
+    base = dict(image_size=(128, 128), full_skip_items=64, smoothing_sigma=0.0, map_closing=0, edge_fill_weight=0.0)
     plain = DAAD(preset("inspect", **base, coarse_memory_weight=0.0), load_backbone=False)
     assert plain.coarse_memory is None and len(plain.backbone._blocks) == max(TAPS) + 1  # nothing deeper is built
     model = DAAD(preset("inspect", **base, coarse_memory_weight=0.25, coarse_memory_items=40, coarse_feature_dims=dims),
@@ -439,7 +441,8 @@ def test_the_inspect_model_exports_a_graph_tensorrt_can_take(tmp_path, closing: 
     assert check_graph(path) == []  # static shapes everywhere (gray input repeated by Concat, ArgMax + Gather)
     pools = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MaxPool"]
     windows = [list(a.ints) for n in pools for a in n.attribute if a.name == "kernel_shape"]
-    assert windows == ([[1, closing], [closing, 1]] * 2 if closing else [])  # 1-D windows, under TensorRT's limit
+    fill = [[64, 1], [64, 1]]  # inspect's edge-side row fill: a max over each half of the 128 rows
+    assert windows == ([[1, closing], [closing, 1]] * 2 if closing else []) + fill  # 1-D, under TensorRT's limit
 
 
 
@@ -572,3 +575,9 @@ def test_map_closing_closes_the_output_map_and_scores_before_it() -> None:
     assert torch.equal(after.anomaly_map, grey_closing(before.anomaly_map, 9))
     assert not torch.equal(after.anomaly_map, before.anomaly_map) and torch.all(after.anomaly_map >= before.anomaly_map)
     assert torch.equal(after.score, before.score)  # whether a part is defective does not move with the map
+    filled_model = DAAD(preset("daad_plus", map_closing=9, edge_fill_weight=0.5, **SMALL)).eval()
+    filled_model.load_state_dict(open_model.state_dict())
+    with torch.no_grad():
+        filled = filled_model(x)
+    expected = grey_closing(before.anomaly_map, 9) + 0.5 * edge_side_fill(before.anomaly_map)
+    assert torch.allclose(filled.anomaly_map, expected, atol=1e-6) and torch.equal(filled.score, before.score)

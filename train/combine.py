@@ -48,9 +48,11 @@ def check_compatible(paths: Sequence[Path], states: Sequence[Dict[str, Any]], vi
             raise ConfigError(f"{path}: model.image_size / in_channels {list(view.cfg.image_size)} / "
                               f"{view.cfg.in_channels}, {first_path} {list(first_view.cfg.image_size)} / "
                               f"{first_view.cfg.in_channels}; the views score one input, so fit them at one size")
-        if view.cfg.map_closing != first_view.cfg.map_closing:
-            raise ConfigError(f"{path}: model.map_closing {view.cfg.map_closing}, {first_path} "
-                              f"{first_view.cfg.map_closing}; the mean map is closed one way, so fit both alike")
+        for key in ("map_closing", "edge_fill_weight"):
+            if getattr(view.cfg, key) != getattr(first_view.cfg, key):
+                raise ConfigError(f"{path}: model.{key} {getattr(view.cfg, key)}, {first_path} "
+                                  f"{getattr(first_view.cfg, key)}; the mean map is closed and filled one way, so "
+                                  "fit both alike")
         if view.cfg.score_minus_mean != first_view.cfg.score_minus_mean:
             raise ConfigError(f"{path}: model.score_minus_mean {view.cfg.score_minus_mean}, {first_path} "
                               f"{first_view.cfg.score_minus_mean}; the mean map is scored one way, so fit both alike")

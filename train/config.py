@@ -72,6 +72,11 @@ class ModelConfig:
     # and the frame's edge narrower than half the filter) to its border's level. The map tells where; the image
     # score is taken before the closing, so whether a part is defective does not change with it
     map_closing: int = 0
+    # weight of the edge-side row fill added to the pixel map (train.model.edge_side_fill; 0 = none): a step across
+    # the part, a row scoring high along its whole width, lifts the strip between it and the nearer frame edge,
+    # where an uneven region lies beyond the closing's reach. Rows, so the part's orientation on the frame matters;
+    # the image score is taken before it, like the closing's
+    edge_fill_weight: float = 0.0
     # per-image zero mean and std `illumination_std` before the generator (lighting varies per crop). Off in
     # `inspect`'s config: alone it cost image AUROC on magnetic_tile's unseen tiles; `daad-train fit` fits
     # `inspect` with and without it (train/views.py) and scores the mean map: 2-3 pixel AUROC points (README)
@@ -178,6 +183,7 @@ INSPECT: Dict[str, Any] = {
     "memory_score_weight": 0.5, "gamma": 0.0, "latent_against": "readout", "latent_layer": 1,
     "coarse_memory_weight": 0.25, "coarse_memory_items": 50000, "coarse_feature_dims": 64,
     "score_topk": 0.01, "score_minus_mean": True, "smoothing_sigma": 4.0, "map_closing": 63,
+    "edge_fill_weight": 0.5,
 }
 INSPECT_NAME = "inspect"
 # the schedule every `inspect` figure was measured with (300 steps x batch 16, lr 1e-3: ~10 min on 2 CPU
@@ -329,6 +335,8 @@ def validate_model_config(cfg: ModelConfig) -> List[str]:
     if cfg.map_closing and (cfg.map_closing < 3 or cfg.map_closing % 2 == 0 or cfg.map_closing > MAX_MAP_CLOSING):
         problems.append(f"model.map_closing: got {cfg.map_closing}, expected 0 (none) or an odd filter size from 3 "
                         f"to {MAX_MAP_CLOSING} pixels")
+    if cfg.edge_fill_weight < 0:
+        problems.append(f"model.edge_fill_weight: got {cfg.edge_fill_weight}, expected >= 0 (0 = no row fill)")
     if not 0 <= cfg.feature_dims <= BACKBONE_CHANNELS:
         problems.append(f"model.feature_dims: got {cfg.feature_dims}, expected 0 (all) to {BACKBONE_CHANNELS} principal components")
     elif cfg.feature_dims and not cfg.backbone:

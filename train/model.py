@@ -316,6 +316,31 @@ def grey_closing(m: torch.Tensor, size: Union[int, Tuple[int, int]]) -> torch.Te
     return -max_filter(-max_filter(m))
 
 
+# padding for the row fill's max filters: below any map value, and finite in FP16 (TensorRT)
+FILL_PAD = -1e4
+
+
+def edge_side_fill(m: torch.Tensor, height: Optional[int] = None) -> torch.Tensor:
+    """(B, 1, H, 1) from a (B, 1, H, W) map: each row's mean raised to the highest row mean between it and the
+    frame's middle row, less the map's median row mean. A step across the part (a row that scores high along the
+    whole width) lifts the strip between it and the nearer edge, the smaller side, where an uneven region lies;
+    highs scattered over a good part lift no row much. Max filters over padded halves (MaxPool) and a TopK for
+    the median, so the graph stays static; added to a map it broadcasts along each row. `height` is H (>= 2) as
+    a constant for the exporter, which traces a map's shape as a value (the model passes its input height)."""
+    rows = m.mean(dim=3, keepdim=True)
+    height = height or m.shape[2]
+    upper, lower = height // 2, height - height // 2
+
+    def low(n: int) -> torch.Tensor:  # (B, 1, n, 1) of FILL_PAD: F.pad with a value loses the exported shapes
+        return rows[:, :, :n] * 0.0 + FILL_PAD
+
+    # each upper row: the max over it and the rows below it down to the middle; each lower row: up to the middle
+    top = F.max_pool2d(torch.cat([rows[:, :, :upper], low(upper - 1)], dim=2), (upper, 1), stride=1)
+    bottom = F.max_pool2d(torch.cat([low(lower - 1), rows[:, :, upper:]], dim=2), (lower, 1), stride=1)
+    median = torch.topk(rows, height - (height - 1) // 2, dim=2).values[:, :, -1:]  # torch.median's (lower) one
+    return torch.cat([top, bottom], dim=2) - median
+
+
 class DAAD(nn.Module):
     """Generator (+ discriminator for DAAD+) and the in-graph scoring head.
 
@@ -535,8 +560,12 @@ class DAAD(nn.Module):
         return self.smooth(self.combine(self.image_maps(x)))
 
     def pixel_map(self, amap: torch.Tensor) -> torch.Tensor:
-        """The map the model outputs, from the scored one: closed with `map_closing` where set."""
-        return grey_closing(amap, self.cfg.map_closing) if self.cfg.map_closing else amap
+        """The map the model outputs, from the scored one: closed with `map_closing` where set, plus
+        `edge_fill_weight` times its edge-side row fill."""
+        out = grey_closing(amap, self.cfg.map_closing) if self.cfg.map_closing else amap
+        if not self.cfg.edge_fill_weight:
+            return out
+        return out + self.cfg.edge_fill_weight * edge_side_fill(amap, self.cfg.image_size[0])
 
     def forward(self, x: torch.Tensor) -> AnomalyOutput:
         amap = self.scored_map(x)
