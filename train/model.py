@@ -351,7 +351,8 @@ class DAAD(nn.Module):
     upsampled; M: the full-resolution memory's rebuild error, beta = `memory_score_weight`; C: the coarse
     memory's rebuild error of the backbone's 1/32 features, upsampled, delta = `coarse_memory_weight`),
     Gaussian-smoothed, and the image score = mean of its top `score_topk` pixels (less the map's mean with
-    `score_minus_mean`). With `score_hflip` the
+    `score_minus_mean`); the map output is that map closed (`map_closing`) plus `edge_fill_weight` times its
+    edge-side row fill (`pixel_map`), which the score does not see. With `score_hflip` the
     terms are the mean of the image's and of its mirror image's (mirrored back).
     The scales are the mean training-image values (set by `set_score_normalisation`) so that the
     weights mix terms of comparable size.
