@@ -31,7 +31,7 @@ CPU = torch.device("cpu")
 
 def small_inspect(**overrides):
     # the shipped configuration scaled down as in test_fit: 128 px, every training block in the memory
-    return preset("inspect", image_size=(128, 128), memory_items=50, **overrides)
+    return preset("inspect_daad_plus", image_size=(128, 128), memory_items=50, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def fits(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     runs = tmp_path_factory.mktemp("runs")
     small = runs / "small.yaml"
     small.write_text("model: {memory_items: 50}\n")
-    common = ["fit", "--data", str(dataset), "--size", "128", "--steps", "5", "--batch-size", "4", "--quiet",
+    common = ["fit", "--data", str(dataset), "--model", "inspect_daad_plus", "--size", "128", "--steps", "5",
+              "--batch-size", "4", "--quiet",
               "--config", str(small)]
     assert train_main([*common, "--out", str(runs / "both")]) == 0
     assert train_main([*common, "--out", str(runs / "seed1"), "--views", "plain", "--seed", "1"]) == 0
@@ -154,8 +155,9 @@ def test_a_missing_held_back_image_is_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("argv,illumination_norm,expected", [
-    ([], False, ["plain", "illumination"]),  # `inspect`: both views
-    ([], True, []),  # a config that normalises: that one model, as configured
+    (["--model", "inspect_daad_plus"], False, ["plain", "illumination"]),  # the trained option: both views
+    (["--model", "inspect_daad_plus"], True, []),  # a config that normalises: that one model, as configured
+    ([], False, []),  # `inspect`: one view
     (["--views", "plain"], False, ["plain"]),
     (["--model", "daad_plus"], False, []),  # the paper columns: one model, as configured
 ])
@@ -185,7 +187,8 @@ def test_torchrun_fits_both_views_and_rank_0_combines_them(dataset: Path, tmp_pa
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train", "fit",
-           "--data", str(dataset), "--size", "128", "--steps", "4", "--batch-size", "4", "--device", "cpu",
+           "--data", str(dataset), "--model", "inspect_daad_plus", "--size", "128", "--steps", "4", "--batch-size", "4",
+           "--device", "cpu",
            "--config", str(tmp_path / "small.yaml"), "--out", str(out), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -206,7 +209,8 @@ def test_torchrun_fits_both_views_and_rank_0_combines_them(dataset: Path, tmp_pa
 def test_fit_resume_continues_each_view_and_combines_again(dataset: Path, tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "small.yaml").write_text("model: {memory_items: 50}\n")
-    common = ["fit", "--data", str(dataset), "--size", "128", "--batch-size", "4", "--quiet",
+    common = ["fit", "--data", str(dataset), "--model", "inspect_daad_plus", "--size", "128", "--batch-size", "4",
+              "--quiet",
               "--config", str(tmp_path / "small.yaml"), "--out", str(tmp_path / "run")]
     assert train_main([*common, "--steps", "3"]) == 0
     first = read_checkpoint(tmp_path / "run" / "last.pt")

@@ -148,7 +148,7 @@ def test_fit_scored_by_the_memory_rebuild_error_separates_synthetic_defects(data
 def test_a_data_drawn_memory_holds_each_training_block_at_most_once(change: dict, expected: int) -> None:
     from train.fit import fit_memory_to_data
 
-    cfg = preset("inspect", **{"image_size": (128, 128), "full_skip_block": (1, 1, 0), **change})
+    cfg = preset("inspect_daad_plus", **{"image_size": (128, 128), "full_skip_block": (1, 1, 0), **change})
     assert fit_memory_to_data(cfg, 10).full_skip_items == expected
 
 
@@ -156,7 +156,7 @@ def test_short_fit_of_the_inspect_model_separates_synthetic_defects(dataset: Pat
     # the shipped configuration with its real ImageNet backbone, scaled down: 128 px (a 16x16 feature map,
     # 16 blocks of 4x4 per image); its memory asks for 50 000 items and holds each training block once: 22
     # images of the 24, two being held back for the score statistics
-    cfg = preset("inspect", image_size=(128, 128), memory_items=50)
+    cfg = preset("inspect_daad_plus", image_size=(128, 128), memory_items=50)
     result = fit(cfg, TrainConfig(data=str(dataset), out=str(tmp_path), steps=5, batch_size=4), progress=False)
     model, _ = load_model(result.checkpoint)
     assert model.cfg.feature_dims == 64 and model.cfg.full_skip_items == 22 * 16
@@ -273,7 +273,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("args,expected", [
     (["fit", "--data", "/nonexistent/ds"], "dataset directory not found"),
     (["fit", "--data", ".", "--model", "daad_plus", "--size", "40"], "multiples of 16"),
-    (["fit", "--data", ".", "--size", "200"], "multiples of 128"),  # the default `inspect` model works on 1/8 features
+    (["fit", "--data", ".", "--size", "200"], "multiples of 32"),  # the default `inspect` reads the 1/32 features
+    (["fit", "--data", ".", "--model", "inspect_daad_plus", "--size", "200"], "multiples of 128"),  # 1/8 feature map
     (["fit", "--data", ".", "--lr=-1e-3"], "--lr: got -0.001; a learning rate is positive"),
     (["fit", "--data", ".", "--disc-lr", "-1"], "--disc-lr: got -1; a learning rate is positive"),
     (["eval", "--checkpoint", "/nonexistent.pt", "--data", ".", "--out", "/tmp/x"], "checkpoint not found"),
@@ -301,9 +302,9 @@ def test_cli_fit_reads_colour_data_in_colour_unless_told(tmp_path: Path, color: 
 
 
 @pytest.mark.parametrize("flags,expected", [
-    ([], (300, 1e-3)),  # inspect: the schedule its figures were measured with
+    (["--model", "inspect_daad_plus"], (300, 1e-3)),  # the trained option: the schedule its figures were measured with
     (["--model", "daad_plus"], (2000, 2e-4)),  # the paper columns: TrainConfig's
-    (["--steps", "5"], (5, 1e-3)),
+    (["--model", "inspect_daad_plus", "--steps", "5"], (5, 1e-3)),
     (["--model", "ae", "--lr", "0.01"], (2000, 0.01)),
 ])
 def test_cli_fit_defaults_to_each_models_measured_schedule(flags: list, expected: tuple) -> None:

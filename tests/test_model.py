@@ -255,7 +255,7 @@ def test_score_minus_mean_is_the_peak_less_the_maps_own_level() -> None:
     # a map lifted as a whole scores as before; the plain top-k rises with it
     assert torch.allclose(relative.image_score(amap + 2.0), relative.image_score(amap), atol=1e-5)
     assert torch.allclose(plain.image_score(amap + 2.0), plain.image_score(amap) + 2.0, atol=1e-5)
-    assert preset("inspect").score_minus_mean and not preset("daad_plus").score_minus_mean
+    assert preset("inspect_daad_plus").score_minus_mean and not preset("daad_plus").score_minus_mean
 
 
 def test_data_initialised_memory_items_are_blocks_of_the_training_inputs() -> None:
@@ -344,7 +344,7 @@ def test_inspect_model_projected_features_export_static_and_match_pytorch(tmp_pa
     from train.export import export_onnx
 
     torch.manual_seed(0)
-    model = DAAD(preset("inspect", image_size=(128, 128), full_skip_items=64, feature_dims=16), load_backbone=False)
+    model = DAAD(preset("inspect_daad_plus", image_size=(128, 128), full_skip_items=64, feature_dims=16), load_backbone=False)
     model.set_feature_normalisation(torch.randn(8, 176, 16, 16) * 2 + 1)
     model.eval()
     path = export_onnx(model, tmp_path / "m.onnx", batch=1)
@@ -366,7 +366,8 @@ def test_example_training_configs_are_valid() -> None:
     assert paths
     for path in paths:
         loaded = yaml.safe_load(path.read_text())["model"]
-        cfg = from_dict(ModelConfig, {**to_dict(preset("daad_plus")), **loaded}, str(path))
+        base = preset("inspect" if loaded.get("generator") is False else "daad_plus")  # the `--model` it goes with
+        cfg = from_dict(ModelConfig, {**to_dict(base), **loaded}, str(path))
         assert validate_model_config(cfg) == [], path
 
 
@@ -379,13 +380,14 @@ def test_inspect_is_the_cli_default_and_matches_its_example_file() -> None:
     args = build_parser().parse_args(["fit", "--data", "d"])
     cfg = _model_config(args)
     assert args.model == "inspect" and validate_model_config(cfg) == []
-    assert cfg.adversarial and cfg.memory_score_weight == 0.5 and cfg.gamma == 0.0 and cfg.full_skip_items == 50000
-    assert cfg.latent_against == "readout" and cfg.latent_layer == 1  # half M, half the discriminator vs the read-out
-    assert cfg.coarse_memory_weight == 0.25 and cfg.coarse_feature_dims == 64  # and a quarter the coarse memory's C
-    assert not cfg.score_hflip  # the part alone, not also its mirror image
-    example = Path(__file__).resolve().parents[1] / "examples" / "train_features.yaml"
-    loaded = yaml.safe_load(example.read_text())["model"]
-    assert from_dict(ModelConfig, {**to_dict(preset("daad_plus")), **loaded}) == cfg  # the file says what the default is
+    assert not cfg.generator and cfg.memory_block == 4 and cfg.memory_budget == 0.1  # the memories alone, 10 % kept
+    assert cfg.coarse_memory_weight == 0.5 and not cfg.map_closing and not cfg.edge_fill_weight  # no part's prior
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    loaded = yaml.safe_load((examples / "train_features.yaml").read_text())["model"]
+    assert from_dict(ModelConfig, {**to_dict(ModelConfig()), **loaded}) == cfg  # the file says what the default is
+    trained = yaml.safe_load((examples / "train_daad_plus_features.yaml").read_text())["model"]
+    option = from_dict(ModelConfig, {**to_dict(preset("daad_plus")), **trained})
+    assert option == preset("inspect_daad_plus") and option.adversarial and option.coarse_memory_weight == 0.25
 
 
 @pytest.mark.parametrize("dims", [0, 16])
@@ -396,9 +398,9 @@ def test_coarse_memory_mixes_its_rebuild_error_of_the_1_32_features_into_the_map
 
     torch.manual_seed(0)
     base = dict(image_size=(128, 128), full_skip_items=64, smoothing_sigma=0.0, map_closing=0, edge_fill_weight=0.0)
-    plain = DAAD(preset("inspect", **base, coarse_memory_weight=0.0), load_backbone=False)
+    plain = DAAD(preset("inspect_daad_plus", **base, coarse_memory_weight=0.0), load_backbone=False)
     assert plain.coarse_memory is None and len(plain.backbone._blocks) == max(TAPS) + 1  # nothing deeper is built
-    model = DAAD(preset("inspect", **base, coarse_memory_weight=0.25, coarse_memory_items=40, coarse_feature_dims=dims),
+    model = DAAD(preset("inspect_daad_plus", **base, coarse_memory_weight=0.25, coarse_memory_items=40, coarse_feature_dims=dims),
                  load_backbone=False)
     assert len(model.backbone._blocks) == COARSE_TAP + 1
     model.set_feature_normalisation(torch.randn(4, 176, 16, 16))
@@ -435,7 +437,7 @@ def test_the_inspect_model_exports_a_graph_tensorrt_can_take(tmp_path, closing: 
     from engine.check import check_graph
     from train.export import export_onnx
 
-    model = DAAD(preset("inspect", image_size=(128, 128), full_skip_items=64, map_closing=closing),
+    model = DAAD(preset("inspect_daad_plus", image_size=(128, 128), full_skip_items=64, map_closing=closing),
                  load_backbone=False).eval()
     path = export_onnx(model, tmp_path / "m.onnx", batch=1)
     assert check_graph(path) == []  # static shapes everywhere (gray input repeated by Concat, ArgMax + Gather)
@@ -502,7 +504,7 @@ def test_the_mirror_scored_inspect_model_exports_and_matches_pytorch(tmp_path) -
     from train.export import export_onnx
 
     torch.manual_seed(0)
-    model = DAAD(preset("inspect", image_size=(128, 128), full_skip_items=64, feature_dims=16, score_hflip=True),
+    model = DAAD(preset("inspect_daad_plus", image_size=(128, 128), full_skip_items=64, feature_dims=16, score_hflip=True),
                  load_backbone=False)
     model.set_feature_normalisation(torch.randn(8, 176, 16, 16) * 2 + 1)
     model.eval()
@@ -549,7 +551,7 @@ def test_the_inspect_model_with_a_spectrally_normalised_discriminator_exports_an
     from train.export import export_onnx
 
     torch.manual_seed(0)
-    model = DAAD(preset("inspect", image_size=(128, 128), full_skip_items=64, feature_dims=16, disc_spectral_norm=True),
+    model = DAAD(preset("inspect_daad_plus", image_size=(128, 128), full_skip_items=64, feature_dims=16, disc_spectral_norm=True),
                  load_backbone=False)
     model.set_feature_normalisation(torch.randn(8, 176, 16, 16) * 2 + 1)
     model.discriminator(torch.randn(2, 16, 16, 16))  # one power iteration: the stored vectors differ from their init

@@ -12,6 +12,7 @@ import torch
 from engine.errors import DaadError
 
 from .config import ModelConfig, TrainConfig, from_dict, to_dict, validate_model_config
+from .memory_model import BlockMemoryModel
 from .model import DAAD
 from .views import ViewEnsemble
 
@@ -68,7 +69,7 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     return state
 
 
-def load_model(path: Union[str, Path]) -> Tuple[Union[DAAD, ViewEnsemble], Dict[str, Any]]:
+def load_model(path: Union[str, Path]) -> Tuple[Union[DAAD, BlockMemoryModel, ViewEnsemble], Dict[str, Any]]:
     """Rebuild the model from a checkpoint (config inside), in eval mode on the CPU: a DAAD, or for a
     checkpoint of `daad-train combine` the ensemble of its views."""
     state = read_checkpoint(path)
@@ -78,15 +79,20 @@ def load_model(path: Union[str, Path]) -> Tuple[Union[DAAD, ViewEnsemble], Dict[
     return model_of(state, str(path)), state
 
 
-def model_of(state: Dict[str, Any], where: str) -> DAAD:
+def model_of(state: Dict[str, Any], where: str) -> Union[DAAD, BlockMemoryModel]:
     """The DAAD a checkpoint's (or an ensemble's view's) `model_config` and `model` weights describe."""
     cfg = from_dict(ModelConfig, state["model_config"], f"{where}: model_config")
     problems = validate_model_config(cfg)
     if problems:
         raise CheckpointError(f"{where}: " + "; ".join(problems))
-    model = DAAD(cfg, load_backbone=False)  # backbone weights are in the checkpoint
+    model = build_model(cfg, load_backbone=False)  # backbone weights are in the checkpoint
     model.load_state_dict(model_weights(state))
     return model.eval()
+
+
+def build_model(cfg: ModelConfig, load_backbone: bool = True) -> Union[DAAD, BlockMemoryModel]:
+    """The model a config describes: the paper's generator (DAAD) or the feature memories alone."""
+    return DAAD(cfg, load_backbone=load_backbone) if cfg.generator else BlockMemoryModel(cfg, load_backbone=load_backbone)
 
 
 def is_ensemble(state: Dict[str, Any]) -> bool:

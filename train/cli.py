@@ -20,7 +20,8 @@ import yaml
 
 from engine.errors import ConfigError, DaadError, DatasetError
 
-from .config import INSPECT_NAME, PRESETS, ModelConfig, TrainConfig, from_dict, preset, schedule, to_dict
+from .config import (INSPECT_DAAD_PLUS_NAME, INSPECT_NAME, ModelConfig, TrainConfig, from_dict, preset, preset_names,
+                     schedule, to_dict)
 from .data import has_colour, train_samples
 from .views import DEFAULT_VIEWS, VIEWS, view_configs
 
@@ -115,17 +116,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
     result = fit(model_cfg, train_cfg, resume=args.resume, progress=not args.quiet)
     if result.score_stats:
         print(f"checkpoint: {result.checkpoint}")
-        print(f"throughput: {result.images_per_s:.1f} images/s; final losses: "
-              + ", ".join(f"{k}={v:.4f}" for k, v in result.history[-1].items() if k != "step") if result.history else "")
+        if result.history:
+            print(f"throughput: {result.images_per_s:.1f} images/s; final losses: "
+                  + ", ".join(f"{k}={v:.4f}" for k, v in result.history[-1].items() if k != "step"))
+        else:
+            print(f"features: {result.images_per_s:.1f} images/s; nothing trained")
     return 0
 
 
 def fit_view_names(args: argparse.Namespace, cfg: ModelConfig) -> List[str]:
-    """--views, or the model's default: `inspect` fits both views unless its config sets illumination_norm
-    (then the config as given, one view); the paper columns one, as configured (no names)."""
+    """--views, or the model's default: `inspect_daad_plus` fits both views unless its config sets illumination_norm
+    (then the config as given, one view); `inspect` and the paper columns one, as configured (no names)."""
     if args.views:
         return list(args.views)
-    if args.model == INSPECT_NAME and not cfg.illumination_norm:
+    if args.model == INSPECT_DAAD_PLUS_NAME and not cfg.illumination_norm:
         return list(DEFAULT_VIEWS)
     return []
 
@@ -209,15 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit_p = sub.add_parser("fit", help="train a model on good images")
     fit_p.add_argument("--data", required=True, help="MVTec-layout dataset root or a folder of good images")
-    fit_p.add_argument("--model", default=INSPECT_NAME, choices=sorted(PRESETS) + [INSPECT_NAME],
-                       help="`inspect` (default): the configuration chosen on real parts; or a paper column preset")
+    fit_p.add_argument("--model", default=INSPECT_NAME, choices=preset_names(),
+                       help="`inspect` (default): DAAD's block-wise memory on frozen features, nothing trained; "
+                       "`inspect_daad_plus`: the trained DAAD+ on features; or a paper column preset")
     fit_p.add_argument("--config", help="YAML with a `model:` mapping of ModelConfig overrides")
     fit_p.add_argument("--out", default="runs/daad", help="run directory (checkpoint last.pt, log.jsonl)")
-    fit_p.add_argument("--steps", type=int, help=f"optimiser steps (default: {schedule(INSPECT_NAME)['steps']} for "
-                       f"`inspect`, {TrainConfig.steps} for the paper columns)")
+    fit_p.add_argument("--steps", type=int, help=f"optimiser steps of a trained model (default: "
+                       f"{schedule(INSPECT_DAAD_PLUS_NAME)['steps']} for `inspect_daad_plus`, {TrainConfig.steps} for "
+                       "the paper columns; `inspect` trains nothing)")
     fit_p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    fit_p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {schedule(INSPECT_NAME)['lr']:g} for "
-                       f"`inspect`, {TrainConfig.lr:g} for the paper columns)")
+    fit_p.add_argument("--lr", type=float, help=f"Adam learning rate (default: "
+                       f"{schedule(INSPECT_DAAD_PLUS_NAME)['lr']:g} for `inspect_daad_plus`, {TrainConfig.lr:g} for "
+                       "the paper columns)")
     fit_p.add_argument("--disc-lr", type=float, default=TrainConfig.disc_lr,
                        help="the discriminator's learning rate (default: --lr's)")
     fit_p.add_argument("--size", type=int, help="square input size (multiple of 16)")
@@ -226,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit_p.add_argument("--backbone", choices=("", "efficientnet_lite0"), help="memories on frozen ImageNet features")
     fit_p.add_argument("--views", nargs="+", choices=sorted(VIEWS), metavar="VIEW",
                        help=f"fit one model per view and score the mean of their maps ({', '.join(sorted(VIEWS))}; "
-                       f"default for `inspect`: {' '.join(DEFAULT_VIEWS)}, about twice the fit and inference time "
-                       "of `--views plain`); the fits go to OUT/views/VIEW, the combined checkpoint to OUT/last.pt")
+                       f"default for `inspect_daad_plus`: {' '.join(DEFAULT_VIEWS)}, about twice the fit and "
+                       "inference time of `--views plain`; `inspect`: one view); the fits go to OUT/views/VIEW, the combined checkpoint to OUT/last.pt")
     fit_p.add_argument("--seed", type=int, default=0)
     fit_p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     fit_p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")

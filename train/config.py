@@ -19,6 +19,16 @@ DEFAULT_BLOCKS: Tuple[Tuple[int, int, int], ...] = ((8, 8, 0), (4, 4, 0), (2, 2,
 @dataclass
 class ModelConfig:
     in_channels: int = 1  # gray parts by default (MVTec textures, magnetic tile); 3 for colour
+    # the paper's encoder-decoder, trained by back-propagation (the paper's columns, DAAD+ options); false = DAAD's
+    # block-wise memories on frozen backbone features only (train.memory_model): fit extracts features and builds
+    # the memories, nothing is trained (`inspect`)
+    generator: bool = True
+    # side, in 1/8 feature cells, of the blocks the feature memory divides the map into (generator false): 4 = 32 px
+    # at 256 px. Chosen on both datasets' val halves over 1, 2, 4 and 8 (docs/research/block_size.md)
+    memory_block: int = 4
+    # items kept in each feature memory by greedy k-centre selection (train.coreset): a fraction of the training
+    # blocks in (0, 1], or a count above 1; 0 = every block. `memory_items` caps the block memory either way
+    memory_budget: float = 0.0
     image_size: Tuple[int, int] = (128, 128)  # (H, W) at the model input; multiple of 16 (four 2x downsamplings)
     channels: Tuple[int, ...] = (32, 64, 128, 256, 256)  # full res, 1/2, 1/4, 1/8, 1/16 widths
     skips: bool = True  # UNet skip connections at 1/2, 1/4 and 1/8 (AE has none)
@@ -95,6 +105,8 @@ class ModelConfig:
 
     @property
     def name(self) -> str:
+        if not self.generator:
+            return f"DAAD-memory@{self.backbone}"
         if not self.skips:
             base = "AE"
         elif not self.memory:
@@ -167,16 +179,22 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
-# The configuration chosen for inspection on real parts (issue 9; README, "Block-wise memory on features"):
-# DAAD+ on frozen EfficientNet-Lite0 features (64 principal components) with a memory of 4x4-feature
-# blocks (32x32 pixels) holding every training block up to 50 000 (180 MB on magnetic_tile), read out hard; the
-# anomaly map is half its rebuild error M, half the discriminator's layer-1 feature distance between the input
-# and that read-out; a quarter of the map is a coarse memory's rebuild error of the backbone's 1/32 features
-# (64 principal components, every training vector), for defects wider than a block; scored by its top 1 %;
-# chosen on the `val` half of magnetic_tile, on its
-# defects as they are and pasted onto good parts. `daad-train fit` uses it unless --model names a paper column,
-# in two views (as written and with illumination_norm; `--views`, train/views.py) whose maps it averages.
+# The configuration chosen for inspection (issue 34; docs/research/product_model.md): DAAD's block-wise memory on
+# frozen EfficientNet-Lite0 features, nothing trained. The 1/8 features (64 principal components) are divided into
+# 4x4 blocks (32x32 pixels); each block is rebuilt as its nearest normal block of a memory cut to 10 % of the
+# training blocks by greedy k-centre selection; the map is that rebuild's squared error, smoothed (sigma 4), the
+# image score its top 1 %. Chosen on the val halves of magnetic_tile (grouped) and ball_screw together, beside a
+# PatchCore peer on the same features (benchmarks/bench_peer.py). The trained generator, the discriminator term,
+# the closing, the row fill and the illumination view are options (`--model inspect_daad_plus`, `model:` keys).
 INSPECT: Dict[str, Any] = {
+    "generator": False, "backbone": "efficientnet_lite0", "image_size": (256, 256), "feature_dims": 64,
+    "memory_block": 4, "memory_budget": 0.1, "memory_items": 8000,
+    "coarse_memory_weight": 0.5, "coarse_memory_items": 20000, "coarse_feature_dims": 64,
+    "score_topk": 0.01, "smoothing_sigma": 4.0,
+}
+# The trained default of issue 9 (DAAD+ on features: a generator whose memory of 4x4-feature blocks scores, the
+# discriminator's layer-1 feature distance, a coarse memory, closing and row fill; README of stop 32): an option
+INSPECT_DAAD_PLUS: Dict[str, Any] = {
     **PRESETS["daad_plus"], "backbone": "efficientnet_lite0", "image_size": (256, 256), "feature_dims": 64,
     "blocks": ((1, 1, 0), (1, 1, 0), (1, 1, 0), (1, 1, 0)), "memory_items": 500,
     "full_skip_block": (4, 4, 0), "full_skip_items": 50000, "memory_init": "data", "memory_readout": "hard",
@@ -186,9 +204,12 @@ INSPECT: Dict[str, Any] = {
     "edge_fill_weight": 0.5,
 }
 INSPECT_NAME = "inspect"
-# the schedule every `inspect` figure was measured with (300 steps x batch 16, lr 1e-3: ~10 min on 2 CPU
-# cores at 256 px); the paper columns keep TrainConfig's 2000 steps at 2e-4
-SCHEDULES: Dict[str, Dict[str, Any]] = {INSPECT_NAME: {"steps": 300, "lr": 1e-3}}
+INSPECT_DAAD_PLUS_NAME = "inspect_daad_plus"
+# the configurations for real parts, by the name `daad-train fit --model` takes
+MODEL_PRESETS: Dict[str, Dict[str, Any]] = {INSPECT_NAME: INSPECT, INSPECT_DAAD_PLUS_NAME: INSPECT_DAAD_PLUS}
+# the schedule every trained `inspect_daad_plus` figure was measured with (300 steps x batch 16, lr 1e-3: ~10 min on
+# 2 CPU cores at 256 px); the paper columns keep TrainConfig's 2000 steps at 2e-4; `inspect` trains nothing
+SCHEDULES: Dict[str, Dict[str, Any]] = {INSPECT_DAAD_PLUS_NAME: {"steps": 300, "lr": 1e-3}}
 
 
 def schedule(model: str) -> Dict[str, Any]:
@@ -251,17 +272,23 @@ def to_dict(config: Any) -> Dict[str, Any]:
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
-    """A paper column (`ae`, `ae_skip`, `daad`, `daad_plus`) or `inspect`, the configuration chosen for real parts."""
-    if name == INSPECT_NAME:
-        return dataclasses.replace(ModelConfig(), **{**INSPECT, **overrides})
-    if name not in PRESETS:
-        raise ConfigError(f"--model: got {name!r}, expected one of {sorted(PRESETS) + [INSPECT_NAME]}")
-    return dataclasses.replace(ModelConfig(), **{**PRESETS[name], **overrides})
+    """A paper column (`ae`, `ae_skip`, `daad`, `daad_plus`) or a configuration for real parts (`inspect`, the
+    default; `inspect_daad_plus`, the trained one before it)."""
+    chosen = {**PRESETS, **MODEL_PRESETS}
+    if name not in chosen:
+        raise ConfigError(f"--model: got {name!r}, expected one of {preset_names()}")
+    return dataclasses.replace(ModelConfig(), **{**chosen[name], **overrides})
+
+
+def preset_names() -> List[str]:
+    return sorted(PRESETS) + sorted(MODEL_PRESETS)
 
 
 def validate_model_config(cfg: ModelConfig) -> List[str]:
     """Cross-field rules; returns a list of problems (empty when valid)."""
     problems = []
+    if not cfg.generator:
+        return validate_memory_config(cfg)
     if cfg.backbone not in BACKBONES:
         problems.append(f"model.backbone: got {cfg.backbone!r}, expected one of {BACKBONES}")
     h, w = cfg.target_size
@@ -342,6 +369,54 @@ def validate_model_config(cfg: ModelConfig) -> List[str]:
     elif cfg.feature_dims and not cfg.backbone:
         problems.append("model.feature_dims: projects backbone features, and this model has no backbone; "
                         "set backbone: efficientnet_lite0 or feature_dims: 0")
+    if cfg.in_channels not in (1, 3):
+        problems.append(f"model.in_channels: got {cfg.in_channels}, expected 1 or 3")
+    return problems
+
+
+# what a generator-free model (generator: false) has no use for: set away from their defaults, they are refused
+GENERATOR_ONLY = ("adversarial", "score_hflip", "memory_score_weight", "latent_against", "disc_spectral_norm")
+
+
+def validate_memory_config(cfg: ModelConfig) -> List[str]:
+    """Rules for `generator: false` (train.memory_model)."""
+    problems = []
+    if not cfg.backbone:
+        problems.append("model.generator: false scores memories of backbone features, and this model has no backbone; "
+                        "set backbone: efficientnet_lite0 or generator: true")
+    elif cfg.backbone not in BACKBONES:
+        problems.append(f"model.backbone: got {cfg.backbone!r}, expected one of {BACKBONES}")
+    default = ModelConfig()
+    for key in GENERATOR_ONLY:
+        if getattr(cfg, key) != getattr(default, key):
+            problems.append(f"model.{key}: a part of the trained generator, and this model has none (generator: false); "
+                            "drop the key or set generator: true")
+    h, w = cfg.image_size
+    if h % 32 or w % 32:
+        problems.append(f"model.image_size: got {list(cfg.image_size)}, expected multiples of 32 (the backbone's 1/32 features)")
+    fh, fw = h // 8, w // 8
+    if cfg.memory_block < 1 or fh % cfg.memory_block or fw % cfg.memory_block:
+        problems.append(f"model.memory_block: block {cfg.memory_block} does not tile the {fh}x{fw} feature map "
+                        "(1, 2, 4 or 8 at 256 px)")
+    if cfg.memory_budget < 0:
+        problems.append(f"model.memory_budget: got {cfg.memory_budget}, expected 0 (all), a fraction in (0, 1] or a count > 1")
+    if cfg.memory_items < 1 or cfg.coarse_memory_items < 1:
+        problems.append(f"model.memory_items / coarse_memory_items: got {cfg.memory_items} / {cfg.coarse_memory_items}, "
+                        "expected >= 1")
+    if not 0.0 <= cfg.coarse_memory_weight < 1.0:
+        problems.append(f"model.coarse_memory_weight: got {cfg.coarse_memory_weight}, expected within [0, 1)")
+    if not 0 <= cfg.feature_dims <= BACKBONE_CHANNELS or not 0 <= cfg.coarse_feature_dims <= COARSE_CHANNELS:
+        problems.append(f"model.feature_dims / coarse_feature_dims: got {cfg.feature_dims} / {cfg.coarse_feature_dims}, "
+                        f"expected 0 (all) to {BACKBONE_CHANNELS} / {COARSE_CHANNELS} principal components")
+    if cfg.illumination_std <= 0 or (cfg.illumination_std != 1.0 and not cfg.illumination_norm):
+        problems.append(f"model.illumination_std: got {cfg.illumination_std}, expected > 0 and only with illumination_norm")
+    if not 0.0 <= cfg.score_topk <= 1.0 or (cfg.score_minus_mean and cfg.score_topk >= 1.0):
+        problems.append(f"model.score_topk: got {cfg.score_topk}, expected within [0, 1] (below 1 with score_minus_mean)")
+    if cfg.map_closing and (cfg.map_closing < 3 or cfg.map_closing % 2 == 0 or cfg.map_closing > MAX_MAP_CLOSING):
+        problems.append(f"model.map_closing: got {cfg.map_closing}, expected 0 (none) or an odd filter size from 3 "
+                        f"to {MAX_MAP_CLOSING} pixels")
+    if cfg.edge_fill_weight < 0:
+        problems.append(f"model.edge_fill_weight: got {cfg.edge_fill_weight}, expected >= 0 (0 = no row fill)")
     if cfg.in_channels not in (1, 3):
         problems.append(f"model.in_channels: got {cfg.in_channels}, expected 1 or 3")
     return problems

@@ -206,8 +206,8 @@ def training_blocks(model_cfg: ModelConfig, n_images: int) -> int:
 
 
 def stores_training_blocks(model_cfg: ModelConfig) -> bool:
-    """Whether the model keeps training blocks verbatim (a data-drawn full-resolution memory)."""
-    return model_cfg.memory and model_cfg.memory_init == "data" and model_cfg.full_skip_block[0] >= 1
+    """Whether the model keeps training blocks verbatim (a data-drawn full-resolution memory, or the feature memory)."""
+    return not model_cfg.generator or model_cfg.memory and model_cfg.memory_init == "data" and model_cfg.full_skip_block[0] >= 1
 
 
 def statistics_split(model_cfg: ModelConfig, samples: List[Sample], held: List[Sample],
@@ -247,18 +247,10 @@ def fit_coarse_memory_to_data(model_cfg: ModelConfig, n_images: int) -> ModelCon
     return dataclasses.replace(model_cfg, coarse_memory_items=available)
 
 
-def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> FitResult:
-    problems = validate_model_config(model_cfg)
-    if problems:
-        raise ConfigError("; ".join(problems))
-    rank, world, local_rank = distributed_context()
-    device = resolve_device(cfg.device, local_rank)
-    owns_group = join_process_group(device)
-    seed_everything(cfg.seed)
-    out = Path(cfg.out)
-    ckpt_path = out / CHECKPOINT_NAME
-
-    spec = preprocess_spec(model_cfg)
+def fit_samples(model_cfg: ModelConfig, cfg: TrainConfig,
+                rank: int) -> Tuple[List[Sample], List[Sample], List[Sample], Optional[Groups]]:
+    """(images to train on, validation images held back, good images that set the score statistics, the groups or
+    None) of `cfg.data`, under the grouped protocol where `cfg.groups` names a groups file."""
     groups = load_groups(Path(cfg.groups), Path(cfg.data)) if cfg.groups else None
     every = grouped_protocol(Path(cfg.data), groups)[0] if groups is not None else train_samples(Path(cfg.data))
     if model_cfg.in_channels == 1 and rank == 0 and has_colour(every):
@@ -268,6 +260,36 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
     samples, held = (holdout_by_group(every, cfg.val_fraction, cfg.seed, groups) if groups is not None
                      else split_holdout(every, cfg.val_fraction, cfg.seed))
     samples, unseen = statistics_split(model_cfg, samples, held, cfg.seed, groups)
+    return samples, held, unseen, groups
+
+
+def training_data_summary(cfg: TrainConfig, samples: List[Sample], held: List[Sample], unseen: List[Sample],
+                          groups: Optional[Groups]) -> Dict[str, Any]:
+    """What the checkpoint (and the bundle, without the lists) says of the data a fit saw."""
+    return {"root": str(cfg.data), "n_images": len(samples), "n_held_back": len(held),
+            "held_back": [str(s.image) for s in held],
+            "score_stats_from": f"{len(unseen)} held-back good images" if unseen else "the training images",
+            "score_stats_images": [str(s.image) for s in unseen],
+            "groups_sha256": groups.sha256 if groups is not None else ""}
+
+
+def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> FitResult:
+    problems = validate_model_config(model_cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if not model_cfg.generator:  # nothing to train: features, memories and statistics
+        from .fit_memory import fit_memory
+
+        return fit_memory(model_cfg, cfg, progress=progress)
+    rank, world, local_rank = distributed_context()
+    device = resolve_device(cfg.device, local_rank)
+    owns_group = join_process_group(device)
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    ckpt_path = out / CHECKPOINT_NAME
+
+    spec = preprocess_spec(model_cfg)
+    samples, held, unseen, groups = fit_samples(model_cfg, cfg, rank)
     images = torch.from_numpy(load_images(samples, spec))
     shard = torch.arange(rank, len(images), world)  # each rank draws from its own shard
     if len(shard) == 0:
@@ -381,12 +403,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress
             batches = target_maps(model, targets, device, coarse)
         score_stats = calibrate_scores(model, batches, device)
         extra = {"score_stats": score_stats, "images_per_s": images_per_s,
-                 "training_data": {"root": str(cfg.data), "n_images": len(images), "n_held_back": len(held),
-                                   "held_back": [str(s.image) for s in held],
-                                   "score_stats_from": f"{len(unseen)} held-back good images" if unseen
-                                   else "the training images",
-                                   "score_stats_images": [str(s.image) for s in unseen],
-                                   "groups_sha256": groups.sha256 if groups is not None else ""}}
+                 "training_data": training_data_summary(cfg, samples, held, unseen, groups)}
         save_checkpoint(ckpt_path, model.cpu(), cfg, cfg.steps, optimizers, extra)
     leave_process_group(owns_group)
     return FitResult(ckpt_path, cfg.steps, images_per_s, history, score_stats)

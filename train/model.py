@@ -341,7 +341,66 @@ def edge_side_fill(m: torch.Tensor, height: Optional[int] = None) -> torch.Tenso
     return torch.cat([top, bottom], dim=2) - median
 
 
-class DAAD(nn.Module):
+class MapScoring(nn.Module):
+    """What every model here does around its raw anomaly terms: the input's illumination normalisation, maps
+    brought to image size, Gaussian smoothing, the image score (top-k of the smoothed map) and the map the
+    model outputs (optionally closed and row-filled). Subclasses make the raw terms."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h, w = cfg.image_size
+        if cfg.smoothing_sigma > 0:
+            kernel = gaussian_kernel(cfg.smoothing_sigma)
+            # zero padding darkens borders; dividing by the smoothed ones-image undoes that exactly
+            norm = separable_blur(torch.ones(1, 1, h, w), kernel)
+        else:
+            kernel, norm = torch.ones(1), torch.ones(1, 1, h, w)
+        # derived from the config, so not saved: checkpoints stay valid when the smoothing's form changes
+        self.register_buffer("smooth_kernel", kernel, persistent=False)
+        self.register_buffer("smooth_norm", norm, persistent=False)
+        self.topk = max(1, int(round(cfg.score_topk * h * w))) if cfg.score_topk > 0 else 1
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-image zero mean and std `illumination_std` when `illumination_norm` (a brighter or darker part is
+        not a defect)."""
+        if not self.cfg.illumination_norm:
+            return x
+        centred = x - x.mean(dim=(1, 2, 3), keepdim=True)
+        scale = self.cfg.illumination_std / torch.sqrt((centred * centred).mean(dim=(1, 2, 3), keepdim=True) + NORM_EPS)
+        return centred * scale
+
+    def to_image_size(self, m: torch.Tensor) -> torch.Tensor:
+        # a constant scale factor keeps Shape/Slice/Concat out of the exported graph
+        scale = self.cfg.image_size[0] // m.shape[-2]
+        return m if scale == 1 else F.interpolate(m, scale_factor=float(scale), mode="bilinear", align_corners=False)
+
+    def smooth(self, m: torch.Tensor) -> torch.Tensor:
+        if self.cfg.smoothing_sigma <= 0:
+            return m
+        return separable_blur(m, self.smooth_kernel) / self.smooth_norm
+
+    def image_score(self, amap: torch.Tensor) -> torch.Tensor:
+        flat = amap.reshape(amap.shape[0], -1)
+        if self.cfg.score_topk >= 1.0:
+            return flat.mean(dim=1)  # the whole map: for defects that change a part's overall texture
+        peak = flat.max(dim=1).values if self.topk == 1 else torch.topk(flat, self.topk, dim=1).values.mean(dim=1)
+        return peak - flat.mean(dim=1) if self.cfg.score_minus_mean else peak
+
+    def pixel_map(self, amap: torch.Tensor) -> torch.Tensor:
+        """The map the model outputs, from the scored one: closed with `map_closing` where set, plus
+        `edge_fill_weight` times its edge-side row fill."""
+        out = grey_closing(amap, self.cfg.map_closing) if self.cfg.map_closing else amap
+        if not self.cfg.edge_fill_weight:
+            return out
+        return out + self.cfg.edge_fill_weight * edge_side_fill(amap, self.cfg.image_size[0])
+
+
+class DAAD(MapScoring):
     """Generator (+ discriminator for DAAD+) and the in-graph scoring head.
 
     forward(x) -> AnomalyOutput: the per-pixel map
@@ -359,8 +418,7 @@ class DAAD(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, load_backbone: bool = True) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         has_coarse = bool(cfg.backbone) and cfg.coarse_memory_weight > 0
         self.backbone = (EfficientNetLite0Features(cfg.image_size, load_weights=load_backbone, coarse=has_coarse)
                          if cfg.backbone else None)
@@ -385,35 +443,12 @@ class DAAD(nn.Module):
             self.register_buffer("c_scale", torch.ones(()))
         self.discriminator = (Discriminator(cfg.target_channels, cfg.disc_channels, cfg.disc_spectral_norm)
                               if cfg.adversarial else None)
-        h, w = cfg.image_size
-        if cfg.smoothing_sigma > 0:
-            kernel = gaussian_kernel(cfg.smoothing_sigma)
-            # zero padding darkens borders; dividing by the smoothed ones-image undoes that exactly
-            norm = separable_blur(torch.ones(1, 1, h, w), kernel)
-        else:
-            kernel, norm = torch.ones(1), torch.ones(1, 1, h, w)
-        # derived from the config, so not saved: checkpoints stay valid when the smoothing's form changes
-        self.register_buffer("smooth_kernel", kernel, persistent=False)
-        self.register_buffer("smooth_norm", norm, persistent=False)
+        w = cfg.image_size[1]
         self.register_buffer("r_scale", torch.ones(()))
         self.register_buffer("l_scale", torch.ones(()))
         self.register_buffer("m_scale", torch.ones(()))
-        self.topk = max(1, int(round(cfg.score_topk * h * w))) if cfg.score_topk > 0 else 1
         # a Gather with constant indices: TensorRT's parsers take it in every version, a negative-step Slice not
         self.register_buffer("mirror_columns", torch.arange(w - 1, -1, -1), persistent=False)
-
-    @property
-    def name(self) -> str:
-        return self.cfg.name
-
-    def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-image zero mean and std `illumination_std` when `illumination_norm` (a brighter or darker part is
-        not a defect)."""
-        if not self.cfg.illumination_norm:
-            return x
-        centred = x - x.mean(dim=(1, 2, 3), keepdim=True)
-        scale = self.cfg.illumination_std / torch.sqrt((centred * centred).mean(dim=(1, 2, 3), keepdim=True) + NORM_EPS)
-        return centred * scale
 
     def targets(self, x: torch.Tensor) -> torch.Tensor:
         """What the generator must rebuild: the (normalised) image, or its standardised backbone features."""
@@ -479,11 +514,6 @@ class DAAD(nn.Module):
         self.feat_proj.copy_(principal_components(raw_features, self.feat_mean, self.feat_std,
                                                   self.cfg.feature_dims).to(self.feat_proj))
 
-    def to_image_size(self, m: torch.Tensor) -> torch.Tensor:
-        # a constant scale factor keeps Shape/Slice/Concat out of the exported graph
-        scale = self.cfg.image_size[0] // m.shape[-2]
-        return m if scale == 1 else F.interpolate(m, scale_factor=float(scale), mode="bilinear", align_corners=False)
-
     def raw_maps(self, target: torch.Tensor, recon: torch.Tensor, readout: Optional[torch.Tensor] = None) -> RawMaps:
         """R, L (or None) and M (or None) for a target, its reconstruction and its full-resolution read-out."""
         r_map = self.to_image_size(((target - recon) ** 2).mean(dim=1, keepdim=True))
@@ -505,11 +535,6 @@ class DAAD(nn.Module):
         if coarse is not None and self.coarse_memory is not None:
             raw = raw._replace(coarse=self.coarse_map(coarse))
         return raw
-
-    def smooth(self, m: torch.Tensor) -> torch.Tensor:
-        if self.cfg.smoothing_sigma <= 0:
-            return m
-        return separable_blur(m, self.smooth_kernel) / self.smooth_norm
 
     def combine(self, maps: RawMaps) -> torch.Tensor:
         fine = self.combine_fine(maps)
@@ -534,13 +559,6 @@ class DAAD(nn.Module):
             return maps.memory / self.m_scale
         return (1.0 - beta) * rebuilt + beta * maps.memory / self.m_scale
 
-    def image_score(self, amap: torch.Tensor) -> torch.Tensor:
-        flat = amap.reshape(amap.shape[0], -1)
-        if self.cfg.score_topk >= 1.0:
-            return flat.mean(dim=1)  # the whole map: for defects that change a part's overall texture
-        peak = flat.max(dim=1).values if self.topk == 1 else torch.topk(flat, self.topk, dim=1).values.mean(dim=1)
-        return peak - flat.mean(dim=1) if self.cfg.score_minus_mean else peak
-
     def mirror(self, t: torch.Tensor) -> torch.Tensor:
         """Left-right mirror of an image-sized (B, C, H, W) tensor."""
         return t.index_select(3, self.mirror_columns)
@@ -559,14 +577,6 @@ class DAAD(nn.Module):
     def scored_map(self, x: torch.Tensor) -> torch.Tensor:
         """The smoothed map the image score is taken from (before `map_closing`)."""
         return self.smooth(self.combine(self.image_maps(x)))
-
-    def pixel_map(self, amap: torch.Tensor) -> torch.Tensor:
-        """The map the model outputs, from the scored one: closed with `map_closing` where set, plus
-        `edge_fill_weight` times its edge-side row fill."""
-        out = grey_closing(amap, self.cfg.map_closing) if self.cfg.map_closing else amap
-        if not self.cfg.edge_fill_weight:
-            return out
-        return out + self.cfg.edge_fill_weight * edge_side_fill(amap, self.cfg.image_size[0])
 
     def forward(self, x: torch.Tensor) -> AnomalyOutput:
         amap = self.scored_map(x)

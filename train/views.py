@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .memory_model import BlockMemoryModel
 from .model import DAAD, AnomalyOutput
 
 
@@ -88,4 +89,4 @@ class ViewEnsemble(nn.Module):
         return plain
 
 
-Scorer = Union[DAAD, ViewEnsemble]  # what eval and export take: one fit, or the mean map of several
+Scorer = Union[DAAD, BlockMemoryModel, ViewEnsemble]  # what eval and export take: one fit, or the mean map of several
