@@ -184,7 +184,8 @@ def _describe(bundle: Bundle, cache: PlanCache) -> List[str]:
         f"preprocess:      {spec.channel_order}, {spec.height}x{spec.width} ({spec.resize}), "
         f"mean {list(spec.mean)}, std {list(spec.std)}",
         f"outputs:         anomaly_map={bundle.map_output}, score={bundle.score_output}",
-        f"identity:        {bundle.sha256}",
+        f"identity:        {bundle.sha256} "
+        f"({'manifest over bundle.yaml and graphs, verified' if bundle.manifest_sha256 else 'batch-1 graph: no manifest, re-export'})",
         "graphs (SHA-256 verified):",
     ]
     for g in bundle.graphs:
