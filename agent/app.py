@@ -39,7 +39,7 @@ from .payloads import (
     new_boot_id,
     status_payload,
 )
-from .scoring import Scorer, frame_size_of, judge
+from .scoring import Scored, Scorer, frame_size_of, judge, self_test
 from .sdnotify import SystemdNotifier
 from .sources import SYSTEM_CLOCK, Clock, Frame, FrameSource, open_source
 from .thresholds_watch import ThresholdsWatch
@@ -85,6 +85,7 @@ class App:
         self.backend: Optional[Backend] = backend
         self._own_backend = backend is None
         self.scorer: Optional[Scorer] = None
+        self.blank: Optional[Scored] = None  # the blank frame scored at init_backend
         self.frames: Optional[FramesStore] = None
         self.spool: Optional[Any] = None
         self.publisher: Optional[Any] = publisher
@@ -134,6 +135,9 @@ class App:
             m = self.config.model
             self.backend = open_backend(self.bundle, prefer=m.backend, precision=m.precision, plan_cache=m.plan_cache)
         self.scorer = Scorer(self.backend, self.bundle.preprocess)
+        # one blank frame before the camera opens: a bundle the backend cannot run stops the start here
+        self.blank = self_test(self.scorer, str(self.bundle.root))
+        logger.info("backend: %s scored a blank frame: %.6g", self.backend.name, self.blank.score)
 
     def init_frames_store(self) -> None:
         f = self.config.frames
