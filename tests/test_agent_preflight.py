@@ -87,6 +87,29 @@ def test_product_like_bundle_passes_the_check(tmp_path: Path, capsys, restore_lo
     assert "scored a blank frame" in capsys.readouterr().out
 
 
+def test_check_config_never_builds_a_plan(tmp_path: Path, bundle_copy: Bundle, capsys, restore_logging) -> None:
+    """model.backend auto without a cached plan: scored with ONNX Runtime, and the report says why."""
+    config = setup(tmp_path, bundle_copy)
+    data = yaml.safe_load(config.read_text())
+    data["model"].update(backend="auto", precision="fp16", plan_cache=str(tmp_path / "plans"))
+    config.write_text(yaml.safe_dump(data))
+    assert main(["--config", str(config), "--check-config"]) == 0
+    assert "no TensorRT plan cached yet" in capsys.readouterr().out
+    assert not (tmp_path / "plans").exists() or not any((tmp_path / "plans").rglob("*.plan"))
+
+
+def test_tensorrt_backend_where_tensorrt_is_missing_is_refused(tmp_path: Path, bundle_copy: Bundle) -> None:
+    config = setup(tmp_path, bundle_copy)
+    data = yaml.safe_load(config.read_text())
+    data["model"].update(backend="tensorrt")
+    config.write_text(yaml.safe_dump(data))
+    env_has_trt = subprocess.run([sys.executable, "-c", "import tensorrt"], capture_output=True).returncode == 0
+    if env_has_trt:
+        pytest.skip("TensorRT is installed here")
+    assert_refused(run_agent(config, "--check-config"), f"{config}: model.backend: got 'tensorrt'",
+                   "set model.backend: auto or onnxruntime")
+
+
 def _edit_text(old: str, new: str) -> Callable[[Path], None]:
     def edit(root: Path) -> None:
         path = root / BUNDLE_YAML
