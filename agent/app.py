@@ -81,6 +81,7 @@ class App:
         self._stopped = False
         # parts, made by init_*
         self.bundle: Optional[Bundle] = None
+        self.signed_by = ""  # id of the key whose signature was verified; "" when no public key is configured
         self.watch: Optional[ThresholdsWatch] = None
         self.backend: Optional[Backend] = backend
         self._own_backend = backend is None
@@ -119,6 +120,11 @@ class App:
     def init_bundle(self) -> None:
         self.bundle = load_bundle(self.config.model.bundle)
         logger.info("bundle: %s", describe(self.bundle))
+        if self.config.model.public_key is not None:
+            from engine.signing import verify_signature
+
+            self.signed_by = verify_signature(self.bundle, self.config.model.public_key)
+            logger.info("bundle: signature verified (key %s)", self.signed_by)
 
     def init_thresholds(self) -> None:
         cfg = self.config.thresholds

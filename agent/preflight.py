@@ -51,7 +51,9 @@ def preflight(config: Any, config_file: Optional[str] = None) -> List[str]:
         resolve_password(config.mqtt)
         return [
             f"bundle: {describe(app.bundle)}, manifest "
-            f"{'verified' if app.bundle.manifest_sha256 else 'absent (re-export the bundle)'}",
+            f"{'verified' if app.bundle.manifest_sha256 else 'absent (re-export the bundle)'}, "
+            + (f"signature verified (key {app.signed_by})" if app.signed_by else "signature not checked "
+               "(no model.public_key)"),
             f"thresholds: image {thresholds.image_threshold:.6g}, pixel {thresholds.pixel_threshold:.6g}, "
             f"min area {thresholds.min_defect_area} (made for this bundle)",
             f"backend: {app.backend.name} scored a blank frame: {blank.score:.6g} "

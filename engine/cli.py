@@ -113,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map-tolerance", type=float, default=None, metavar="R",
                    help="allowed |map16 - map32| as a fraction of max(1, max |map32|) (default: 0.01)")
 
+    p = sub.add_parser("sign", help="sign the bundle with the release key (Ed25519): writes BUNDLE/bundle.sig",
+                       description="Verify the bundle (hashes, manifest, graph against bundle.yaml), then sign its "
+                                   "manifest with an Ed25519 private key (PEM) into BUNDLE/bundle.sig. An agent whose "
+                                   "config sets model.public_key refuses a bundle without a valid signature. Make "
+                                   "the key once with `openssl genpkey -algorithm ed25519 -out release.key`, its "
+                                   "public half with `openssl pkey -in release.key -pubout -out release.pub`. "
+                                   "Needs the cryptography package (the `signing` extra).")
+    _bundle_arg(p)
+    p.add_argument("--key", type=Path, required=True, metavar="PEM", help="the Ed25519 private key")
+
     p = sub.add_parser("bench", help="latency/throughput of a backend on synthetic frames",
                        description="Time a backend on real preprocessed synthetic frames (after a warm-up) and print "
                                    "backend, p50/p99/mean latency, fps and peak memory.")
@@ -240,7 +250,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"build": cmd_build, "check": cmd_check, "bench": cmd_bench, "info": cmd_info}
+def cmd_sign(args: argparse.Namespace) -> int:
+    from .signing import sign_bundle
+
+    bundle = load_bundle(args.bundle)
+    print(sign_bundle(bundle, args.key))
+    return EXIT_OK
+
+
+COMMANDS = {"build": cmd_build, "check": cmd_check, "bench": cmd_bench, "info": cmd_info, "sign": cmd_sign}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
