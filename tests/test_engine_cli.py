@@ -194,7 +194,7 @@ def test_info_prints_metadata(template_bundle: Bundle, tmp_path: Path, monkeypat
     assert "preprocess:      gray, 64x64" in result.stdout and "plans cached in" in result.stdout
 
 
-@pytest.mark.parametrize("command", [[], ["build"], ["check"], ["bench"], ["info"]])
+@pytest.mark.parametrize("command", [[], ["build"], ["check"], ["bench"], ["info"], ["sign"]])
 def test_help_is_the_manual(command: List[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result = run_main([*command, "--help"], tmp_path, monkeypatch)
     assert result.returncode == 0 and result.stdout.startswith("usage: daad-engine")
