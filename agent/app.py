@@ -39,7 +39,7 @@ from .payloads import (
     new_boot_id,
     status_payload,
 )
-from .scoring import Scorer, frame_size_of, judge
+from .scoring import Scored, Scorer, frame_size_of, judge, self_test
 from .sdnotify import SystemdNotifier
 from .sources import SYSTEM_CLOCK, Clock, Frame, FrameSource, open_source
 from .thresholds_watch import ThresholdsWatch
@@ -81,10 +81,12 @@ class App:
         self._stopped = False
         # parts, made by init_*
         self.bundle: Optional[Bundle] = None
+        self.signed_by = ""  # id of the key whose signature was verified; "" when no public key is configured
         self.watch: Optional[ThresholdsWatch] = None
         self.backend: Optional[Backend] = backend
         self._own_backend = backend is None
         self.scorer: Optional[Scorer] = None
+        self.blank: Optional[Scored] = None  # the blank frame scored at init_backend
         self.frames: Optional[FramesStore] = None
         self.spool: Optional[Any] = None
         self.publisher: Optional[Any] = publisher
@@ -118,6 +120,11 @@ class App:
     def init_bundle(self) -> None:
         self.bundle = load_bundle(self.config.model.bundle)
         logger.info("bundle: %s", describe(self.bundle))
+        if self.config.model.public_key is not None:
+            from engine.signing import verify_signature
+
+            self.signed_by = verify_signature(self.bundle, self.config.model.public_key)
+            logger.info("bundle: signature verified (key %s)", self.signed_by)
 
     def init_thresholds(self) -> None:
         cfg = self.config.thresholds
@@ -134,6 +141,9 @@ class App:
             m = self.config.model
             self.backend = open_backend(self.bundle, prefer=m.backend, precision=m.precision, plan_cache=m.plan_cache)
         self.scorer = Scorer(self.backend, self.bundle.preprocess)
+        # one blank frame before the camera opens: a bundle the backend cannot run stops the start here
+        self.blank = self_test(self.scorer, str(self.bundle.root))
+        logger.info("backend: %s scored a blank frame: %.6g", self.backend.name, self.blank.score)
 
     def init_frames_store(self) -> None:
         f = self.config.frames

@@ -4,8 +4,11 @@
     daad-agent --config agent.yaml --check-config                 validate config, bundle, thresholds; exit
     daad-agent --config agent.yaml --max-frames 100 --log-json    score 100 frames, JSON log lines
 
-Exit status: 0 after a clean stop (SIGTERM/SIGINT, end of a file source, --max-frames), 1 on any
-error (one line per problem on stderr), 2 for a usage error.
+Exit status: 0 after a clean stop (SIGTERM/SIGINT, end of a file source, --max-frames);
+78 (EX_CONFIG) when the config, bundle, thresholds or model backend are refused: restarting cannot fix
+that, so the systemd units list 78 in RestartPreventExitStatus= (fix the named file, then
+`systemctl restart daad-agent`); 1 on any other error (a camera error, a bug): systemd restarts it;
+2 for a usage error. Every refusal is one line on stderr naming the file, the field and the fix.
 """
 from __future__ import annotations
 
@@ -17,9 +20,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from engine.errors import DaadError
+from engine.errors import (BackendError, BundleError, ConfigError, DaadError, EngineBuildError, ImageError,
+                           ThresholdsError)
 
 logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # systemd restarts (Restart=on-failure)
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: the units' RestartPreventExitStatus= stops the restarts
+# What no restart can fix: a file must change first. A CameraError stays EXIT_ERROR (a camera may come back).
+FATAL_ERRORS = (ConfigError, BundleError, ThresholdsError, BackendError, EngineBuildError, ImageError)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # extra= fields worth keeping in JSON lines
@@ -68,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", required=True, type=Path, metavar="FILE", help="agent.yaml")
     parser.add_argument("--check-config", action="store_true",
-                        help="validate the config, the bundle (hashes) and the thresholds (made for this bundle), then exit")
+                        help="a start short of camera and broker: validate the config, load the bundle (manifest, graph "
+                             "against bundle.yaml), the thresholds (made for this bundle) and the backend, score one "
+                             "blank frame, then exit (0 OK, 78 refused)")
     parser.add_argument("--log-json", action="store_true", help="JSON log lines (overrides logging.json)")
     parser.add_argument("--max-frames", type=_positive_int, metavar="N", help="exit 0 after scoring N frames")
     return parser
@@ -84,25 +96,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def check_config(config: Any) -> List[str]:
-    """Everything that can be checked without starting: bundle hashes, thresholds' bundle, camera, secrets."""
-    from calibration.thresholds import load_thresholds
-    from engine.bundle import describe, load_bundle
+def check_config(config: Any, config_file: Optional[str] = None) -> List[str]:
+    """Everything a start does short of opening the camera and the broker (agent.preflight)."""
+    from .preflight import preflight
 
-    from .mqtt import resolve_password
-    from .sources import open_source
+    return preflight(config, config_file)
 
-    bundle = load_bundle(config.model.bundle, verify=True)
-    thresholds = load_thresholds(config.thresholds.path, bundle)
-    source = open_source(config.camera)  # builds pipeline strings; opens nothing
-    resolve_password(config.mqtt)
-    return [
-        f"bundle: {describe(bundle)}",
-        f"thresholds: image {thresholds.image_threshold:.6g}, pixel {thresholds.pixel_threshold:.6g}, "
-        f"min area {thresholds.min_defect_area} (made for this bundle)",
-        f"camera: {config.camera.name}: {source.describe()}, mode {config.camera.mode}",
-        f"mqtt: {config.mqtt.host}:{config.mqtt.port} station {config.mqtt.station}",
-    ]
+
+def exit_code(exc: DaadError) -> int:
+    return EXIT_CONFIG if isinstance(exc, FATAL_ERRORS) else EXIT_ERROR
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -112,12 +114,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .config import load_config
 
         config = load_config(args.config)
-        setup_logging(config.logging.level, args.log_json or config.logging.json_lines)
+        # --check-config reports on stdout; its stderr carries only warnings and the one refusal line
+        level = "WARNING" if args.check_config and config.logging.level in ("DEBUG", "INFO") else config.logging.level
+        setup_logging(level, args.log_json or config.logging.json_lines)
         if args.check_config:
-            for line in check_config(config):
+            for line in check_config(config, str(args.config)):
                 print(line)
             print(f"{args.config}: OK")
-            return 0
+            return EXIT_OK
         from .app import App
 
         app = App(config, max_frames=args.max_frames, config_file=str(args.config))
@@ -125,12 +129,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return app.run()
     except DaadError as exc:
         print(str(exc), file=sys.stderr)
-        return 1
+        return exit_code(exc)
     except KeyboardInterrupt:
-        return 0
+        return EXIT_OK
     except Exception:  # a bug: keep the traceback in the journal, exit non-zero so systemd restarts us
         logger.critical("daad-agent: unexpected error", exc_info=True)
-        return 1
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

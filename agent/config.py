@@ -104,6 +104,10 @@ class ModelConfig(_Section):
     )
     precision: Literal["fp32", "fp16"] = Field("fp32", description="TensorRT precision (recalibrate after changing)")
     plan_cache: Optional[Path] = Field(None, description="TensorRT plan cache directory; None: engine's default")
+    public_key: Optional[Path] = Field(
+        None, description="Ed25519 public key (PEM) of the release key: the bundle must carry a bundle.sig made "
+                          "with it (`daad-engine sign`); None: signatures are not checked"
+    )
 
 
 class ThresholdsConfig(_Section):
@@ -194,6 +198,9 @@ def check_rules(config: AgentConfig, check_files: bool = True) -> List[str]:
         problems.append(
             f"model.bundle: got '{bundle}' ({what}), expected a bundle directory written by `daad-train export`"
         )
+    key = config.model.public_key
+    if key is not None and not key.is_file():
+        problems.append(f"model.public_key: got '{key}' (not a file), expected the release key's public half (PEM)")
     if not config.thresholds.path.is_file():
         problems.append(
             f"thresholds.path: got '{config.thresholds.path}' (not a file), expected thresholds.yaml "

@@ -389,7 +389,7 @@ def load_capture(path: Union[str, Path], bundle: Optional[Bundle] = None) -> Cap
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise CaptureError(f"{yaml_path}: field `format_version` is {version!r}, expected {CAPTURE_FORMAT_VERSION}; capture again")
     sha = str((meta.get("bundle") or {}).get("sha256", ""))
-    if bundle is not None and sha != bundle.sha256:
+    if bundle is not None and not bundle.binding(sha):  # "graph": a capture made before bundle manifests
         raise CaptureError(
             f"{yaml_path}: field `bundle.sha256` is {sha[:12]}... but the bundle {bundle.root} is {bundle.sha256[:12]}...; "
             f"this capture was scored with another model: capture again with this bundle"

@@ -5,6 +5,7 @@ Coordinates and areas refer to the anomaly map, i.e. the model's input resolutio
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -16,6 +17,8 @@ import yaml
 from engine.bundle import Bundle, atomic_write_text, read_yaml
 from engine.errors import ThresholdsError
 
+logger = logging.getLogger(__name__)
+
 THRESHOLDS_FORMAT_VERSION = 1
 STRATEGIES = ("quantile", "gpd", "best_f1", "manual")
 
@@ -25,7 +28,7 @@ class Thresholds:
     image_threshold: float  # a frame is defective when its image score is above this
     pixel_threshold: float  # anomaly-map pixels above this form defect regions
     min_defect_area: int  # regions smaller than this (in anomaly-map pixels) are ignored
-    bundle_sha256: str  # the bundle these were calibrated for; others are refused
+    bundle_sha256: str  # the bundle these were calibrated for (its manifest digest, Bundle.sha256); others are refused
     strategy: str = "quantile"
     target_false_alarm_rate: Optional[float] = None
     n_frames: int = 0
@@ -101,12 +104,25 @@ def load_thresholds(path: Union[str, Path], bundle: Optional[Bundle] = None) -> 
         raise ThresholdsError(f"{path}: thresholds file not found; create it with `daad-calibrate fit`")
     data = read_yaml(path, ThresholdsError, "regenerate it with `daad-calibrate fit`")
     thresholds = parse_thresholds(data, path)
-    if bundle is not None and thresholds.bundle_sha256 != bundle.sha256:
+    if bundle is not None:
+        check_binding(thresholds, bundle, path)
+    return thresholds
+
+
+def check_binding(thresholds: Thresholds, bundle: Bundle, path: Union[str, Path] = "<thresholds>") -> None:
+    """Refuse thresholds made for another bundle. Thresholds written before bundle manifests name the graph's
+    hash: still accepted for a bundle with that graph, with a warning to recalibrate (they cannot vouch for
+    bundle.yaml's preprocessing)."""
+    binding = bundle.binding(thresholds.bundle_sha256)
+    if not binding:
         raise ThresholdsError(
             f"{path}: field `bundle_sha256` is {thresholds.bundle_sha256[:12]}... but the bundle {bundle.root} is "
-            f"{bundle.sha256[:12]}...; these thresholds were made for another model: recalibrate with `daad-calibrate fit`"
+            f"{bundle.sha256[:12]}...; these thresholds were made for another model (or another bundle.yaml): "
+            "recalibrate with `daad-calibrate fit`"
         )
-    return thresholds
+    if binding == "graph" and bundle.manifest_sha256:
+        logger.warning("%s: field `bundle_sha256` names the bundle's graph only (written before bundle manifests); "
+                       "recalibrate with `daad-calibrate fit` to bind the thresholds to all of %s", path, bundle.root)
 
 
 def save_thresholds(path: Union[str, Path], thresholds: Thresholds) -> Path:

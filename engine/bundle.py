@@ -1,11 +1,18 @@
 """The model bundle: a self-describing directory (model.onnx + bundle.yaml) that travels
 from the desktop to the Jetson. train/ writes it (train.export), everything else reads it here.
+
+Integrity: bundle.yaml ends with `manifest_sha256`, one digest over every other byte of bundle.yaml and
+over every graph file, so an edited preprocessing mean or input size is refused at load just like a
+modified graph. The manifest is the bundle's identity: thresholds and calibration captures bind to it.
+Bundles written before manifests still load, with a warning, identified by their batch-1 graph's hash.
 """
 from __future__ import annotations
 
 import hashlib
-import sys
+import logging
 import os
+import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +21,10 @@ from typing import Any, Dict, Optional, Tuple, Type, Union
 import yaml
 
 from .errors import BundleError, DaadError
+from .onnx_io import ELEM_FLOAT, read_graph_io
 from .preprocess import PreprocessSpec
+
+logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT_VERSION = 1
 BUNDLE_YAML = "bundle.yaml"
@@ -22,6 +32,15 @@ INPUT_NAME = "image"
 MAP_OUTPUT = "anomaly_map"
 SCORE_OUTPUT = "score"
 HASH_CHUNK = 1 << 20
+MANIFEST_FIELD = "manifest_sha256"
+MANIFEST_DOMAIN = b"daad-bundle-manifest/1\n"  # versions the digest's recipe, not the bundle format
+# The manifest line, wherever a YAML tool may have moved it; the digest covers every other byte.
+_MANIFEST_LINE = re.compile(rb"^manifest_sha256:[ \t]*['\"]?([0-9a-f]{64})['\"]?[ \t]*(?:\r?\n|\Z)", re.M)
+EXPORT_FIX = "re-export the bundle with `daad-train export`"
+# Every top-level field a bundle has ever been written with: another one is damage (a flipped byte in a key
+# would otherwise make the manifest line look absent) or a hand edit.
+BUNDLE_FIELDS = frozenset({"format_version", "model", "input", "preprocess", "outputs", "opset", "graphs", "score_stats",
+                           "metrics", "training_data", "software", "created", "parity", MANIFEST_FIELD})
 
 
 def sha256_file(path: Union[str, Path]) -> str:
@@ -91,23 +110,39 @@ class Bundle:
     opset: int
     score_stats: Dict[str, Any] = field(default_factory=dict)
     metadata: Dict[str, Any] = field(default_factory=dict)  # the whole bundle.yaml
+    manifest_sha256: str = ""  # "" for a bundle written before manifests
 
     @property
     def sha256(self) -> str:
-        """Identity of the bundle: the hash of its batch-1 graph (thresholds and plans are keyed by it)."""
+        """Identity of the bundle (thresholds and captures bind to it): the manifest digest over bundle.yaml
+        and every graph; for a bundle written before manifests, the hash of its batch-1 graph.
+        TensorRT plans are keyed by the graph's own hash (`graph(batch).sha256`)."""
+        return self.manifest_sha256 or self.graph(1).sha256
+
+    @property
+    def graph_sha256(self) -> str:
         return self.graph(1).sha256
+
+    def binding(self, recorded: str) -> str:
+        """How a file that names `recorded` as its bundle hash is bound to this bundle: "manifest" (to all of
+        it), "graph" (to its batch-1 graph only: written before manifests), or "" (another bundle)."""
+        if recorded == self.sha256:
+            return "manifest" if self.manifest_sha256 else "graph"
+        if self.manifest_sha256 and recorded == self.graph_sha256:
+            return "graph"
+        return ""
 
     @property
     def input_name(self) -> str:
-        return str(self.metadata.get("input", {}).get("name", INPUT_NAME))
+        return str((self.metadata.get("input") or {}).get("name", INPUT_NAME))
 
     @property
     def map_output(self) -> str:
-        return str(self.metadata.get("outputs", {}).get("anomaly_map", MAP_OUTPUT))
+        return str((self.metadata.get("outputs") or {}).get("anomaly_map", MAP_OUTPUT))
 
     @property
     def score_output(self) -> str:
-        return str(self.metadata.get("outputs", {}).get("score", SCORE_OUTPUT))
+        return str((self.metadata.get("outputs") or {}).get("score", SCORE_OUTPUT))
 
     @property
     def batch_sizes(self) -> Tuple[int, ...]:
@@ -128,7 +163,8 @@ class Bundle:
         return (batch,) + self.preprocess.input_shape
 
     def verify(self) -> None:
-        """Re-hash every graph file; BundleError on a missing, truncated or tampered file."""
+        """Re-hash every graph file and the manifest, then check each graph's inputs and outputs against
+        bundle.yaml; BundleError, in one line, on a missing, truncated, tampered or inconsistent file."""
         for g in self.graphs:
             path = self.root / g.file
             if not path.is_file():
@@ -139,6 +175,72 @@ class Bundle:
                     f"{path}: SHA-256 {actual[:12]}... does not match {BUNDLE_YAML} graphs[batch={g.batch}].sha256 "
                     f"{g.sha256[:12]}... (truncated or modified copy); copy the bundle again or re-export it"
                 )
+        self.verify_manifest()
+        for g in self.graphs:
+            check_graph_matches(self, g)
+
+    def verify_manifest(self) -> None:
+        yaml_path = self.root / BUNDLE_YAML
+        raw = yaml_path.read_bytes()
+        found = list(_MANIFEST_LINE.finditer(raw))
+        if not found:
+            if self.manifest_sha256 or MANIFEST_FIELD in self.metadata:
+                raise BundleError(f"{yaml_path}: field `{MANIFEST_FIELD}` is not a line of its own with 64 hex digits "
+                                  f"(edited by hand?); copy the bundle again or {EXPORT_FIX}")
+            logger.warning("%s: no field `%s` (written before bundle manifests): edits to bundle.yaml cannot be "
+                           "detected; %s", yaml_path, MANIFEST_FIELD, EXPORT_FIX)
+            return
+        if len(found) > 1 or found[0].group(1).decode() != self.manifest_sha256:
+            raise BundleError(f"{yaml_path}: field `{MANIFEST_FIELD}` appears {len(found)} times or disagrees with the "
+                              f"parsed file; copy the bundle again or {EXPORT_FIX}")
+        body = raw[:found[0].start()] + raw[found[0].end():]
+        actual = manifest_digest(body, {g.file: g.sha256 for g in self.graphs})
+        if actual != self.manifest_sha256:
+            raise BundleError(
+                f"{yaml_path}: field `{MANIFEST_FIELD}` {self.manifest_sha256[:12]}... does not match the content of "
+                f"{BUNDLE_YAML} and its graphs ({actual[:12]}...): the bundle was edited or damaged after export; "
+                f"copy the bundle again or {EXPORT_FIX}"
+            )
+
+
+def manifest_digest(yaml_body: bytes, graph_sha256: Dict[str, str]) -> str:
+    """SHA-256 over bundle.yaml without its manifest line and over each graph's (verified) hash by file name."""
+    digest = hashlib.sha256(MANIFEST_DOMAIN)
+    digest.update(hashlib.sha256(yaml_body).digest())
+    for file in sorted(graph_sha256):
+        digest.update(f"{file}\0{graph_sha256[file]}\n".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def check_graph_matches(bundle: Bundle, g: OnnxGraph) -> None:
+    """The graph's input (name, dtype, shape) and outputs (names) are what bundle.yaml says; else one line."""
+    path = bundle.root / g.file
+    yaml_path = bundle.root / BUNDLE_YAML
+    try:
+        io = read_graph_io(path)
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: not a readable ONNX model ({exc}); copy the bundle again or {EXPORT_FIX}") from exc
+    inp = io.input(bundle.input_name)
+    if inp is None:
+        raise BundleError(f"{yaml_path}: field `input.name` is {bundle.input_name!r} but {g.file} has inputs "
+                          f"{[t.name for t in io.inputs]}; {EXPORT_FIX}")
+    if inp.elem_type != ELEM_FLOAT:
+        raise BundleError(f"{yaml_path}: field `input.dtype` is float32 but {g.file} takes {inp.dtype}; {EXPORT_FIX}")
+    expected = bundle.input_shape(g.batch)
+    # a dynamic dim (None) is not a disagreement here: `daad-engine check` names it for TensorRT
+    if inp.shape is not None and (len(inp.shape) != len(expected)
+                                  or any(d is not None and d != e for d, e in zip(inp.shape, expected))):
+        spec = bundle.preprocess
+        got = "x".join("?" if d is None else str(d) for d in inp.shape)
+        raise BundleError(
+            f"{yaml_path}: field `preprocess` ({spec.channel_order}, {spec.height}x{spec.width}, batch {g.batch}: "
+            f"{'x'.join(map(str, expected))}) does not match {g.file}, whose input {inp.name!r} is {got}; {EXPORT_FIX}"
+        )
+    names = [t.name for t in io.outputs]
+    for key, name in (("anomaly_map", bundle.map_output), ("score", bundle.score_output)):
+        if name not in names:
+            raise BundleError(f"{yaml_path}: field `outputs.{key}` is {name!r} but {g.file} has outputs {names}; "
+                              f"{EXPORT_FIX}")
 
 
 def _require(meta: Dict[str, Any], key: str, yaml_path: Path) -> Any:
@@ -177,14 +279,28 @@ def load_bundle(path: Union[str, Path], verify: bool = True) -> Bundle:
         raise BundleError(f"{yaml_path}: field `graphs` is invalid ({exc}); each entry needs file, sha256 and batch") from exc
     if not any(g.batch == 1 for g in graphs):
         raise BundleError(f"{yaml_path}: field `graphs` has no batch-1 graph; re-export the bundle")
+    unknown = sorted(str(k) for k in meta if k not in BUNDLE_FIELDS)
+    if unknown:
+        raise BundleError(f"{yaml_path}: field `{unknown[0]}` is not a bundle.yaml field (damaged or edited copy); "
+                          f"copy the bundle again or {EXPORT_FIX}")
+    for key in ("model", "input", "outputs", "score_stats"):  # read by properties later: refuse them now
+        if not isinstance(meta.get(key) or {}, dict):
+            raise BundleError(f"{yaml_path}: field `{key}` must be a mapping, got {type(meta[key]).__name__}; "
+                              f"copy the bundle again or {EXPORT_FIX}")
+    try:
+        opset = int(meta.get("opset", 17))
+    except (TypeError, ValueError):
+        raise BundleError(f"{yaml_path}: field `opset` must be a whole number, got {meta.get('opset')!r}; "
+                          f"copy the bundle again or {EXPORT_FIX}") from None
     bundle = Bundle(
         root=root,
-        name=str(meta.get("model", {}).get("name", root.name)),
+        name=str((meta.get("model") or {}).get("name", root.name)),
         preprocess=spec,
         graphs=graphs,
-        opset=int(meta.get("opset", 17)),
+        opset=opset,
         score_stats=dict(meta.get("score_stats") or {}),
         metadata=meta,
+        manifest_sha256=str(meta.get(MANIFEST_FIELD) or ""),
     )
     if verify:
         bundle.verify()
@@ -192,9 +308,21 @@ def load_bundle(path: Union[str, Path], verify: bool = True) -> Bundle:
 
 
 def write_bundle_yaml(root: Union[str, Path], meta: Dict[str, Any]) -> Path:
-    """Atomically write bundle.yaml (used by train.export)."""
-    path = Path(root) / BUNDLE_YAML
-    atomic_write_text(path, yaml.safe_dump(meta, sort_keys=False))
+    """Atomically write bundle.yaml sealed with its manifest (used by train.export): the graphs it lists
+    must already be in `root`; any earlier manifest in `meta` is replaced."""
+    root = Path(root)
+    path = root / BUNDLE_YAML
+    body = {k: v for k, v in meta.items() if k != MANIFEST_FIELD}
+    text = yaml.safe_dump(body, sort_keys=False)
+    graph_sha256 = {}
+    for g in body.get("graphs") or []:
+        actual = sha256_file(root / str(g["file"]))
+        if actual != g.get("sha256"):
+            raise BundleError(f"{root / str(g['file'])}: SHA-256 differs from the graphs[].sha256 being written; "
+                              "hash the graph files after they are final")
+        graph_sha256[str(g["file"])] = actual
+    digest = manifest_digest(text.encode("utf-8"), graph_sha256)
+    atomic_write_text(path, f"{text}{MANIFEST_FIELD}: {digest}\n")
     return path
 
 

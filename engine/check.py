@@ -2,7 +2,9 @@
 
 No GPU and no TensorRT needed: opset and IR version, static shapes everywhere (after ONNX shape
 inference), every operator in TensorRT's published support table (engine.trt_support), no dtype
-TensorRT cannot hold. Needs the `onnx` package (a `train` extra); without it, says so.
+TensorRT cannot hold, and the operator limits the product's graph meets: TopK (K <= 3840, K an
+initializer, sorted), no INT32 into TopK/ArgMax/ArgMin/MatMul (8.5), Resize modes 8.5 knows.
+Needs the `onnx` package (a `train` extra); without it, says so.
 """
 from __future__ import annotations
 
@@ -185,7 +187,68 @@ def check_graph(onnx_path: Union[str, Path]) -> List[Problem]:
         if not _is_static(dims):
             add(producer[0], producer[1], f"output {vi.name!r} has shape {dims if dims is not None else 'unknown'} "
                 "after shape inference, not static; make the shape computation constant at export")
+    dtypes = {vi.name: vi.type.tensor_type.elem_type for vi in list(ig.input) + list(ig.value_info) + list(ig.output)}
+    dtypes.update({t.name: t.data_type for t in ig.initializer})
+    problems.extend(Problem(node, op, why, file) for node, op, why in _operator_limits(onnx, model.graph, dtypes))
     return problems
+
+
+def _constants(onnx: Any, graph: Any) -> Dict[str, Any]:
+    """Tensors TensorRT's parser holds as weights: initializers and Constant nodes' values (numpy arrays)."""
+    values = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.HasField("t"):
+                    values[node.output[0]] = attr.t
+    return {name: onnx.numpy_helper.to_array(t) for name, t in values.items()}
+
+
+def _attr(node: Any, name: str, default: Any) -> Any:
+    for attr in node.attribute:
+        if attr.name == name:
+            value = attr.s.decode() if attr.type == attr.STRING else attr.i
+            return value
+    return default
+
+
+def _operator_limits(onnx: Any, graph: Any, dtypes: Dict[str, int]) -> Iterator[Tuple[str, str, str]]:
+    """(node, op_type, why) for each per-operator restriction of TensorRT 8.5/8.6/10.x that a node breaks."""
+    constants = _constants(onnx, graph)
+    for i, node in enumerate(_walk_nodes(graph)):
+        label, op = _node_label(node, i), node.op_type
+        if op in trt_support.NO_INT32_INPUT_OPS:
+            data_inputs = node.input[:2] if op == "MatMul" else node.input[:1]
+            for name in data_inputs:
+                if dtypes.get(name) == trt_support.INT32:
+                    yield label, op, (f"input {name!r} is INT32, which TensorRT 8.5 refuses for {op} (FP32/FP16 only); "
+                                      "keep it in float at export (no cast to int before it)")
+        if op == "TopK":
+            k_name = node.input[1] if len(node.input) > 1 else ""
+            if k_name not in constants:
+                yield label, op, (f"K ({k_name!r}) is computed in the graph, but TensorRT 8.5 needs K as an initializer; "
+                                  "export K as a constant (a Python int, not a tensor expression)")
+            else:
+                k = int(constants[k_name].reshape(-1)[0])
+                if k > trt_support.TOPK_MAX_K:
+                    yield label, op, (f"K = {k} > {trt_support.TOPK_MAX_K}, the largest TopK TensorRT builds (8.5, 8.6, "
+                                      f"10.x); take the top K <= {trt_support.TOPK_MAX_K} (e.g. a fixed count, not a "
+                                      "fraction of a large map) or pool the map first")
+            if _attr(node, "sorted", 1) != 1:
+                yield label, op, "sorted=0: TensorRT 10.x builds TopK with sorted=1 only; export with sorted=True"
+        if op == "Resize":
+            mode = _attr(node, "mode", "nearest")
+            coord = _attr(node, "coordinate_transformation_mode", "half_pixel")
+            nearest = _attr(node, "nearest_mode", "round_prefer_floor")
+            if mode not in trt_support.RESIZE_MODES:
+                yield label, op, (f"mode {mode!r}: TensorRT 8.5 resizes with {sorted(trt_support.RESIZE_MODES)} only; "
+                                  "export with bilinear or nearest interpolation")
+            if coord not in trt_support.RESIZE_COORDINATE_MODES:
+                yield label, op, (f"coordinate_transformation_mode {coord!r} is not one TensorRT 8.5 supports "
+                                  f"({sorted(trt_support.RESIZE_COORDINATE_MODES)}); export without it")
+            if mode == "nearest" and nearest not in trt_support.RESIZE_NEAREST_MODES:
+                yield label, op, (f"nearest_mode {nearest!r} is not one TensorRT 8.5 supports "
+                                  f"({sorted(trt_support.RESIZE_NEAREST_MODES)})")
 
 
 def check_bundle(bundle: Bundle) -> List[Problem]:

@@ -98,9 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="static check that the bundle's graphs build in TensorRT 8.5/8.6/10.x",
                        description="Check, without a GPU, that every graph of the bundle uses opset <= 17, static "
                                    "shapes, operators on TensorRT's ONNX support list (8.5 and 10.x) and supported "
-                                   "dtypes, and matches bundle.yaml. Exits 1 naming each offending node. Needs the "
-                                   "onnx package.")
+                                   "dtypes, within TensorRT's limits (TopK K <= 3840 and an initializer, sorted; no "
+                                   "INT32 into TopK/ArgMax/ArgMin/MatMul; Resize modes), and matches bundle.yaml. "
+                                   "Exits 1 naming each offending node. Needs the onnx package. With --fp16-parity, "
+                                   "also scores the images with the graph converted to float16 and with float32 "
+                                   "(ONNX Runtime, CPU) and exits 1 when a verdict differs or a map drifts beyond "
+                                   "the tolerance (needs onnxconverter-common).")
     _bundle_arg(p)
+    p.add_argument("--fp16-parity", nargs="+", type=Path, metavar="IMAGE",
+                   help="images (or folders of images) to compare FP16 and FP32 on, e.g. a few good and defective parts")
+    p.add_argument("--threshold", type=float, metavar="T",
+                   help="image threshold (thresholds.yaml image_threshold): FP16 must flag exactly the images FP32 "
+                        "flags (score > T); without it the scores are only reported")
+    p.add_argument("--map-tolerance", type=float, default=None, metavar="R",
+                   help="allowed |map16 - map32| as a fraction of max(1, max |map32|) (default: 0.01)")
+
+    p = sub.add_parser("sign", help="sign the bundle with the release key (Ed25519): writes BUNDLE/bundle.sig",
+                       description="Verify the bundle (hashes, manifest, graph against bundle.yaml), then sign its "
+                                   "manifest with an Ed25519 private key (PEM) into BUNDLE/bundle.sig. An agent whose "
+                                   "config sets model.public_key refuses a bundle without a valid signature. Make "
+                                   "the key once with `openssl genpkey -algorithm ed25519 -out release.key`, its "
+                                   "public half with `openssl pkey -in release.key -pubout -out release.pub`. "
+                                   "Needs the cryptography package (the `signing` extra).")
+    _bundle_arg(p)
+    p.add_argument("--key", type=Path, required=True, metavar="PEM", help="the Ed25519 private key")
 
     p = sub.add_parser("bench", help="latency/throughput of a backend on synthetic frames",
                        description="Time a backend on real preprocessed synthetic frames (after a warm-up) and print "
@@ -147,11 +168,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     problems = check_bundle(bundle)
     for problem in problems:
         print(problem)
+    parity_ok = True
+    if args.fp16_parity:
+        from .fp16_parity import MAP_TOLERANCE, fp16_parity
+
+        tolerance = MAP_TOLERANCE if args.map_tolerance is None else args.map_tolerance
+        if not tolerance > 0:
+            raise DaadError(f"--map-tolerance must be > 0, got {tolerance}")
+        report = fp16_parity(bundle, args.fp16_parity, threshold=args.threshold, tolerance=tolerance)
+        print("\n".join(report.lines()))
+        parity_ok = report.ok
+        if not parity_ok:
+            why = (f"verdicts differ on {', '.join(report.verdicts_differ)}" if report.verdicts_differ
+                   else "the FP16 map drifts beyond the tolerance")
+            print(f"{PROG} check: FP16 does not score {bundle.root} as FP32 does ({why}); build with --precision "
+                  "fp32 or re-export the model so its values stay within float16", file=sys.stderr)
     if problems:
         print(f"{PROG} check: {len(problems)} problem(s) in {bundle.root}; TensorRT would refuse this bundle", file=sys.stderr)
         return EXIT_ERROR
+    if not parity_ok:
+        return EXIT_ERROR
     files = ", ".join(g.file for g in bundle.graphs)
-    print(f"OK: {bundle.root} ({files}) should parse in TensorRT 8.5, 8.6 and 10.x")
+    print(f"OK: {bundle.root} ({files}) should parse in TensorRT 8.5, 8.6 and 10.x"
+          + (" and scores the same in FP16" if args.fp16_parity else ""))
     return EXIT_OK
 
 
@@ -184,7 +223,8 @@ def _describe(bundle: Bundle, cache: PlanCache) -> List[str]:
         f"preprocess:      {spec.channel_order}, {spec.height}x{spec.width} ({spec.resize}), "
         f"mean {list(spec.mean)}, std {list(spec.std)}",
         f"outputs:         anomaly_map={bundle.map_output}, score={bundle.score_output}",
-        f"identity:        {bundle.sha256}",
+        f"identity:        {bundle.sha256} "
+        f"({'manifest over bundle.yaml and graphs, verified' if bundle.manifest_sha256 else 'batch-1 graph: no manifest, re-export'})",
         "graphs (SHA-256 verified):",
     ]
     for g in bundle.graphs:
@@ -210,7 +250,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"build": cmd_build, "check": cmd_check, "bench": cmd_bench, "info": cmd_info}
+def cmd_sign(args: argparse.Namespace) -> int:
+    from .signing import sign_bundle
+
+    bundle = load_bundle(args.bundle)
+    print(sign_bundle(bundle, args.key))
+    return EXIT_OK
+
+
+COMMANDS = {"build": cmd_build, "check": cmd_check, "bench": cmd_bench, "info": cmd_info, "sign": cmd_sign}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 from .bundle import Bundle, describe, load_bundle
 from .calibrator import CalibrationBatches, calibration_images, images_digest, make_entropy_calibrator
@@ -258,6 +258,105 @@ def configure(trt: Any, builder: Any, config: Any, precision: str, workspace_mb:
         config.int8_calibrator = calibrator
 
 
+# --- INT8: the memory search stays in floating point -------------------------------------------------
+# Calibrated INT8 lets TensorRT quantise any layer where that is faster; quantising the similarity search
+# can change which memory item is nearest (docs/peers.md). So in INT8 builds the search - MatMul against a
+# constant (the memory), ArgMax/ArgMin (TopK layers with k = 1), Gather, the constants feeding them and
+# every layer between - is pinned to FP16 (FP32 where the GPU has no fast FP16), and TensorRT is told to
+# obey per-layer precisions.
+
+def _layer_type(trt: Any, name: str) -> Any:
+    return getattr(getattr(trt, "LayerType", None), name, object())  # a sentinel no layer type equals
+
+
+def _topk_k(trt: Any, layer: Any) -> Optional[int]:
+    """k of a TopK layer; the Python API hands out ILayer, so cast to ITopKLayer (as Polygraphy does)."""
+    cls = getattr(trt, "ITopKLayer", None)
+    if cls is not None and not isinstance(layer, cls):
+        try:
+            layer.__class__ = cls
+        except TypeError:
+            pass
+    k = getattr(layer, "k", None)
+    return None if k is None else int(k)
+
+
+def memory_search_layers(trt: Any, network: Any) -> List[int]:
+    """Indices of the layers of the memory search (see above), in network order; [] when there is none."""
+    n = int(getattr(network, "num_layers", 0))
+    layers = [network.get_layer(i) for i in range(n)]
+    producer: Dict[str, int] = {}
+    consumers: Dict[str, List[int]] = {}
+    for i, layer in enumerate(layers):
+        for j in range(layer.num_outputs):
+            producer[layer.get_output(j).name] = i
+        for j in range(layer.num_inputs):
+            tensor = layer.get_input(j)
+            if tensor is not None:
+                consumers.setdefault(tensor.name, []).append(i)
+
+    def inputs_of(i: int) -> List[int]:
+        ins = (layers[i].get_input(j) for j in range(layers[i].num_inputs))
+        return [producer[t.name] for t in ins if t is not None and t.name in producer]
+
+    constant, matmul = _layer_type(trt, "CONSTANT"), _layer_type(trt, "MATRIX_MULTIPLY")
+    topk, gather = _layer_type(trt, "TOPK"), _layer_type(trt, "GATHER")
+    seeds = {i for i, layer in enumerate(layers)
+             if layer.type == matmul and any(layers[p].type == constant for p in inputs_of(i))}
+    sinks = {i for i, layer in enumerate(layers)
+             if layer.type == gather or (layer.type == topk and _topk_k(trt, layer) in (1, None))}
+    if not seeds or not sinks:
+        return []
+
+    def reach(start: Set[int], step: Any) -> Set[int]:
+        seen, todo = set(start), list(start)
+        while todo:
+            for nxt in step(todo.pop()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    def outputs_of(i: int) -> List[int]:
+        return [c for j in range(layers[i].num_outputs) for c in consumers.get(layers[i].get_output(j).name, [])]
+
+    between = reach(seeds, outputs_of) & reach(sinks, inputs_of)
+    feeding = {p for i in between for p in inputs_of(i) if layers[p].type == constant}  # the memory itself
+    return sorted(between | feeding)
+
+
+def constrain_memory_search(trt: Any, builder: Any, network: Any, config: Any) -> List[str]:
+    """Pin the memory search to FP16 (FP32 without fast FP16) in an INT8 build; the pinned layers' names."""
+    indices = memory_search_layers(trt, network)
+    if not indices:
+        logger.info("INT8: no memory search (MatMul on a constant, then ArgMax/ArgMin/Gather) in this graph")
+        return []
+    flags = trt.BuilderFlag
+    obey = getattr(flags, "OBEY_PRECISION_CONSTRAINTS", None)
+    if obey is None:
+        raise EngineBuildError("this TensorRT cannot keep layers out of INT8 (no BuilderFlag.OBEY_PRECISION_"
+                               "CONSTRAINTS), so the memory search would be quantised; build with --precision fp16")
+    config.set_flag(obey)
+    half = getattr(builder, "platform_has_fast_fp16", False) is True and hasattr(flags, "FP16")
+    if half:
+        config.set_flag(flags.FP16)  # FP16 must be allowed for layers to be pinned to it
+    dtype = trt.DataType.HALF if half else trt.DataType.FLOAT
+    floats = (trt.DataType.FLOAT, trt.DataType.HALF)
+    names = []
+    for i in indices:
+        layer = network.get_layer(i)
+        if layer.get_output(0).dtype not in floats:
+            continue  # index and shape arithmetic: integer, never quantised
+        layer.precision = dtype
+        for j in range(layer.num_outputs):  # the outputs too, or TensorRT may still hand on INT8 tensors
+            if layer.get_output(j).dtype in floats:
+                layer.set_output_type(j, dtype)
+        names.append(str(layer.name))
+    logger.info("INT8: %d layer(s) of the memory search kept in %s: %s", len(names), "FP16" if half else "FP32",
+                ", ".join(names))
+    return names
+
+
 def _to_bytes(buffer: Any) -> bytes:
     """IHostMemory (buffer protocol) or bytes -> bytes."""
     return bytes(memoryview(buffer))
@@ -293,6 +392,8 @@ def build_serialized(trt: Any, bundle: Bundle, batch: int, precision: str, works
     check_network_io(trt, network, bundle, batch, onnx_path)
     config = builder.create_builder_config()
     configure(trt, builder, config, precision, workspace_mb, calibrator)
+    if precision == "int8":
+        constrain_memory_search(trt, builder, network, config)
     has_timing = _set_timing_cache(config, timing_cache)
     logger.info("building %s TensorRT %s engine for %s (batch %d, workspace %d MB); this takes minutes",
                 precision, getattr(trt, "__version__", "?"), onnx_path, batch, workspace_mb)

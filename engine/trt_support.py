@@ -63,6 +63,17 @@ ONNX_DTYPE_NAMES: Dict[int, str] = {
 SUPPORTED_DTYPES: FrozenSet[int] = frozenset({1, 3, 6, 7, 9, 10})
 
 
+# Per-operator restrictions of the tables (and of TensorRT's layer limits) that our graph meets; checked
+# statically by engine.check. INT32 = 6.
+TOPK_MAX_K = 3840  # ITopKLayer's limit in 8.5, 8.6 and 10.x; ArgMax/ArgMin are built as TopK with k = 1
+NO_INT32_INPUT_OPS: FrozenSet[str] = frozenset({"TopK", "ArgMax", "ArgMin", "MatMul"})  # 8.5: FP32/FP16 only
+INT32 = 6
+RESIZE_MODES: FrozenSet[str] = frozenset({"nearest", "linear"})  # 8.5's table; cubic arrives later
+RESIZE_COORDINATE_MODES: FrozenSet[str] = frozenset(
+    {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"})
+RESIZE_NEAREST_MODES: FrozenSet[str] = frozenset({"floor", "ceil", "round_prefer_floor", "round_prefer_ceil"})
+
+
 def dtype_name(dtype: int) -> str:
     return ONNX_DTYPE_NAMES.get(int(dtype), f"dtype #{dtype}")
 

@@ -206,7 +206,7 @@ set_link() { # atomic: a new link renamed over the old one
   ln -sfn "$target" "$tmp"
   mv -Tf "$tmp" "$BUNDLES/$name"
 }
-bundle_sha() { # full SHA-256 of a bundle's model.onnx, checked against its bundle.yaml
+graph_sha() { # full SHA-256 of a bundle's model.onnx, checked against its bundle.yaml
   local dir=$1 sha
   [[ -f $dir/bundle.yaml && -f $dir/model.onnx ]] ||
     die "$dir: not a model bundle (expected bundle.yaml and model.onnx written by 'daad-train export')"
@@ -215,8 +215,26 @@ bundle_sha() { # full SHA-256 of a bundle's model.onnx, checked against its bund
     die "$dir/model.onnx: SHA-256 ${sha:0:12}... is not the one in bundle.yaml: a truncated or modified copy; copy the bundle again"
   printf '%s\n' "$sha"
 }
+bundle_sha() { # the bundle's identity: its manifest_sha256 (verified by the agent's --check-config), else
+  # (a bundle exported before manifests) its model.onnx's SHA-256
+  local dir=$1 sha manifest
+  sha=$(graph_sha "$dir") || exit 1
+  manifest=$(sed -n 's/^manifest_sha256:[[:space:]]*\([0-9a-f]\{64\}\)[[:space:]]*$/\1/p' "$dir/bundle.yaml" | head -n 1)
+  printf '%s\n' "${manifest:-$sha}"
+}
 thresholds_sha() { # bundle_sha256 field of a thresholds.yaml
   sed -n "s/^bundle_sha256:[[:space:]]*['\"]\{0,1\}\([0-9a-f]\{64\}\).*/\1/p" "$1" | head -n 1
+}
+thresholds_fit() { # thresholds file, bundle dir: made for this bundle (or, before manifests, for its graph)?
+  local got want
+  got=$(thresholds_sha "$1")
+  want=$(bundle_sha "$2") || exit 1
+  [ "$got" = "$want" ] && return 0
+  if [ -n "$got" ] && [ "$got" = "$(graph_sha "$2")" ]; then
+    warn "$1: bound to the bundle's graph only (written before bundle manifests): the agent accepts it; recalibrate (daad-calibrate fit) to bind it to bundle.yaml too"
+    return 0
+  fi
+  return 1
 }
 archive_thresholds() { # keep the active thresholds with the bundle they were made for
   local id=$1
@@ -277,7 +295,7 @@ if [ -n "$THRESHOLDS" ]; then
   fi
   got=$(thresholds_sha "$THRESHOLDS")
   [ -n "$got" ] || die "$THRESHOLDS: no bundle_sha256 field: not a thresholds.yaml written by 'daad-calibrate fit'"
-  [ "$got" = "$want" ] ||
+  thresholds_fit "$THRESHOLDS" "${BUNDLE:-$BUNDLES/$current}" ||
     die "$THRESHOLDS: made for bundle ${got:0:12}..., but the bundle is ${want:0:12}...: calibrate on this bundle (daad-calibrate fit)"
 fi
 
@@ -520,7 +538,7 @@ if [ -z "$current" ]; then
 elif [ ! -f "$THRESHOLDS_TARGET" ]; then
   warn "no thresholds for bundle $current yet: calibrate on site (systemd/README.md, Recalibrating), then run again with --thresholds FILE"
   ready=0
-elif [ "$(thresholds_sha "$THRESHOLDS_TARGET")" != "$(bundle_sha "$BUNDLES/$current")" ]; then
+elif ! thresholds_fit "$THRESHOLDS_TARGET" "$BUNDLES/$current"; then
   warn "$THRESHOLDS_TARGET was made for another bundle than $current, which the agent refuses: calibrate on site (systemd/README.md, Recalibrating), then run again with --thresholds FILE"
   ready=0
 fi

@@ -537,7 +537,7 @@ def test_thresholds_made_for_another_bundle_are_refused(tmp_path, template_bundl
     config = write_config(tmp_path, template_bundle, other, mosquitto.port, {"kind": "folder", "path": str(folder)})
     result = subprocess.run(agent_command() + ["--config", str(config), "--check-config"],
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1
+    assert result.returncode == 78  # EX_CONFIG: the unit does not restart it
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert f"{other}: field `bundle_sha256` is ffffffffffff..." in result.stderr
     with pytest.raises(ThresholdsError, match="made for another model"):
@@ -562,7 +562,7 @@ def test_check_config_ok_and_usage_errors(tmp_path, template_bundle, calibrated,
     assert main(["--config", str(config), "--check-config"]) == 0
     out = capsys.readouterr().out
     assert "made for this bundle" in out and out.strip().endswith("OK")
-    assert main(["--config", str(tmp_path / "nope.yaml")]) == 1
+    assert main(["--config", str(tmp_path / "nope.yaml")]) == 78
     assert capsys.readouterr().err.strip() == f"{tmp_path / 'nope.yaml'}: config file not found; pass --config /etc/daad-inspect/agent.yaml"
     with pytest.raises(SystemExit) as info:
         main(["--config", str(config), "--max-frames", "0"])

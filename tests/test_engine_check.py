@@ -156,3 +156,80 @@ def test_support_table_is_the_intersection() -> None:
     assert {"Conv", "Sub", "Abs", "ReduceMean", "AveragePool", "ReduceMax", "Identity", "Resize"} <= trt_support.SUPPORTED_OPS
     assert not trt_support.TRT_10_ONLY_OPS & trt_support.SUPPORTED_OPS
     assert trt_support.op_support("", "LayerNormalization") == "10-only"
+
+
+# -- the operator limits the product's graph meets (TopK, ArgMax/ArgMin, MatMul, Resize) -------------------
+def _product(tmp_path: Path, **graph_args: object) -> Path:
+    from tests.bundle_factory import product_graph
+
+    path = tmp_path / "product.onnx"
+    onnx.save(product_graph(1, **graph_args), str(path))  # type: ignore[arg-type]
+    return path
+
+
+def test_product_like_graph_passes(tmp_path: Path) -> None:
+    from tests.bundle_factory import make_product_bundle
+
+    bundle = make_product_bundle(tmp_path / "p", batches=(1, 2))
+    assert check_bundle(bundle) == []
+    ops = {n.op_type for n in onnx.load(str(bundle.onnx_path())).graph.node}
+    assert {"MatMul", "ArgMax", "ArgMin", "Gather", "TopK", "MaxPool", "Resize"} <= ops
+
+
+@pytest.mark.parametrize("graph_args, node, fragment", [
+    # the top 1 % of a 640x640 map: K = 4096 > 3840 (8.5, 8.6 and 10.x refuse it at build time)
+    ({"topk": 4096}, "top_pixels", "K = 4096 > 3840"),
+    ({"topk": 3840}, None, None),  # the limit itself is fine
+    ({"resize_mode": "cubic"}, "upsample", "mode 'cubic'"),
+    ({"index_type": TensorProto.INT32}, "int_argmax", "input 'sim_int' is INT32, which TensorRT 8.5 refuses for ArgMax"),
+], ids=["topk-too-large", "topk-at-limit", "resize-cubic", "int32-into-argmax"])
+def test_operator_limits_on_the_product_graph(tmp_path: Path, graph_args: dict, node: str, fragment: str) -> None:
+    problems = check_graph(_product(tmp_path, **graph_args))
+    if node is None:
+        assert problems == []
+    else:
+        [problem] = problems
+        assert problem.node == node and fragment in problem.why, problem
+
+
+def _one_op(tmp_path: Path, node: onnx.NodeProto, inputs: list, outputs: list, initializers: list = ()) -> List[str]:
+    return [str(p) for p in check_graph(save(tmp_path, [node], inputs, outputs, initializers=list(initializers)))]
+
+
+def test_topk_k_must_be_an_initializer(tmp_path: Path) -> None:
+    k_input = helper.make_tensor_value_info("k", TensorProto.INT64, [1])
+    node = helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk", axis=-1)
+    problems = _one_op(tmp_path, node, [f32("x", [1, 64]), k_input],
+                       [helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 4]),
+                        helper.make_tensor_value_info("i", TensorProto.INT64, [1, 4])])
+    assert any("K ('k') is computed in the graph" in p and "initializer" in p for p in problems), problems
+
+
+def test_topk_from_a_constant_node_is_fine_and_unsorted_is_not(tmp_path: Path) -> None:
+    nodes = [helper.make_node("Constant", [], ["k"], value=helper.make_tensor("kv", TensorProto.INT64, [1], [4])),
+             helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk", axis=-1, sorted=0)]
+    path = save(tmp_path, nodes, [f32("x", [1, 64])],
+                [f32("v", [1, 4]), helper.make_tensor_value_info("i", TensorProto.INT64, [1, 4])])
+    [problem] = check_graph(path)
+    assert problem.node == "topk" and "sorted=0" in problem.why and "10.x" in problem.why
+
+
+def test_int32_into_matmul_is_named(tmp_path: Path) -> None:
+    int32 = [helper.make_tensor_value_info(n, TensorProto.INT32, [2, 2]) for n in ("a", "b", "y")]
+    problems = _one_op(tmp_path, helper.make_node("MatMul", ["a", "b"], ["y"], name="mm"), int32[:2], int32[2:])
+    assert sum("which TensorRT 8.5 refuses for MatMul" in p for p in problems) == 2, problems
+
+
+@pytest.mark.parametrize("attrs, fragment", [
+    ({"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize"}, "coordinate_transformation_mode"),
+    ({"mode": "nearest", "nearest_mode": "floor"}, None),
+    ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric"}, None),
+])
+def test_resize_modes(tmp_path: Path, attrs: dict, fragment: str) -> None:
+    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1.0, 1.0, 2.0, 2.0])
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", **attrs)
+    problems = _one_op(tmp_path, node, [f32("x", [1, 1, 4, 4])], [f32("y", [1, 1, 8, 8])], [scales])
+    if fragment is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and fragment in problems[0] and "node 'up' (Resize)" in problems[0]

@@ -17,7 +17,7 @@ import yaml
 from onnx import helper
 
 from engine.backend import open_backend
-from engine.bundle import BUNDLE_YAML, Bundle, sha256_file, write_bundle
+from engine.bundle import BUNDLE_YAML, Bundle, sha256_file, write_bundle, write_bundle_yaml
 from engine.errors import BackendError
 from engine.onnxruntime_backend import OnnxRuntimeBackend
 from engine.preprocess import PreprocessSpec
@@ -86,14 +86,25 @@ def test_truncated_model_is_caught_by_the_hash(bundle_copy: Path, tmp_path: Path
 
 
 def test_truncated_model_with_matching_hash(bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Truncated before hashing (a broken export): the hash passes, the runtimes refuse it clearly."""
+    """Truncated before hashing (a broken export, hash and manifest made after): refused at load, clearly."""
     model = bundle_copy / "model.onnx"
     model.write_bytes(model.read_bytes()[:200])
-    _edit_yaml(bundle_copy, lambda m: m["graphs"][0].update(sha256=sha256_file(model)))
+    meta = yaml.safe_load((bundle_copy / BUNDLE_YAML).read_text())
+    meta["graphs"][0].update(sha256=sha256_file(model))
+    write_bundle_yaml(bundle_copy, meta)
     result = run_cli(["bench", str(bundle_copy), "--backend", "onnxruntime", "--iterations", "2"], tmp_path)
-    assert_one_clear_error(result, "model.onnx", "ONNX Runtime cannot load the graph")
+    assert_one_clear_error(result, "model.onnx", "not a readable ONNX model")
     result = run_main(["check", str(bundle_copy)], tmp_path, monkeypatch)
     assert_one_clear_error(result, "model.onnx", "not a readable ONNX model")
+
+
+def test_edited_bundle_yaml_is_one_clear_line(bundle_copy: Path, tmp_path: Path) -> None:
+    """The issue's case: preprocessing mean 0.5 -> 0.2 by hand; every command refuses the bundle."""
+    path = bundle_copy / BUNDLE_YAML
+    path.write_text(path.read_text().replace("- 0.5\n", "- 0.2\n", 1))
+    for command in ("info", "check", "bench"):
+        result = run_cli([command, str(bundle_copy)], tmp_path)
+        assert_one_clear_error(result, "bundle.yaml", "field `manifest_sha256`", "re-export the bundle")
 
 
 def test_tampered_hash(bundle_copy: Path, tmp_path: Path) -> None:
@@ -183,7 +194,7 @@ def test_info_prints_metadata(template_bundle: Bundle, tmp_path: Path, monkeypat
     assert "preprocess:      gray, 64x64" in result.stdout and "plans cached in" in result.stdout
 
 
-@pytest.mark.parametrize("command", [[], ["build"], ["check"], ["bench"], ["info"]])
+@pytest.mark.parametrize("command", [[], ["build"], ["check"], ["bench"], ["info"], ["sign"]])
 def test_help_is_the_manual(command: List[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result = run_main([*command, "--help"], tmp_path, monkeypatch)
     assert result.returncode == 0 and result.stdout.startswith("usage: daad-engine")

@@ -1,4 +1,5 @@
-"""Real TensorRT on a Jetson: build plans for the template bundle, run them, compare with ONNX Runtime.
+"""Real TensorRT on a Jetson: build plans for the template bundle and for a small bundle shaped like the
+product's graph (memory search, MaxPool, TopK), run them, compare with ONNX Runtime.
 
 Deselected by default; on a Jetson (JetPack 5 or 6, venv with --system-site-packages, pycuda):
     pytest -m tensorrt tests/test_engine_tensorrt_device.py
@@ -102,7 +103,7 @@ def test_unloadable_plan_is_rebuilt(trt: Any, template_bundle: Bundle, tmp_path:
     """deserialize_cuda_engine returns None for a plan TensorRT refuses: rebuilt, not a crash."""
     path = build_plan(template_bundle, "fp32", cache_dir=tmp_path, workspace_mb=256)
     cache = PlanCache(tmp_path)
-    [(key, _)] = cache.plans_for(template_bundle.sha256)
+    [(key, _)] = cache.plans_for(template_bundle.graph_sha256)  # plans are keyed by the graph, not the manifest
     cache.store_plan(key, b"\x00" * 4096)  # sidecar matches, bytes are not a plan
     with pytest.raises(BackendError, match="cannot load this plan"):
         open_tensorrt_backend(template_bundle, plan_cache=tmp_path, build_if_missing=False)
@@ -141,3 +142,50 @@ def test_cli_bench_on_tensorrt(trt: Any, template_bundle: Bundle, cache_dir: Pat
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1].startswith("tensorrt (fp32)")
+
+
+# --- the product-like graph: MatMul on a constant memory, ArgMax/ArgMin, Gather, MaxPool, Resize, TopK ------
+
+@pytest.fixture(scope="module")
+def product_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    from tests.bundle_factory import make_product_bundle
+
+    return make_product_bundle(tmp_path_factory.mktemp("product_bundle"), batches=(1, 4))
+
+
+@pytest.mark.parametrize("precision, batch", [("fp32", 1), ("fp32", 4), ("fp16", 1)])
+def test_product_graph_builds_and_matches_onnxruntime(trt: Any, product_bundle: Bundle, cache_dir: Path,
+                                                      precision: str, batch: int) -> None:
+    builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
+    if precision == "fp16" and not getattr(builder, "platform_has_fast_fp16", True):
+        pytest.skip("this GPU has no fast FP16")
+    build_plan(product_bundle, precision, cache_dir=cache_dir, batch=batch, workspace_mb=256)
+    with open_tensorrt_backend(product_bundle, batch=batch, precision=precision, plan_cache=cache_dir,
+                               build_if_missing=False) as backend:
+        with OnnxRuntimeBackend(product_bundle, batch=batch) as reference:
+            x = mixed_frames(product_bundle, batch)
+            got, want = backend.infer(x), reference.infer(x)
+        # relative: the map holds squared distances in the hundreds
+        scale = max(1.0, float(np.abs(want.anomaly_map).max()))
+        np.testing.assert_allclose(got.anomaly_map, want.anomaly_map, atol=TOLERANCE[precision] * scale)
+        np.testing.assert_allclose(got.score, want.score, atol=TOLERANCE[precision] * scale)
+
+
+def test_product_graph_int8_keeps_the_search_in_float(trt: Any, product_bundle: Bundle, cache_dir: Path,
+                                                      tmp_path: Path) -> None:
+    import cv2
+
+    if not hasattr(trt, "IInt8EntropyCalibrator2"):
+        pytest.skip("this TensorRT has no calibrated INT8")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(16):
+        cv2.imwrite(str(calib / f"{i:03d}.png"), make_good(11, i, 96))
+    build_plan(product_bundle, "int8", cache_dir=cache_dir, calib_images=calib, batch=4, workspace_mb=256)
+    with open_tensorrt_backend(product_bundle, batch=4, precision="int8", plan_cache=cache_dir,
+                               build_if_missing=False) as backend:
+        with OnnxRuntimeBackend(product_bundle, batch=4) as reference:
+            x = mixed_frames(product_bundle, 4)
+            got, want = backend.infer(x), reference.infer(x)
+        scale = max(1.0, float(np.abs(want.anomaly_map).max()))
+        np.testing.assert_allclose(got.score, want.score, atol=TOLERANCE["int8"] * scale)

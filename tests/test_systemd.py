@@ -631,3 +631,17 @@ def test_unit_command_lines_start_the_agent(unit_name, tmp_path, template_bundle
         assert last.wait_for("availability", b"offline", retained=True)
     finally:
         last.close()
+
+
+def test_install_binds_thresholds_to_the_manifest_and_accepts_older_ones(staged, template_bundle, tmp_path):
+    """Bundles are stored and thresholds checked by the manifest; thresholds bound to the graph alone (written
+    before manifests) are accepted with a warning; thresholds of another bundle.yaml are refused."""
+    root, args, env, _ = staged
+    legacy = save_thresholds(tmp_path / "legacy.yaml", Thresholds(0.5, 0.4, 4, template_bundle.graph_sha256))
+    done = run_script(INSTALL, *[a if a != str(staged[3]) else str(legacy) for a in args], env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "bound to the bundle's graph only" in done.stderr
+    assert os.readlink(root / "var/lib/daad-inspect/bundles/current") == template_bundle.manifest_sha256[:12]
+    other = save_thresholds(tmp_path / "other.yaml", Thresholds(0.5, 0.4, 4, "a" * 64))
+    done = run_script(INSTALL, *[a if a != str(staged[3]) else str(other) for a in args], env=env)
+    assert done.returncode == 1 and "made for bundle aaaaaaaaaaaa..." in done.stderr
