@@ -41,11 +41,16 @@ def step(n: int, text: str) -> None:
     print(f"\n[{n}/{N_STEPS}] {text}", flush=True)
 
 
+TOOLS = {"train": "daad-train", "engine": "daad-engine", "calibration": "daad-calibrate"}  # module -> console script
+
+
 def run_cli(module: str, *args: str) -> None:
     """Run one of our console scripts as a user would (python -m keeps it independent of PATH)."""
+    command = f"{TOOLS.get(module, module)} {' '.join(args)}"
+    print(f"next: {command}", flush=True)  # the exact command, as a user would type it
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT)
     if proc.returncode != 0:
-        raise SystemExit(f"demo: `{module} {' '.join(args)}` failed with exit code {proc.returncode}")
+        raise SystemExit(f"demo: error: `{command}` failed with exit code {proc.returncode}")
 
 
 def make_video(path: Path, data: Path, synthetic: bool, n_frames: int, seed: int) -> List[int]:
@@ -181,6 +186,7 @@ def main() -> int:
                 "spool": {"path": str(out / "state" / "spool.db")},
                 "frames": {"dir": str(out / "defect-frames")},
             }, sort_keys=False))
+            print(f"next: daad-agent --config {config}", flush=True)
             agent = subprocess.run([sys.executable, "-m", "agent", "--config", str(config)], cwd=ROOT)
             if agent.returncode != 0:
                 raise SystemExit(f"demo: the agent exited with {agent.returncode}")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 import yaml
 
 from engine.errors import ConfigError, DaadError, DatasetError
+from engine.messages import error, setup_tool_logging
 
 from .config import INSPECT_NAME, PRESETS, ModelConfig, TrainConfig, from_dict, preset, schedule, to_dict
 from .data import has_colour, train_samples
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from .groups import Groups
 
 logger = logging.getLogger("train")
+PROG = "daad-train"
 WORST_PARTS = 5  # eval --groups prints the parts ranked lowest; metrics.json holds every part
 
 
@@ -203,7 +205,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="daad-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -274,14 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_tool_logging(PROG, logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return int(args.func(args))
     except DaadError as err:
-        print(f"daad-train: error: {err}", file=sys.stderr)
+        error(PROG, err)
         return 1
     except KeyboardInterrupt:
-        print("daad-train: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
 
 
