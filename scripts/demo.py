@@ -150,7 +150,7 @@ def main() -> int:
         run_cli("train", "fit", "--data", str(data), "--model", args.model, "--size", str(args.size),
                 "--steps", str(args.steps), "--batch-size", "8", "--lr", "1e-3", "--out", str(run), "--seed", str(args.seed))
 
-        step(3, "evaluating on the labelled test set (metrics and plots)")
+        step(3, "evaluating on the labelled test set (metrics, plots and report.html)")
         run_cli("train", "eval", "--checkpoint", str(run / "last.pt"), "--data", str(data), "--out", str(out / "eval"))
 
         step(4, "exporting the bundle (ONNX + bundle.yaml), checking parity with PyTorch and TensorRT compatibility")
@@ -214,7 +214,7 @@ def main() -> int:
         print(f"\n{summary['events']} defect events received: {summary['caught']} of {summary['defective_frames']} "
               f"defective parts caught, {summary['false_alarms']} false alarms, in {summary['seconds']} s.")
         print("Where to look:")
-        print(f"  evaluation plots   {out / 'eval'}/ (roc.png, scores.png, overlays_best.png, overlays_worst.png)")
+        print(f"  evaluation report  {out / 'eval' / 'report.html'} (metrics, per-type table, plots)")
         print(f"  calibration report {cal / 'report' / 'report.html'}")
         print(f"  defective frames   {out / 'defect-frames'}/")
         print(f"  bundle             {bundle}/ (model.onnx, bundle.yaml)")
