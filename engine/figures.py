@@ -75,9 +75,10 @@ def heat_overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: 
     import cv2
     import matplotlib
 
-    if image.ndim == 3:
-        image = cv2.cvtColor(np.ascontiguousarray(image[:, :, :3]), cv2.COLOR_RGB2GRAY)
-    gray = image.astype(np.float32) / (np.iinfo(image.dtype).max if image.dtype.kind in "ui" else 1.0)
+    scale = np.iinfo(image.dtype).max if image.dtype.kind in "ui" else 1.0
+    gray = image.astype(np.float32) / scale
+    if gray.ndim == 3:  # the channels' mean: RGB or BGR alike, any float dtype (cvtColor takes neither float64)
+        gray = gray[:, :, :3].mean(axis=2)
     h, w = gray.shape[:2]
     heat = cv2.resize(anomaly_map.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
     unit = np.clip((heat - vmin) / max(vmax - vmin, 1e-12), 0, 1)

@@ -152,3 +152,6 @@ def test_heat_overlay_leaves_a_quiet_image_as_it_is_and_colours_a_hot_spot() -> 
     amap[10:20, 10:20] = 1.0
     hot = figures.heat_overlay(image, amap, 0.0, 1.0)
     assert np.abs(hot - image[:, :, None]).max() > 0.3
+    colour = make_good(0, 1, size=64, color=True)  # uint8 BGR, as the calibration frames are read
+    assert np.allclose(figures.heat_overlay(colour, amap * 0, 0.0, 1.0), colour.mean(axis=2, keepdims=True) / 255,
+                       atol=1e-6)

@@ -147,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(json.dumps({k: metrics[k] for k in ("model", "image_auroc", "pixel_auroc", "aupro")}, default=float))
     print(f"per type: {json.dumps(metrics['image_auroc_per_type'], default=float)}")
     for name, got in metrics.get("image_auroc_group_intervals", {}).items():
-        print(f"image AUROC, {name}: {got['auroc']:.3f} (95 % over {got['groups']} parts resampled: "
+        print(f"image AUROC, {name}: {got['auroc']:.3f} (95% over {got['groups']} parts resampled: "
               f"{got['low']:.3f} to {got['high']:.3f})")
     worst = metrics.get("parts", [])[:WORST_PARTS]
     if worst:
