@@ -140,7 +140,7 @@ def plot_overlays(items: Sequence[Tuple[str, np.ndarray, np.ndarray, float]], re
         h, w = image.shape[:2]
         above = cv2.resize((amap > t.pixel_threshold).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
         if above.any():
-            ax.contour(above, levels=[0.5], colors=fg.REGION_OUTLINE, linewidths=1.0)
+            ax.contour(above, levels=[0.5], colors=fg.REGION_OUTLINE, linewidths=1.5)
         n_regions = stats.count_regions(amap, t.pixel_threshold, t.min_defect_area)
         flagged = score > t.image_threshold
         ax.set_title(overlay_caption(label, score, n_regions, t.image_threshold, defective), fontsize=7,

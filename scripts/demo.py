@@ -204,7 +204,8 @@ def main() -> int:
         caught = sorted(flagged & set(defective_frames))
         false_alarms = sorted(flagged - set(defective_frames))
         for e in events:
-            regions = ", ".join(f"bbox {r['bbox']} area {r['area']}" for r in e["regions"][:3]) or "no region above the pixel threshold"
+            regions = ", ".join(f"bbox {r['bbox']} area {r['area']}" for r in e["regions"][:3]) or (
+                "image score above the threshold, no region above the pixel threshold")
             truth = "defective part" if e["seq"] in defective_frames else "GOOD part (false alarm)"
             print(f"  frame {e['seq']:3d}  score {e['image_score']:.3f} > {e['image_threshold']:.3f}  [{truth}]  {regions}")
         summary = {"events": len(events), "defective_frames": len(defective_frames), "caught": len(caught),

@@ -40,8 +40,15 @@ def test_a_bad_thresholds_file_is_one_line_naming_file_field_and_fix(tmp_path: P
 
 
 def test_the_per_type_table_counts_catches_and_false_alarms_at_the_threshold() -> None:
-    counts = caught_counts([1.0, 7.0, 9.0, 3.0, 8.0], ["good", "good", "pit", "pit", "crack"], 6.5)
+    from train.plots import Threshold
+    from train.report import best_f1_threshold
+
+    types = ["good", "good", "pit", "pit", "crack"]
+    counts = caught_counts([1.0, 7.0, 9.0, 3.0, 8.0], types, Threshold(6.5, "calibrated", calibrated=True))
     assert counts == {"good": (1, 2), "pit": (1, 2), "crack": (1, 1)}
+    # the agent flags above its threshold; best F1 (sklearn) counts a score equal to it as defective
+    assert caught_counts([1.0, 7.0, 9.0, 3.0, 8.0], types, Threshold(8.0, "calibrated"))["crack"] == (0, 1)
+    assert caught_counts([1.0, 7.0, 9.0, 3.0, 8.0], types, best_f1_threshold(8.0))["crack"] == (1, 1)
     metrics = {"image_auroc_per_type": {"crack": 1.0, "pit": 0.75},
                "pixel_auroc_breakdown": {"per_type": {"crack": 0.9, "pit": float("nan")}}}
     assert per_type_rows(metrics, counts) == [

@@ -155,3 +155,13 @@ def test_heat_overlay_leaves_a_quiet_image_as_it_is_and_colours_a_hot_spot() -> 
     colour = make_good(0, 1, size=64, color=True)  # uint8 BGR, as the calibration frames are read
     assert np.allclose(figures.heat_overlay(colour, amap * 0, 0.0, 1.0), colour.mean(axis=2, keepdims=True) / 255,
                        atol=1e-6)
+
+
+def test_a_defect_at_the_best_f1_threshold_is_caught_and_at_the_agents_is_missed(cases: List[plots.Case]) -> None:
+    """Best F1 (sklearn) flags a score equal to its threshold; the agent flags only scores above its own."""
+    from train.report import best_f1_threshold
+
+    at = cases[0]._replace(score=6.996)
+    assert plots.verdict(at, best_f1_threshold(6.996)) == "caught"
+    assert plots.verdict(at, plots.Threshold(6.996, "calibrated", calibrated=True)) == "missed"
+    assert plots.caption(at, best_f1_threshold(6.996)).endswith("score 6.996, caught")  # not "score 7, missed"

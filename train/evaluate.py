@@ -155,6 +155,6 @@ def write_plots(out_dir: Path, samples: list, images: np.ndarray, masks: np.ndar
         ("overlays_best.png", "Best cases: the highest-scoring defects and the lowest-scoring good images"),
         ("overlays_worst.png", "Worst cases: the lowest-scoring defects and the highest-scoring good images"),
     ]
-    counts = report.caught_counts(scores.tolist(), types, verdicts.value)
+    counts = report.caught_counts(scores.tolist(), types, verdicts)
     written["report"] = report.write_report(out_dir, metrics, captions, counts, verdicts, calibrated)
     return {k: str(v) for k, v in written.items()}

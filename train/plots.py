@@ -24,6 +24,10 @@ class Threshold(NamedTuple):
     value: float
     label: str
     calibrated: bool = False
+    inclusive: bool = False  # a score equal to it is flagged (sklearn's best-F1 convention; the agent's is `>`)
+
+    def flags(self, score: float) -> bool:
+        return score >= self.value if self.inclusive else score > self.value
 
 
 class Case(NamedTuple):
@@ -76,9 +80,9 @@ def plot_histogram(good: np.ndarray, defective: Dict[str, np.ndarray], path: Pat
     return fig
 
 
-def verdict(case: Case, threshold: float) -> str:
+def verdict(case: Case, threshold: Threshold) -> str:
     """What the threshold makes of this image."""
-    flagged = case.score > threshold
+    flagged = threshold.flags(case.score)
     if case.kind == "good":
         return "false alarm" if flagged else "passed"
     return "caught" if flagged else "missed"
@@ -88,9 +92,9 @@ def caption(case: Case, threshold: Optional[Threshold]) -> str:
     """`pit/001.png: score 6.36, caught`; without a score or a threshold, what there is."""
     text = f"{case.kind}/{case.name}"
     if np.isfinite(case.score):
-        text += f": score {case.score:.3g}"
+        text += f": score {case.score:.4g}"  # the thresholds' precision: 6.996 is not shown as 7
         if threshold is not None:
-            text += f", {verdict(case, threshold.value)}"
+            text += f", {verdict(case, threshold)}"
     return text
 
 
@@ -113,7 +117,7 @@ def plot_overlays(cases: Sequence[Case], path: Path, title: str, vmax: float,
             right.set_title("heat map (good: no defect)", fontsize=7)
         else:
             if case.mask.any():
-                right.contour(case.mask, levels=[0.5], colors=figures.TRUE_DEFECT_OUTLINE, linewidths=1.0)
+                right.contour(case.mask, levels=[0.5], colors=figures.TRUE_DEFECT_OUTLINE, linewidths=1.5)
             right.set_title("heat map; outline: true defect", fontsize=7)
         left.set_title("image", fontsize=7)
         for ax in (left, right):

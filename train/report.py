@@ -23,7 +23,7 @@ FIX = "pass the thresholds.yaml written by `daad-calibrate fit`"
 
 
 def best_f1_threshold(value: float) -> Threshold:
-    return Threshold(value, f"best-F1 threshold {value:.4g} (on these labelled images)")
+    return Threshold(value, f"best-F1 threshold {value:.4g} (on these labelled images)", inclusive=True)
 
 
 def calibrated_threshold(path: Path) -> Threshold:
@@ -44,12 +44,12 @@ def calibrated_threshold(path: Path) -> Threshold:
     return Threshold(number, f"calibrated threshold {number:.4g} (the agent's, {path.name})", calibrated=True)
 
 
-def caught_counts(scores: Sequence[float], types: Sequence[str], threshold: float) -> Dict[str, Tuple[int, int]]:
-    """type -> (above the threshold, images): defects caught, or good images flagged (false alarms)."""
+def caught_counts(scores: Sequence[float], types: Sequence[str], threshold: Threshold) -> Dict[str, Tuple[int, int]]:
+    """type -> (flagged by the threshold, images): defects caught, or good images flagged (false alarms)."""
     out: Dict[str, Tuple[int, int]] = {}
     for score, kind in zip(scores, types):
         above, n = out.get(kind, (0, 0))
-        out[kind] = (above + int(score > threshold), n + 1)
+        out[kind] = (above + int(threshold.flags(score)), n + 1)
     return out
 
 
@@ -91,7 +91,7 @@ def write_report(out_dir: Path, metrics: Dict[str, Any], figures: Sequence[Tuple
 {rh.key_values(rows)}
 {''.join(f'<p>{rh.esc(n)}</p>' for n in notes)}
 <h2>Per defect type</h2>
-<p>The last column counts images above the {rh.esc(threshold.label)}.</p>
+<p>The last column counts the images the {rh.esc(threshold.label)} flags.</p>
 {rh.grid(["type", "images", "image AUROC", "pixel AUROC", "at the threshold"], per_type_rows(metrics, counts))}
 <h2>Figures</h2>{rh.figures(figures)}"""
     path = Path(out_dir) / REPORT_HTML
