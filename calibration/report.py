@@ -197,7 +197,8 @@ def write_report(result: FitResult, capture: Capture, out_dir: Union[str, Path],
     plot_tail(result, good, out / TAIL_PNG)
     figures = [(HISTOGRAM_PNG, "Score histogram: good frames" + (" and labelled defects" if defects else "") +
                 ", with the calibrated threshold the agent uses" + (" and the best-F1 one" if defects else "")),
-               (TAIL_PNG, "Share of good frames above each score: the target rate, what N frames resolve, the threshold")]
+               (TAIL_PNG, "Share of good frames above each score: the target rate, what N frames resolve, the calibrated "
+                          "threshold")]
     # one heat scale for every overlay, so frames compare: from the typical good map to the threshold and above
     vmin = float(np.quantile(capture.maps, 0.5))
     vmax = max(result.thresholds.pixel_threshold, float(capture.maps.max())) * 1.05

@@ -43,6 +43,8 @@ def site(tmp_path_factory: pytest.TempPathFactory, template_bundle: Bundle) -> D
                      "--out", root / "cap")
     assert proc.returncode == 0, proc.stderr
     assert f"captured {N_GOOD} frames" in proc.stdout
+    # the next step names no rate of its own (the demo then fitted at another): the user chooses it
+    assert f"next: daad-calibrate fit {root / 'cap'} --false-alarm-rate RATE" in proc.stdout
     return {"root": root, "ds": root / "ds", "cap": root / "cap", "bundle": Path(template_bundle.root)}
 
 
