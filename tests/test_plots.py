@@ -102,6 +102,9 @@ def test_overlays_caption_each_image_truly(cases: List[plots.Case], tmp_path: Pa
         else:
             assert "true defect" in heat.get_title() and heat.collections  # the mask's outline is drawn
     assert "verdicts at the calibrated threshold 7.5" in fig._suptitle.get_text()
+    unmasked = cases[0]._replace(mask=np.zeros_like(cases[0].mask))  # a defect labelled without a mask
+    (cell,) = plots.plot_overlays([unmasked], tmp_path / "one.png", "one", 10.0).subfigs
+    assert cell.axes[1].get_title() == "heat map (no defect mask)" and not cell.axes[1].collections
 
 
 def overlapping_titles(fig: Any) -> List[str]:

@@ -115,10 +115,11 @@ def plot_overlays(cases: Sequence[Case], path: Path, title: str, vmax: float,
         right.imshow(figures.heat_overlay(case.image, case.anomaly_map, 0.0, vmax))
         if case.kind == "good":
             right.set_title("heat map (good: no defect)", fontsize=7)
-        else:
-            if case.mask.any():
-                right.contour(case.mask, levels=[0.5], colors=figures.TRUE_DEFECT_OUTLINE, linewidths=1.5)
+        elif case.mask.any():
+            right.contour(case.mask, levels=[0.5], colors=figures.TRUE_DEFECT_OUTLINE, linewidths=1.5)
             right.set_title("heat map; outline: true defect", fontsize=7)
+        else:  # a defect type whose ground-truth mask is missing or empty
+            right.set_title("heat map (no defect mask)", fontsize=7)
         left.set_title("image", fontsize=7)
         for ax in (left, right):
             ax.set_xticks([])
