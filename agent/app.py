@@ -50,6 +50,8 @@ LOOP_TICK_S = 0.1  # the loop wakes at least this often without frames (signals,
 LATENCY_WINDOW = 2048  # recent frames behind the latency percentiles
 CAPTURE_STOP_TIMEOUT_S = 2.0
 PUBLISHER_STOP_TIMEOUT_S = 3.0
+NO_REGION = "image score above the threshold, no region above the pixel threshold"  # why a regionless frame was flagged
+
 # Capture states that the status schema does not name (yet) -> the nearest it does.
 
 
@@ -324,9 +326,11 @@ class App:
         )
         self.publisher.publish_event(event_id, payload)
         self.defects += 1
+        # a frame flagged on its image score alone says so, rather than "0 region(s)"
+        regions = f"{len(result.regions)} region(s)" if result.regions else NO_REGION
         logger.info(
-            "defect: camera %s seq %d (%s) score %.4f > %.4f, %d region(s), event %s",
-            cam, frame.seq, frame.source_id, result.score, result.image_threshold, len(result.regions), event_id,
+            "defect: camera %s seq %d (%s) score %.4f > %.4f, %s, event %s",
+            cam, frame.seq, frame.source_id, result.score, result.image_threshold, regions, event_id,
             extra={"event_id": event_id, "seq": frame.seq, "score": result.score, "source_id": frame.source_id},
         )
 

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 
 from engine.errors import (BackendError, BundleError, ConfigError, DaadError, EngineBuildError, ImageError,
                            ThresholdsError)
+from engine.messages import error
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # extra= fields worth keeping in JSON lines
 JSON_EXTRAS = ("event_id", "seq", "score", "source_id")
 NOISY_LOGGERS = ("paho",)
-HANDLER_NAME = "daad-agent"
+PROG = "daad-agent"
+HANDLER_NAME = PROG
 
 
 class JsonFormatter(logging.Formatter):
@@ -72,7 +74,7 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="daad-agent",
+        prog=PROG,
         description="Score camera frames with a DAAD bundle and publish defects over MQTT.",
         epilog="Signals: SIGTERM/SIGINT stop cleanly (exit 0); SIGHUP reloads thresholds.yaml.",
     )
@@ -128,12 +130,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         app.install_signal_handlers()
         return app.run()
     except DaadError as exc:
-        print(str(exc), file=sys.stderr)
+        error(PROG, exc)
         return exit_code(exc)
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception:  # a bug: keep the traceback in the journal, exit non-zero so systemd restarts us
-        logger.critical("daad-agent: unexpected error", exc_info=True)
+        logger.critical("%s: unexpected error", PROG, exc_info=True)
         return EXIT_ERROR
 
 

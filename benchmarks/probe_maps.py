@@ -178,7 +178,8 @@ def write_overlays(path: Path, samples: list, images, amap: torch.Tensor, masks,
     """The first few images of each defect type with their heat maps (the split's own order, not chosen)."""
     picked = [i for t in sorted(set(types) - {"good"}) for i in [j for j, ty in enumerate(types) if ty == t][:OVERLAYS_PER_TYPE]]
     maps = amap[:, 0].numpy()
-    items = [(f"{types[i]}/{samples[i].image.name}", denormalize(images[i], spec), maps[i], masks[i]) for i in picked]
+    items = [plots.Case(samples[i].image.name, types[i], denormalize(images[i], spec), maps[i], masks[i], float("nan"))
+             for i in picked]
     plots.plot_overlays(items, path, f"{path.stem}: the model's map", float(torch.quantile(amap.flatten()[::97], 0.999)))
 
 

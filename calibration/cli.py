@@ -2,7 +2,7 @@
 
     daad-calibrate capture --config /etc/daad-inspect/agent.yaml --frames 300 --interval 1 --out cal/
     daad-calibrate capture --images good/ --bundle bundle/ --out cal/
-    daad-calibrate fit cal/ --false-alarm-rate 0.01 [--defects mvtec_dir/] [--out thresholds.yaml]
+    daad-calibrate fit cal/ --false-alarm-rate 1% [--defects mvtec_dir/] [--out thresholds.yaml]
     daad-calibrate check thresholds.yaml --bundle bundle/ --images more_good/ [--list]
 
 Every error is one line naming the file, the field and the fix, with exit status 1.
@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import List, Optional
 
 from engine.errors import DaadError
+from engine.messages import error, setup_tool_logging, warning
 
 logger = logging.getLogger(__name__)
+PROG = "daad-calibrate"
 
 DEFAULT_CAMERA_FRAMES = 300  # resolves a 1% false-alarm rate (3/N) with margin
 THRESHOLDS_FILE = "thresholds.yaml"
@@ -32,9 +34,9 @@ def parse_rate(text: str) -> float:
     try:
         value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"got {text!r}, expected a rate like 0.01 or 1%") from None
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected a rate like 1% (or 0.01)") from None
     if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"got {text!r}, expected a rate between 0 and 1 (e.g. 0.01 or 1%)")
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected a rate between 0% and 100%, e.g. 1% (or 0.01)")
     return value
 
 
@@ -49,7 +51,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="daad-calibrate", description="Set the thresholds of a bundle on site from good frames.")
+    parser = argparse.ArgumentParser(prog=PROG, description="Set the thresholds of a bundle on site from good frames.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (backend choice, files)")
     sub = parser.add_subparsers(dest="command", metavar="{capture,fit,check}")
     sub.required = True
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "area from a capture of good frames; thresholds.yaml plus a report.")
     fit.add_argument("capture", type=Path, help="capture folder written by `daad-calibrate capture`")
     fit.add_argument("--false-alarm-rate", type=parse_rate, required=True, metavar="R",
-                     help="target share of good parts flagged, e.g. 0.01 or 1%%")
+                     help="target share of good parts flagged, e.g. 1%% (or 0.01)")
     fit.add_argument("--strategy", choices=("auto", "quantile", "gpd", "best_f1"), default="auto",
                      help="auto: empirical quantile where the frames resolve R, else a generalised Pareto tail fit when "
                           "sound; best_f1 needs --defects")
@@ -116,8 +118,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
     print(f"captured {capture.n} frames into {capture.root} "
           f"(scores: median {q.get('p50', float('nan')):.5g}, p99 {q.get('p99', float('nan')):.5g}, max {q.get('max', float('nan')):.5g})")
     for w in capture.meta.get("warnings", []):
-        print(f"warning: {w}")
-    print(f"next: daad-calibrate fit {capture.root} --false-alarm-rate 0.01")
+        warning(PROG, w)
+    print(f"next: daad-calibrate fit {capture.root} --false-alarm-rate RATE  (RATE: the share of good parts you "
+          "accept being flagged, e.g. 1%)")
     return 0
 
 
@@ -168,15 +171,14 @@ COMMANDS = {"capture": cmd_capture, "fit": cmd_fit, "check": cmd_check}
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s",
-                        stream=sys.stderr)
+    setup_tool_logging(PROG, logging.INFO if args.verbose else logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except DaadError as err:
-        print(f"error: {err}", file=sys.stderr)
+        error(PROG, err)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from engine.backend import open_backend
 from engine.bundle import Bundle
 from engine.errors import DatasetError
+from engine.messages import pct
 from engine.preprocess import list_images
 
 from . import stats
@@ -124,7 +125,7 @@ def fit_thresholds(
     scores = capture.scores
     if scores.size < stats.MIN_FRAMES:
         raise stats.StatsError(f"{capture.root}: only {scores.size} good frames; at least {stats.MIN_FRAMES} are needed "
-                               f"(and {stats.frames_needed(rate)} to resolve a false-alarm rate of {rate:g}): capture more")
+                               f"(and {stats.frames_needed(rate)} to resolve a false-alarm rate of {pct(rate)}): capture more")
     warnings: List[str] = []
     shift = stats.score_shift_warning(scores, score_stats if score_stats is not None else capture.meta.get("bundle_score_stats") or {})
     if shift:
@@ -143,7 +144,7 @@ def fit_thresholds(
             chosen = at_threshold(scores, best.threshold, rate, "best_f1")
             if chosen.ci[0] > rate:
                 warnings.append(f"the best-F1 threshold flags {chosen.exceedances} of {chosen.n} good frames: its false-alarm "
-                                f"rate (95% interval {chosen.ci[0]:.3g}-{chosen.ci[1]:.3g}) is above the target {rate:g}")
+                                f"rate (95% interval {pct(chosen.ci[0])} - {pct(chosen.ci[1])}) is above the target {pct(rate)}")
         f1_chosen = stats.f1_at(scores, defects.all_scores, chosen.threshold)
         misses = stats.miss_rates(defects.scores, chosen.threshold)
         if defects.good_scores.size:
@@ -242,11 +243,13 @@ def write_thresholds(result: FitResult, path: Union[str, Path]) -> Path:
     return save_thresholds(path, result.thresholds)
 
 
-def pct(x: float) -> str:
-    """A rate as a percentage with enough digits for small rates."""
-    if x == 0:
-        return "0%"
-    return f"{x * 100:.2g}%" if x < 0.001 else f"{x * 100:.3g}%"
+# How each strategy estimates the rate on new parts, so the capture's own share and the estimate do not
+# read as a contradiction when they differ.
+ESTIMATE_BASIS = {
+    "quantile": "(k+1)/(N+1): the count here plus one, for the parts not yet seen",
+    "gpd": "from the tail fit of the good scores",
+    "best_f1": "the capture's own share",
+}
 
 
 def summary_lines(result: FitResult, capture: Capture) -> List[str]:
@@ -257,7 +260,8 @@ def summary_lines(result: FitResult, capture: Capture) -> List[str]:
         f"good frames       {t.n_frames} from {capture.root}",
         f"target            false-alarm rate {pct(img.target)}",
         f"image threshold   {t.image_threshold:.6g}  (strategy {t.strategy})",
-        f"  {chosen.exceedances} of {chosen.n} good frames score above it; expected false-alarm rate {pct(chosen.expected_rate)}",
+        f"  in this capture {chosen.exceedances} of {chosen.n} good frames ({pct(chosen.exceedances / chosen.n)}) score "
+        f"above it; on new good parts expect {pct(chosen.expected_rate)} to be flagged ({ESTIMATE_BASIS.get(chosen.strategy, chosen.strategy)})",
         f"  95% interval of the true false-alarm rate at this threshold: {pct(chosen.ci[0])} - {pct(chosen.ci[1])} "
         f"(exact binomial, {chosen.n} frames)",
     ]

@@ -1,25 +1,27 @@
 """The calibration report a person reads: PNG plots, report.html tying them together, report.md.
 
-matplotlib is imported here only, lazily, and drawn through the Agg canvas without pyplot, so no
-display is needed and no global figure state leaks into the caller.
+Each plot function writes its PNG and returns the matplotlib Figure (tests read its panels and legend).
+Colours, layout and ticks come from engine.figures, the page's pieces from engine.report_html: the same as
+the evaluation report's (train/report.py).
 """
 from __future__ import annotations
 
-import html
-import io
 import logging
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from engine.bundle import atomic_write_bytes, atomic_write_text
+from engine import figures as fg
+from engine import report_html as rh
+from engine.bundle import atomic_write_text
 from engine.errors import ImageError
+from engine.messages import pct
 from engine.preprocess import read_image
 
 from . import stats
 from .capture import Capture
-from .fit import DefectSet, FitResult, pct, summary_lines
+from .fit import DefectSet, FitResult, summary_lines
 
 logger = logging.getLogger(__name__)
 
@@ -31,77 +33,67 @@ REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 N_OVERLAYS = 8  # highest-scoring good frames (and lowest-scoring defects) shown
 OVERLAY_COLUMNS = 4
-OVERLAY_ALPHA = 0.45  # heat map over the frame: enough to see both
 HIST_BINS = 50
-DPI = 110
 PANEL_INCHES = 3.0
-GOOD_COLOR = "tab:blue"
-THRESHOLD_COLOR = "black"  # not in tab10, which colours the defect types
-FLAG_COLOR = "tab:red"
+FLAG_COLOUR = fg.VERMILLION  # a flagged frame's caption
+NO_REGION = "image score above the threshold;\nno pixel region above the pixel threshold"
 
 
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=DPI)
-    FigureCanvasAgg(fig)
-    return fig
+def calibrated_label(result: FitResult) -> str:
+    t = result.thresholds
+    return f"calibrated threshold {t.image_threshold:.4g} ({t.strategy}; the agent uses it)"
 
 
-def _save(fig: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def plot_histogram(result: FitResult, good: np.ndarray, defects: Optional[DefectSet], path: Path) -> None:
+def plot_histogram(result: FitResult, good: np.ndarray, defects: Optional[DefectSet], path: Path) -> Any:
     """Good (and defect) score histograms with the threshold lines and the expected rates."""
-    fig = _figure(8.0, 4.5)
+    fig = fg.new_figure(9.5, 4.5)
     ax = fig.add_subplot(1, 1, 1)
-    values = [good] + ([defects.scores[k] for k in sorted(defects.scores)] if defects else [])
+    kinds = sorted(defects.scores) if defects else []
+    values = [good] + [defects.scores[k] for k in kinds] if defects else [good]
     lo, hi = float(min(v.min() for v in values)), float(max(v.max() for v in values))
     hi = max(hi, result.thresholds.image_threshold)
     bins = np.linspace(lo, hi + 1e-9 + (hi - lo) * 0.02, HIST_BINS + 1)
-    ax.hist(good, bins=bins, color=GOOD_COLOR, alpha=0.6, label=f"good frames (n={good.size})")
+    ax.hist(good, bins=bins, color=fg.GOOD_COLOUR, alpha=0.5, zorder=1, label=f"good frames (n={good.size})")
     if defects:
-        cmap = _cmap("tab10")
-        for i, kind in enumerate(sorted(defects.scores)):
-            ax.hist(defects.scores[kind], bins=bins, histtype="step", linewidth=1.6, color=cmap(1 + i % 9),
-                    label=f"defect: {kind} (n={defects.scores[kind].size})")
+        for kind, style in fg.defect_styles(kinds).items():
+            ax.hist(defects.scores[kind], bins=bins, histtype="step", linewidth=1.8, zorder=2,
+                    label=f"defect: {kind} (n={defects.scores[kind].size})", **style)
     t = result.thresholds
-    ax.axvline(t.image_threshold, color=THRESHOLD_COLOR, linewidth=2,
-               label=f"threshold {t.image_threshold:.4g} ({t.strategy})")
-    if result.best_f1 is not None and abs(result.best_f1.threshold - t.image_threshold) > 0:
-        ax.axvline(result.best_f1.threshold, color="0.35", linestyle="--", label=f"best F1 {result.best_f1.threshold:.4g}")
+    ax.axvline(t.image_threshold, color=fg.CALIBRATED_COLOUR, linewidth=2, zorder=3, label=calibrated_label(result))
+    if result.best_f1 is not None and result.best_f1.threshold != t.image_threshold:
+        ax.axvline(result.best_f1.threshold, color=fg.BEST_F1_COLOUR, linestyle="--", zorder=3,
+                   label=f"best-F1 threshold {result.best_f1.threshold:.4g} (on the labelled defects)")
     if result.at_chosen.strategy == "best_f1":
-        ax.axvline(result.image.threshold, color="0.35", linestyle=":",
-                   label=f"target-rate threshold {result.image.threshold:.4g}")
+        ax.axvline(result.image.threshold, color=fg.BEST_F1_COLOUR, linestyle=":", zorder=3,
+                   label=f"threshold for the target rate {result.image.threshold:.4g}")
     ax.set_yscale("log")  # the tail, where the threshold sits, is a handful of frames
+    fg.plain_log_ticks(ax.yaxis)
     ax.set_xlabel("image score")
     ax.set_ylabel("frames (log scale)")
     c = result.at_chosen
-    text = [f"expected false-alarm rate {pct(c.expected_rate)}", f"95% interval {pct(c.ci[0])} - {pct(c.ci[1])}"]
+    text = [f"on new good parts expect {pct(c.expected_rate)} flagged",
+            f"95% interval {pct(c.ci[0])} - {pct(c.ci[1])}"]
     if result.misses.get("all"):
-        text.append(f"miss rate {pct(result.misses['all']['miss_rate'])}")
-    ax.text(0.02, 0.97, "\n".join(text), transform=ax.transAxes, va="top", fontsize=9,
-            bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"})
-    ax.legend(fontsize=8, loc="upper right")
+        text.append(f"labelled defects missed: {pct(result.misses['all']['miss_rate'])}")
+    legend = ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    legend.set_title("\n".join(text), prop={"size": 8})  # the rates, above what the lines are
     ax.set_title(f"Image scores: {t.bundle_name}, target false-alarm rate {pct(result.image.target)}")
-    _save(fig, path)
+    fg.save(fig, path)
+    return fig
 
 
-def plot_tail(result: FitResult, good: np.ndarray, path: Path) -> None:
+def plot_tail(result: FitResult, good: np.ndarray, path: Path) -> Any:
     """Exceedance curve of the good scores (log), the target, the threshold and the tail fit if any."""
-    fig = _figure(8.0, 4.5)
+    fig = fg.new_figure(9.5, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     s = np.sort(good)
     n = s.size
     exceed = (n - np.arange(n)) / (n + 1.0)  # P(score > s_i) estimated without reaching 0 at the maximum
-    ax.step(s, exceed, where="post", color=GOOD_COLOR, label="good frames (empirical)")
+    ax.step(s, exceed, where="post", color=fg.GOOD_COLOUR, label="good frames (empirical)")
     target = result.image.target
     ax.axhline(target, color="0.4", linestyle=":", label=f"target {pct(target)}")
-    ax.axhline(stats.RULE_OF_THREE / n, color="0.7", linestyle="--", label=f"resolution of {n} frames (3/N)")
+    ax.axhline(stats.RULE_OF_THREE / n, color="0.7", linestyle="--",
+               label=f"the lowest rate {n} frames resolve (3/N = {pct(stats.RULE_OF_THREE / n)})")
     gpd = result.image.gpd
     if gpd and gpd.get("scale", 0) > 0 and gpd.get("zeta", 0) > 0:
         fit = stats.GpdFit(u=gpd["u"], zeta=gpd["zeta"], shape=gpd["shape"], scale=gpd["scale"],
@@ -109,64 +101,63 @@ def plot_tail(result: FitResult, good: np.ndarray, path: Path) -> None:
         top = max(result.thresholds.image_threshold, s[-1]) + 0.1 * (s[-1] - s[0])
         xs = np.linspace(fit.u, top, 200)
         label = "generalised Pareto tail fit" + ("" if fit.sound else " (not sound: not used)")
-        ax.plot(xs, [fit.rate_at(x) for x in xs], color="tab:purple", label=label)
-    ax.axvline(result.thresholds.image_threshold, color=THRESHOLD_COLOR, linewidth=2,
-               label=f"threshold {result.thresholds.image_threshold:.4g}")
+        ax.plot(xs, [fit.rate_at(x) for x in xs], color=fg.VERMILLION, label=label)
+    ax.axvline(result.thresholds.image_threshold, color=fg.CALIBRATED_COLOUR, linewidth=2,
+               label=calibrated_label(result))
     ax.set_yscale("log")
     ax.set_ylim(min(target, 1.0 / (n + 1)) / 5, 1.0)
+    fg.plain_log_ticks(ax.yaxis, percent=True)
     ax.set_xlabel("image score")
-    ax.set_ylabel("share of good frames above (log)")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.set_ylabel("share of good frames above (log scale)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Tail of the good scores: where the false alarms come from")
-    _save(fig, path)
+    fg.save(fig, path)
+    return fig
 
 
-def _cmap(name: str) -> Any:
-    import matplotlib
-
-    return matplotlib.colormaps[name]
-
-
-def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-    """RGB uint8: the frame in gray with the anomaly map as a heat map, at the frame's resolution."""
-    import cv2
-
-    gray = image if image.ndim == 2 else cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2GRAY)
-    if gray.dtype != np.uint8:
-        gray = (gray.astype(np.float32) / np.iinfo(gray.dtype).max * 255).astype(np.uint8)
-    h, w = gray.shape[:2]
-    heat = cv2.resize(anomaly_map.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    unit = np.clip((heat - vmin) / max(vmax - vmin, 1e-12), 0, 1)
-    colored = (_cmap("jet")(unit)[:, :, :3] * 255).astype(np.float32)
-    base = np.repeat(gray[:, :, None], 3, axis=2).astype(np.float32)
-    return np.clip((1 - OVERLAY_ALPHA) * base + OVERLAY_ALPHA * colored, 0, 255).astype(np.uint8)
+def overlay_caption(label: str, score: float, n_regions: int, image_threshold: float, defective: bool = False) -> str:
+    """Two lines: the frame, then what the agent would do with it and why."""
+    if score <= image_threshold:
+        return f"{label}\nscore {score:.4g}: " + ("not flagged (missed)" if defective else "not flagged")
+    if n_regions == 0:
+        return f"{label}\nscore {score:.4g}: FLAGGED\n({NO_REGION})"
+    return f"{label}\nscore {score:.4g}: FLAGGED, {n_regions} region{'s' if n_regions != 1 else ''}"
 
 
 def plot_overlays(items: Sequence[Tuple[str, np.ndarray, np.ndarray, float]], result: FitResult, title: str,
-                  path: Path, vmin: float, vmax: float) -> None:
-    """A grid of frames with heat maps; contours where the map is above the pixel threshold."""
+                  path: Path, vmin: float, vmax: float, defective: bool = False) -> Any:
+    """A grid of frames with heat maps; outlines where the map is above the pixel threshold.
+    defective: the frames show labelled defects (a frame below the threshold is a miss)."""
     import cv2
 
     t = result.thresholds
     cols = min(OVERLAY_COLUMNS, len(items))
     rows = int(np.ceil(len(items) / cols))
-    fig = _figure(PANEL_INCHES * cols, PANEL_INCHES * rows + 0.6)
+    fig = fg.new_figure(PANEL_INCHES * cols, (PANEL_INCHES + 0.6) * rows + 0.5)
     for i, (label, image, amap, score) in enumerate(items):
         ax = fig.add_subplot(rows, cols, i + 1)
-        ax.imshow(overlay(image, amap, vmin, vmax))
+        ax.imshow(fg.heat_overlay(image, amap, vmin, vmax))
         h, w = image.shape[:2]
         above = cv2.resize((amap > t.pixel_threshold).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
         if above.any():
-            ax.contour(above, levels=[0.5], colors="white", linewidths=1.0)
+            ax.contour(above, levels=[0.5], colors=fg.REGION_OUTLINE, linewidths=1.5)
         n_regions = stats.count_regions(amap, t.pixel_threshold, t.min_defect_area)
-        verdict = "FLAGGED" if score > t.image_threshold else "ok"
-        ax.set_title(f"{label}\nscore {score:.4g} {verdict}, {n_regions} region(s)", fontsize=8,
-                     color=FLAG_COLOR if verdict == "FLAGGED" else "black")
+        flagged = score > t.image_threshold
+        ax.set_title(overlay_caption(label, score, n_regions, t.image_threshold, defective), fontsize=7,
+                     color=FLAG_COLOUR if flagged else "black")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{title} (heat scale {vmin:.3g} - {vmax:.3g}; white: above pixel threshold {t.pixel_threshold:.4g})",
-                 fontsize=9)
-    _save(fig, path)
+    fig.suptitle(f"{title}\nheat scale {vmin:.3g} - {vmax:.3g}; sky-blue outline: map above the pixel threshold "
+                 f"{t.pixel_threshold:.4g}; flagged: image score above {t.image_threshold:.4g}", fontsize=9)
+    fg.save(fig, path)
+    return fig
+
+
+def frame_label(frame_file: str, source: str) -> str:
+    """The source image's name, which a technician can find the part by; the capture's own frame file name only
+    when there is no source (a camera) -- never both, which repeated the number ("000035.png (035.png)")."""
+    name = Path(source).name if source else ""
+    return name[-28:] if name else Path(frame_file).name
 
 
 def _good_items(capture: Capture, n: int) -> List[Tuple[str, np.ndarray, np.ndarray, float]]:
@@ -177,11 +168,9 @@ def _good_items(capture: Capture, n: int) -> List[Tuple[str, np.ndarray, np.ndar
         except ImageError as exc:
             logger.warning("report: %s", exc)
             continue
-        label = Path(capture.frame_files[idx]).name
-        source = Path(capture.source_names[idx]).name if idx < len(capture.source_names) else ""
-        if source and source != label:
-            label = f"{label} ({source[-24:]})"  # the original name, so a technician can find the part
-        items.append((label, image, capture.maps[idx], float(capture.scores[idx])))
+        source = capture.source_names[idx] if idx < len(capture.source_names) else ""
+        items.append((frame_label(capture.frame_files[idx], source), image, capture.maps[idx],
+                      float(capture.scores[idx])))
     return items
 
 
@@ -207,8 +196,9 @@ def write_report(result: FitResult, capture: Capture, out_dir: Union[str, Path],
     plot_histogram(result, good, defects, out / HISTOGRAM_PNG)
     plot_tail(result, good, out / TAIL_PNG)
     figures = [(HISTOGRAM_PNG, "Score histogram: good frames" + (" and labelled defects" if defects else "") +
-                ", with the threshold"),
-               (TAIL_PNG, "Share of good frames above each score: the target rate, what N frames resolve, the threshold")]
+                ", with the calibrated threshold the agent uses" + (" and the best-F1 one" if defects else "")),
+               (TAIL_PNG, "Share of good frames above each score: the target rate, what N frames resolve, the calibrated "
+                          "threshold")]
     # one heat scale for every overlay, so frames compare: from the typical good map to the threshold and above
     vmin = float(np.quantile(capture.maps, 0.5))
     vmax = max(result.thresholds.pixel_threshold, float(capture.maps.max())) * 1.05
@@ -220,7 +210,8 @@ def write_report(result: FitResult, capture: Capture, out_dir: Union[str, Path],
     if defects is not None:
         missed = _missed_items(defects, result.thresholds.image_threshold, N_OVERLAYS)
         if missed:
-            plot_overlays(missed, result, "Missed defects (lowest scores)", out / MISSED_OVERLAYS_PNG, vmin, vmax)
+            plot_overlays(missed, result, "Missed defects (lowest scores)", out / MISSED_OVERLAYS_PNG, vmin, vmax,
+                          defective=True)
             figures.append((MISSED_OVERLAYS_PNG, "Labelled defects scoring below the threshold (missed)."))
     lines = summary_lines(result, capture)
     atomic_write_text(out / REPORT_HTML, _html(result, lines, figures, thresholds_path))
@@ -232,33 +223,22 @@ def _html(result: FitResult, lines: List[str], figures: List[Tuple[str, str]], t
     t = result.thresholds
     rows = [("image threshold", f"{t.image_threshold:.6g}"), ("strategy", t.strategy),
             ("target false-alarm rate", pct(result.image.target)),
-            ("expected false-alarm rate", pct(result.at_chosen.expected_rate)),
+            ("expected false-alarm rate on new good parts", pct(result.at_chosen.expected_rate)),
             ("95% interval (exact binomial)", f"{pct(result.at_chosen.ci[0])} - {pct(result.at_chosen.ci[1])}"),
             ("pixel threshold", f"{t.pixel_threshold:.6g}"), ("min defect area", f"{t.min_defect_area} px"),
             ("good frames", str(t.n_frames)), ("bundle", f"{t.bundle_name} ({t.bundle_sha256[:12]})"),
             ("created", t.created)]
     if result.misses.get("all"):
         rows.append(("miss rate (labelled defects)", pct(result.misses["all"]["miss_rate"])))
-    table = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
-    warnings = "".join(f"<li>{html.escape(w)}</li>" for w in result.warnings)
-    figs = "\n".join(f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in figures)
-    written = f"<p>Thresholds written to <code>{html.escape(str(thresholds_path))}</code>.</p>" if thresholds_path else ""
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Calibration report: {html.escape(t.bundle_name)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
-table{{border-collapse:collapse}}th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
-.warn{{background:#fff4e0;border:1px solid #e0a040;padding:0.5em 1em}}img{{max-width:100%}}
-figure{{margin:1.5em 0}}figcaption{{color:#444}}pre{{background:#f6f6f6;padding:1em;overflow-x:auto}}</style></head>
-<body><h1>Calibration report</h1>{written}
-<table>{table}</table>
-{f'<div class="warn"><h2>Warnings</h2><ul>{warnings}</ul></div>' if warnings else ''}
-<h2>Figures</h2>{figs}
-<h2>Summary</h2><pre>{html.escape(chr(10).join(lines))}</pre>
+    written = f"<p>Thresholds written to <code>{rh.esc(thresholds_path)}</code>.</p>" if thresholds_path else ""
+    body = f"""<h1>Calibration report</h1>{written}
+{rh.key_values(rows)}
+{rh.warnings_box(result.warnings)}
+<h2>Figures</h2>{rh.figures(figures)}
+<h2>Summary</h2><pre>{rh.esc(chr(10).join(lines))}</pre>
 <p>The false-alarm figures assume the good frames are independent samples of normal production; frames
-of the same part taken in a burst are not, and make the interval look narrower than it is.</p>
-</body></html>
-"""
+of the same part taken in a burst are not, and make the interval look narrower than it is.</p>"""
+    return rh.page(f"Calibration report: {t.bundle_name}", body)
 
 
 def _markdown(result: FitResult, lines: List[str], figures: List[Tuple[str, str]], thresholds_path: Optional[Path]) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from engine.errors import DaadError
+from engine.messages import pct
 
 CONFIDENCE = 0.95  # two-sided level of every interval we state
 RULE_OF_THREE = 3.0  # N frames resolve a rate down to ~3/N (95% upper bound with no exceedance)
@@ -136,8 +137,8 @@ def quantile_threshold(scores: Sequence[float], rate: float) -> ImageThreshold:
     if idx is None:
         idx = n - 1
         warnings.append(
-            f"target false-alarm rate {rate:.4g} is below 1/(N+1) = {1 / (n + 1):.4g}: the threshold is the "
-            f"highest of the {n} good scores, whose expected false-alarm rate is ~{1 / (n + 1):.4g}; "
+            f"target false-alarm rate {pct(rate)} is below 1/(N+1) = {pct(1 / (n + 1))}: the threshold is the "
+            f"highest of the {n} good scores, whose expected false-alarm rate is ~{pct(1 / (n + 1))}; "
             f"capture at least {frames_needed(rate)} good frames to reach the target"
         )
     threshold = float(s[idx])
@@ -158,14 +159,14 @@ def quantile_threshold(scores: Sequence[float], rate: float) -> ImageThreshold:
 
 def _resolution_warning(rate: float, n: int) -> str:
     return (
-        f"{n} good frames cannot resolve a false-alarm rate of {rate:.4g} (they resolve down to ~{RULE_OF_THREE / n:.3g}); "
+        f"{n} good frames cannot resolve a false-alarm rate of {pct(rate)} (they resolve down to ~{pct(RULE_OF_THREE / n)}); "
         f"capture at least {frames_needed(rate)} good frames to measure it"
     )
 
 
 def _check_rate(rate: float) -> None:
     if not 0.0 < rate < 1.0:
-        raise StatsError(f"the false-alarm rate must be in (0, 1), e.g. 0.01 for 1%, got {rate}")
+        raise StatsError(f"the false-alarm rate must be between 0% and 100% (e.g. 1%), got {rate:g}")
 
 
 def _check_n(n: int) -> None:
@@ -266,7 +267,7 @@ def gpd_threshold(scores: Sequence[float], rate: float, fit: Optional[GpdFit] = 
     if not fit.sound:
         raise StatsError("the tail fit is not sound: " + "; ".join(fit.problems))
     if rate >= fit.zeta:
-        raise StatsError(f"the rate {rate:.4g} lies inside the body of the scores (tail starts at {fit.zeta:.3g}): use the quantile")
+        raise StatsError(f"the rate {pct(rate)} lies inside the body of the scores (tail starts at {fit.zeta:.3g}): use the quantile")
     threshold = max(fit.threshold_for(rate), fit.u)
     n = int(s.size)
     k = int(np.sum(s > threshold))
@@ -432,7 +433,7 @@ def fit_pixel_thresholds(maps: np.ndarray, rate: float) -> PixelThresholds:
     idx = conformal_index(rate, n)
     if idx is None:
         idx = n - 1
-        warnings.append(f"pixel threshold is the highest good-frame map value: {n} frames are too few for rate {rate:.4g}")
+        warnings.append(f"pixel threshold is the highest good-frame map value: {n} frames are too few for rate {pct(rate)}")
     pixel_threshold = float(maxima[idx])
     areas = np.concatenate([component_areas(frame, pixel_threshold) for frame in m])
     min_area = max(1, int(math.ceil(float(np.quantile(areas, MIN_AREA_QUANTILE))))) if areas.size else 1

@@ -17,6 +17,7 @@ import yaml
 from .backend import BACKEND_CHOICES, open_backend
 from .bundle import Bundle, atomic_write_text, load_bundle
 from .errors import DaadError
+from .messages import error, setup_tool_logging, warning
 from .plan_cache import ENV_CACHE_DIR, PRECISIONS, PlanCache
 from .trt_build import DEFAULT_WORKSPACE_MB
 
@@ -154,7 +155,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                           workspace_mb=args.workspace_mb, batch=args.batch, if_missing=args.if_missing)
     except TensorRTUnavailableError as exc:
         if args.allow_missing_tensorrt:
-            print(f"{PROG} build: no plan built: {exc}", file=sys.stderr)
+            warning(PROG, f"no plan built: {exc}")
             return EXIT_OK
         raise DaadError(f"{exc}; pass --allow-missing-tensorrt to exit 0 here instead") from exc
     print(path)
@@ -184,7 +185,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"{PROG} check: FP16 does not score {bundle.root} as FP32 does ({why}); build with --precision "
                   "fp32 or re-export the model so its values stay within float16", file=sys.stderr)
     if problems:
-        print(f"{PROG} check: {len(problems)} problem(s) in {bundle.root}; TensorRT would refuse this bundle", file=sys.stderr)
+        error(PROG, f"{len(problems)} problem(s) in {bundle.root}; TensorRT would refuse this bundle")
         return EXIT_ERROR
     if not parity_ok:
         return EXIT_ERROR
@@ -263,15 +264,14 @@ COMMANDS = {"build": cmd_build, "check": cmd_check, "bench": cmd_bench, "info": 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_tool_logging(PROG, getattr(logging, args.log_level.upper()))
     try:
         return COMMANDS[args.command](args)
     except DaadError as err:
-        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        error(PROG, err)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

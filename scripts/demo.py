@@ -41,11 +41,16 @@ def step(n: int, text: str) -> None:
     print(f"\n[{n}/{N_STEPS}] {text}", flush=True)
 
 
+TOOLS = {"train": "daad-train", "engine": "daad-engine", "calibration": "daad-calibrate"}  # module -> console script
+
+
 def run_cli(module: str, *args: str) -> None:
     """Run one of our console scripts as a user would (python -m keeps it independent of PATH)."""
+    command = f"{TOOLS.get(module, module)} {' '.join(args)}"
+    print(f"next: {command}", flush=True)  # the exact command, as a user would type it
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT)
     if proc.returncode != 0:
-        raise SystemExit(f"demo: `{module} {' '.join(args)}` failed with exit code {proc.returncode}")
+        raise SystemExit(f"demo: error: `{command}` failed with exit code {proc.returncode}")
 
 
 def make_video(path: Path, data: Path, synthetic: bool, n_frames: int, seed: int) -> List[int]:
@@ -145,7 +150,7 @@ def main() -> int:
         run_cli("train", "fit", "--data", str(data), "--model", args.model, "--size", str(args.size),
                 "--steps", str(args.steps), "--batch-size", "8", "--lr", "1e-3", "--out", str(run), "--seed", str(args.seed))
 
-        step(3, "evaluating on the labelled test set (metrics and plots)")
+        step(3, "evaluating on the labelled test set (metrics, plots and report.html)")
         run_cli("train", "eval", "--checkpoint", str(run / "last.pt"), "--data", str(data), "--out", str(out / "eval"))
 
         step(4, "exporting the bundle (ONNX + bundle.yaml), checking parity with PyTorch and TensorRT compatibility")
@@ -181,6 +186,7 @@ def main() -> int:
                 "spool": {"path": str(out / "state" / "spool.db")},
                 "frames": {"dir": str(out / "defect-frames")},
             }, sort_keys=False))
+            print(f"next: daad-agent --config {config}", flush=True)
             agent = subprocess.run([sys.executable, "-m", "agent", "--config", str(config)], cwd=ROOT)
             if agent.returncode != 0:
                 raise SystemExit(f"demo: the agent exited with {agent.returncode}")
@@ -198,7 +204,8 @@ def main() -> int:
         caught = sorted(flagged & set(defective_frames))
         false_alarms = sorted(flagged - set(defective_frames))
         for e in events:
-            regions = ", ".join(f"bbox {r['bbox']} area {r['area']}" for r in e["regions"][:3]) or "no region above the pixel threshold"
+            regions = ", ".join(f"bbox {r['bbox']} area {r['area']}" for r in e["regions"][:3]) or (
+                "image score above the threshold, no region above the pixel threshold")
             truth = "defective part" if e["seq"] in defective_frames else "GOOD part (false alarm)"
             print(f"  frame {e['seq']:3d}  score {e['image_score']:.3f} > {e['image_threshold']:.3f}  [{truth}]  {regions}")
         summary = {"events": len(events), "defective_frames": len(defective_frames), "caught": len(caught),
@@ -208,7 +215,7 @@ def main() -> int:
         print(f"\n{summary['events']} defect events received: {summary['caught']} of {summary['defective_frames']} "
               f"defective parts caught, {summary['false_alarms']} false alarms, in {summary['seconds']} s.")
         print("Where to look:")
-        print(f"  evaluation plots   {out / 'eval'}/ (roc.png, scores.png, overlays_best.png, overlays_worst.png)")
+        print(f"  evaluation report  {out / 'eval' / 'report.html'} (metrics, per-type table, plots)")
         print(f"  calibration report {cal / 'report' / 'report.html'}")
         print(f"  defective frames   {out / 'defect-frames'}/")
         print(f"  bundle             {bundle}/ (model.onnx, bundle.yaml)")

@@ -563,7 +563,8 @@ def test_check_config_ok_and_usage_errors(tmp_path, template_bundle, calibrated,
     out = capsys.readouterr().out
     assert "made for this bundle" in out and out.strip().endswith("OK")
     assert main(["--config", str(tmp_path / "nope.yaml")]) == 78
-    assert capsys.readouterr().err.strip() == f"{tmp_path / 'nope.yaml'}: config file not found; pass --config /etc/daad-inspect/agent.yaml"
+    assert capsys.readouterr().err.strip() == (f"daad-agent: error: {tmp_path / 'nope.yaml'}: config file not found; "
+                                               "pass --config /etc/daad-inspect/agent.yaml")
     with pytest.raises(SystemExit) as info:
         main(["--config", str(config), "--max-frames", "0"])
     assert info.value.code == 2

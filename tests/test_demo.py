@@ -20,7 +20,8 @@ def test_quick_demo_delivers_defect_events(tmp_path: Path) -> None:
     for event in summary["events_received"]:
         assert event["station"] == "demo" and event["image_score"] > event["image_threshold"]
     assert (out / "eval" / "roc.png").is_file()
-    assert (out / "calibration" / "report" / "report.html").is_file()
+    assert (out / "calibration" / "report" / "report.html").is_file() and (out / "eval" / "report.html").is_file()
+    assert "next: daad-calibrate fit " in proc.stdout and "--false-alarm-rate 2%" in proc.stdout  # what it then runs
     assert (out / "bundle" / "bundle.yaml").is_file()
     assert any((out / "defect-frames").rglob("*.jpg"))
     assert "what the subscriber received" in proc.stdout

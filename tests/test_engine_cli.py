@@ -152,7 +152,7 @@ def test_build_without_tensorrt(template_bundle: Bundle, tmp_path: Path, monkeyp
     result = run_main(["build", str(template_bundle.root), "--precision", "fp16", "--if-missing",
                        "--allow-missing-tensorrt"], tmp_path, monkeypatch)
     assert result.returncode == 0 and "Traceback" not in result.stderr
-    assert "no plan built" in result.stderr and result.stdout == ""
+    assert "daad-engine: warning: no plan built" in result.stderr and result.stdout == ""
 
 
 def test_build_checks_the_bundle_before_tensorrt(bundle_copy: Path, tmp_path: Path,
@@ -184,7 +184,7 @@ def test_check_passes_and_fails(template_bundle: Bundle, tmp_path: Path, monkeyp
     assert result.returncode == 1
     assert "node 'dedupe' (Unique): Unique is not in TensorRT's ONNX operator support list" in result.stdout
     assert "input 'image': shape ['N', 1, 16, 16] is not static" in result.stdout
-    assert "problem(s)" in result.stderr
+    assert result.stderr.startswith("daad-engine: error: ") and "problem(s)" in result.stderr
 
 
 def test_info_prints_metadata(template_bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

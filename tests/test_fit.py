@@ -206,9 +206,14 @@ def test_eval_on_defects_pasted_onto_good_parts(trained, dataset: Path) -> None:
     assert pasted["image_auroc"] >= SEPARATION_AUROC, pasted  # the synthetic defects are still found on other parts
 
 
-def test_eval_writes_metrics_and_plots(trained, dataset: Path, tmp_path: Path) -> None:
+def test_eval_writes_metrics_plots_and_the_report(trained, dataset: Path, tmp_path: Path) -> None:
+    import re
+
+    from train.plots import Threshold
+
     model, _ = load_model(trained.checkpoint)
-    metrics = evaluate(model, dataset, tmp_path / "eval")
+    calibrated = Threshold(7.25, "calibrated threshold 7.25 (the agent's, thresholds.yaml)", calibrated=True)
+    metrics = evaluate(model, dataset, tmp_path / "eval", calibrated=calibrated)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["image_auroc"] == pytest.approx(metrics["image_auroc"])
     for key in ("pixel_auroc", "aupro", "best_f1", "image_auroc_per_type"):
@@ -216,6 +221,14 @@ def test_eval_writes_metrics_and_plots(trained, dataset: Path, tmp_path: Path) -
     assert set(saved["pixel_auroc_breakdown"]["per_type"]) == set(saved["image_auroc_per_type"])
     for name in ("roc.png", "scores.png", "overlays_best.png", "overlays_worst.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 5000
+    # one page beside them: the metrics, a row per defect type and every figure
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert saved["plots"]["report"] == str(tmp_path / "eval" / "report.html")
+    assert sorted(re.findall(r'<img src="([^"]+)"', page)) == ["overlays_best.png", "overlays_worst.png", "roc.png",
+                                                               "scores.png"]
+    for kind in saved["image_auroc_per_type"]:
+        assert f"<tr><th>{kind}</th>" in page
+    assert f"{saved['image_auroc']:.3f}" in page and "calibrated threshold 7.25" in page
 
 
 def test_export_bundle_matches_pytorch_on_real_files(trained, dataset: Path, tmp_path: Path) -> None:
@@ -278,6 +291,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     (["fit", "--data", ".", "--lr=-1e-3"], "--lr: got -0.001; a learning rate is positive"),
     (["fit", "--data", ".", "--disc-lr", "-1"], "--disc-lr: got -1; a learning rate is positive"),
     (["eval", "--checkpoint", "/nonexistent.pt", "--data", ".", "--out", "/tmp/x"], "checkpoint not found"),
+    (["eval", "--checkpoint", "/nonexistent.pt", "--data", ".", "--out", "/tmp/x", "--thresholds", "/none.yaml"],
+     "daad-train: error: /none.yaml: thresholds file not found"),  # checked before the model is loaded
     (["export", "--checkpoint", "/nonexistent.pt", "--out", "/tmp/x"], "checkpoint not found"),
 ])
 def test_cli_errors_are_one_line_without_traceback(args: list, expected: str) -> None:

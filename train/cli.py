@@ -1,7 +1,7 @@
 """`daad-train`: fit, eval and export on the desktop.
 
     daad-train fit --data DIR [--model inspect|daad_plus|...] --out runs/x [--steps N] [--resume] [--views plain]
-    daad-train eval --checkpoint runs/x/last.pt --data DIR --out runs/x/eval [--split val|test]
+    daad-train eval --checkpoint runs/x/last.pt --data DIR --out runs/x/eval [--split val|test] [--thresholds T.yaml]
     daad-train fit/eval ... --groups GROUPS.csv   (train.groups: score only parts the model never trained on)
     daad-train combine --checkpoints runs/x/last.pt runs/y/last.pt --out runs/xy   (their mean map, one model)
     daad-train export --checkpoint runs/x/last.pt --out bundle/ [--batch 8] [--parity-images DIR]
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 import yaml
 
 from engine.errors import ConfigError, DaadError, DatasetError
+from engine.messages import error, setup_tool_logging
 
 from .config import (INSPECT_DAAD_PLUS_NAME, INSPECT_NAME, ModelConfig, TrainConfig, from_dict, preset, preset_names,
                      schedule, to_dict)
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .groups import Groups
 
 logger = logging.getLogger("train")
+PROG = "daad-train"
 WORST_PARTS = 5  # eval --groups prints the parts ranked lowest; metrics.json holds every part
 
 
@@ -138,14 +140,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .evaluate import evaluate
 
+    from .report import calibrated_threshold
+
+    calibrated = calibrated_threshold(Path(args.thresholds)) if args.thresholds else None  # before minutes of scoring
     model, state = load_model(args.checkpoint)
     groups = checked_groups(args.groups, Path(args.data), state, args.checkpoint) if args.groups else None
     metrics = evaluate(model, Path(args.data), Path(args.out), device=args.device, plot=not args.no_plots,
-                       progress=not args.quiet, split=args.split, transplant=args.transplant, groups=groups)
+                       progress=not args.quiet, split=args.split, transplant=args.transplant, groups=groups,
+                       calibrated=calibrated)
     print(json.dumps({k: metrics[k] for k in ("model", "image_auroc", "pixel_auroc", "aupro")}, default=float))
     print(f"per type: {json.dumps(metrics['image_auroc_per_type'], default=float)}")
     for name, got in metrics.get("image_auroc_group_intervals", {}).items():
-        print(f"image AUROC, {name}: {got['auroc']:.3f} (95 % over {got['groups']} parts resampled: "
+        print(f"image AUROC, {name}: {got['auroc']:.3f} (95% over {got['groups']} parts resampled: "
               f"{got['low']:.3f} to {got['high']:.3f})")
     worst = metrics.get("parts", [])[:WORST_PARTS]
     if worst:
@@ -155,6 +161,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             kind = "/".join(part["types"]) if part["defective"] else "good"
             images = f"{part['images']} image{'s' if part['images'] != 1 else ''}"
             print(f"  {part['part']}: {kind}, {images}, rank {part['rank']:.2f}")
+    if "plots" in metrics:
+        print(f"report: {metrics['plots']['report']} (metrics, per-type table, plots)")
     print(f"metrics and plots: {args.out}")
     return 0
 
@@ -207,7 +215,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="daad-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -257,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(good images of held-out groups; val/test halves of whole groups)")
     eval_p.add_argument("--transplant", action="store_true",
                         help="paste each defect onto a good image of the set (same background for good and defective)")
-    eval_p.add_argument("--no-plots", action="store_true")
+    eval_p.add_argument("--thresholds", help="thresholds.yaml from `daad-calibrate fit`: draw the threshold the agent "
+                        "uses beside the best-F1 one, and judge the overlays' cases by it")
+    eval_p.add_argument("--no-plots", action="store_true", help="metrics.json only (no PNGs, no report.html)")
     eval_p.add_argument("--quiet", action="store_true")
     eval_p.set_defaults(func=cmd_eval)
 
@@ -281,14 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_tool_logging(PROG, logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return int(args.func(args))
     except DaadError as err:
-        print(f"daad-train: error: {err}", file=sys.stderr)
+        error(PROG, err)
         return 1
     except KeyboardInterrupt:
-        print("daad-train: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -19,7 +19,7 @@ from .metrics import (aupro, best_f1, group_bootstrap_auroc, image_auroc, part_r
                       pixel_auroc_breakdown)
 from .transplant import transplant_set
 from .views import Scorer
-from . import plots
+from . import plots, report
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +89,15 @@ def load_split(data_root: Path, spec: Any, split: str = "all", split_seed: int =
 
 def evaluate(model: Scorer, data_root: Path, out_dir: Optional[Path] = None, device: str = "auto",
              plot: bool = True, progress: bool = False, split: str = "all", split_seed: int = 0,
-             transplant: bool = False, groups: Optional[Groups] = None) -> Dict[str, Any]:
+             transplant: bool = False, groups: Optional[Groups] = None,
+             calibrated: Optional[plots.Threshold] = None) -> Dict[str, Any]:
     """Score the test set (or a fixed half of it, see data.split_eval), compute metrics, write
-    metrics.json and plots into out_dir.
+    metrics.json, plots and report.html into out_dir.
 
     transplant: score the set's defects pasted onto its good images instead (train.transplant), so
-    that defective and good images share their backgrounds."""
+    that defective and good images share their backgrounds.
+    calibrated: the agent's threshold (train.report.calibrated_threshold), drawn beside the best-F1 one and
+    used for the verdicts."""
     spec = preprocess_spec(model.cfg)
     samples, images, masks, labels, types = load_split(Path(data_root), spec, split, split_seed, groups)
     if transplant:
@@ -114,29 +117,44 @@ def evaluate(model: Scorer, data_root: Path, out_dir: Optional[Path] = None, dev
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if plot:
-            metrics["plots"] = write_plots(out_dir, samples, images, masks, labels, types, pred, metrics, spec)
+            metrics["plots"] = write_plots(out_dir, samples, images, masks, labels, types, pred, metrics, spec,
+                                           calibrated)
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=float))
     return metrics
 
 
 def write_plots(out_dir: Path, samples: list, images: np.ndarray, masks: np.ndarray, labels: np.ndarray,
-                types: List[str], pred: Dict[str, np.ndarray], metrics: Dict[str, Any], spec: Any) -> Dict[str, str]:
+                types: List[str], pred: Dict[str, np.ndarray], metrics: Dict[str, Any], spec: Any,
+                calibrated: Optional[plots.Threshold] = None) -> Dict[str, str]:
+    """The PNGs and report.html tying them together; returns what -> path."""
     from sklearn.metrics import roc_curve
 
     scores, maps = pred["scores"], pred["maps"]
     name = metrics["model"]
+    best = report.best_f1_threshold(metrics["best_f1"]["threshold"])
+    verdicts = calibrated or best  # what the agent would do, where known
     curves = {"all": (*roc_curve(labels, scores)[:2], metrics["image_auroc"])}
     for t, auc in metrics["image_auroc_per_type"].items():
         sel = np.array([ty in ("good", t) for ty in types])
         curves[t] = (*roc_curve(labels[sel], scores[sel])[:2], auc)
-    written = {"roc": str(plots.plot_roc(curves, out_dir / "roc.png", f"{name}: image ROC"))}
+    written = {"roc": out_dir / "roc.png", "histogram": out_dir / "scores.png"}
+    plots.plot_roc(curves, written["roc"], f"{name}: image ROC")
     defective = {t: scores[np.array(types) == t] for t in metrics["image_auroc_per_type"]}
-    written["histogram"] = str(plots.plot_histogram(scores[labels == 0], defective, out_dir / "scores.png",
-                                                    f"{name}: image scores", metrics["best_f1"]["threshold"]))
+    plots.plot_histogram(scores[labels == 0], defective, written["histogram"], f"{name}: image scores",
+                         [best] + ([calibrated] if calibrated else []))
     vmax = float(np.quantile(maps, 0.999))
     for kind, idxs in plots.order_cases(labels, scores, OVERLAY_CASES).items():
-        items = [(f"{types[i]}/{samples[i].image.name} score {scores[i]:.3g}", denormalize(images[i], spec), maps[i], masks[i])
-                 for i in idxs]
-        written[f"overlays_{kind}"] = str(plots.plot_overlays(items, out_dir / f"overlays_{kind}.png",
-                                                              f"{name}: {kind} cases", vmax))
-    return written
+        cases = [plots.Case(samples[i].image.name, types[i], denormalize(images[i], spec), maps[i], masks[i],
+                            float(scores[i])) for i in idxs]
+        written[f"overlays_{kind}"] = out_dir / f"overlays_{kind}.png"
+        plots.plot_overlays(cases, written[f"overlays_{kind}"], f"{name}: {kind} cases", vmax, verdicts)
+    captions = [
+        ("scores.png", "Image scores: good images filled, each defect type outlined; the threshold lines and what "
+                       "each is"),
+        ("roc.png", "Image ROC, all defects together and per type against the good images"),
+        ("overlays_best.png", "Best cases: the highest-scoring defects and the lowest-scoring good images"),
+        ("overlays_worst.png", "Worst cases: the lowest-scoring defects and the highest-scoring good images"),
+    ]
+    counts = report.caught_counts(scores.tolist(), types, verdicts)
+    written["report"] = report.write_report(out_dir, metrics, captions, counts, verdicts, calibrated)
+    return {k: str(v) for k, v in written.items()}
