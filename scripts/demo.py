@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""The end-to-end demo, on a laptop with no GPU and no Jetson (about 5 minutes on 2 CPU cores):
+"""The end-to-end demo, on a laptop with no GPU and no Jetson (about a minute on 2 CPU cores):
 
-  train -> evaluate -> export the bundle -> calibrate thresholds on held-back good images ->
+  fit -> evaluate -> export the bundle -> calibrate thresholds on good parts seen through the camera ->
   start a local broker -> run the agent on a video of good and defective parts ->
   show the defect events a subscriber received, and where the pictures are.
 
@@ -53,17 +53,26 @@ def run_cli(module: str, *args: str) -> None:
         raise SystemExit(f"demo: error: `{command}` failed with exit code {proc.returncode}")
 
 
+def write_video(path: Path, frames: List[np.ndarray]) -> Path:
+    """An MJPG clip at the camera's size: frames pass the same resize and compression as a camera's would."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), VIDEO_FPS, VIDEO_SIZE)
+    for image in frames:
+        frame = cv2.resize(image, VIDEO_SIZE, interpolation=cv2.INTER_AREA)
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR) if frame.ndim == 2 else frame)
+    writer.release()
+    return path
+
+
 def make_video(path: Path, data: Path, synthetic: bool, n_frames: int, seed: int) -> List[int]:
     """A clip of parts passing the camera; returns the frame numbers that show a defect."""
     from train.synthetic import make_defective, make_good
 
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), VIDEO_FPS, VIDEO_SIZE)
-    defective_frames = []
     rng = np.random.default_rng(seed)
     real_good = real_bad = []
     if not synthetic:
         real_good = list_images(data / "test" / "good")
         real_bad = sorted(p for d in (data / "test").iterdir() if d.is_dir() and d.name != "good" for p in list_images(d))
+    frames, defective_frames = [], []
     for i in range(n_frames):
         bad = i % 4 == 3  # every fourth part is defective
         if synthetic:
@@ -71,12 +80,27 @@ def make_video(path: Path, data: Path, synthetic: bool, n_frames: int, seed: int
         else:
             pool = real_bad if bad else real_good
             image = read_image(pool[int(rng.integers(len(pool)))])
-        frame = cv2.resize(image, VIDEO_SIZE, interpolation=cv2.INTER_AREA)
-        writer.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR) if frame.ndim == 2 else frame)
+        frames.append(image)
         if bad:
             defective_frames.append(i)
-    writer.release()
+    write_video(path, frames)
     return defective_frames
+
+
+def agent_config(out: Path, video: Path, bundle: Path, thresholds: Path, host: str = "127.0.0.1",
+                 port: int = 1883) -> Path:
+    """The agent's config with the camera on a video file; calibration captures through the same camera."""
+    config = out / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "camera": {"name": "cam0", "source": {"kind": "video", "path": str(video), "loop": False, "realtime": False},
+                   "mode": "every"},
+        "model": {"bundle": str(bundle), "backend": "auto"},
+        "thresholds": {"path": str(thresholds)},
+        "mqtt": {"host": host, "port": port, "station": STATION, "status_interval_s": 1},
+        "spool": {"path": str(out / "state" / "spool.db")},
+        "frames": {"dir": str(out / "defect-frames")},
+    }, sort_keys=False))
+    return config
 
 
 class EventCollector:
@@ -111,17 +135,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="MVTec-layout dataset (default: generate synthetic parts)")
     parser.add_argument("--out", default="demo-output")
-    parser.add_argument("--model", default="daad_plus")
-    parser.add_argument("--steps", type=int, default=250, help="training steps")
-    parser.add_argument("--size", type=int, default=96, help="model input size (multiple of 16)")
+    parser.add_argument("--model", default="inspect", help="`inspect` (the product's default: nothing trained) or a "
+                        "trained preset such as daad_plus")
+    parser.add_argument("--steps", type=int, help="training steps of a trained preset (default: the preset's own)")
+    parser.add_argument("--size", type=int, help="model input size (default: the model's own, 256 for inspect)")
     parser.add_argument("--frames", type=int, default=40, help="frames in the demo video")
     parser.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto")
     parser.add_argument("--false-alarm-rate", default="2%")
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps (for the test suite)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.quick:  # 60 steps left DAAD+ at 0.67-0.70 image AUROC on these parts, 150 at 1.0 (seeds 0, 1)
-        args.steps, args.size, args.frames = 150, 64, 16
+    if args.quick:  # a smaller input and video for the test suite
+        args.size, args.frames = args.size or 128, 16
     out = Path(args.out).resolve()
     if out.exists():
         shutil.rmtree(out)
@@ -145,10 +170,14 @@ def main() -> int:
             for p in goods[: len(goods) // 2]:  # the other half stays in the evaluation set's role
                 shutil.copy(p, held_back / p.name)
 
-        step(2, f"training {args.model} for {args.steps} steps at {args.size}px")
+        at = f" at {args.size}px" if args.size else ""
+        step(2, f"training {args.model} for {args.steps} steps{at}" if args.steps else
+             f"fitting {args.model}{at} (features of the good images into its memories)")
         run = out / "run"
-        run_cli("train", "fit", "--data", str(data), "--model", args.model, "--size", str(args.size),
-                "--steps", str(args.steps), "--batch-size", "8", "--lr", "1e-3", "--out", str(run), "--seed", str(args.seed))
+        fit_args = ["--data", str(data), "--model", args.model, "--out", str(run), "--seed", str(args.seed)]
+        fit_args += ["--size", str(args.size)] if args.size else []
+        fit_args += ["--steps", str(args.steps), "--batch-size", "8", "--lr", "1e-3"] if args.steps else []
+        run_cli("train", "fit", *fit_args)
 
         step(3, "evaluating on the labelled test set (metrics, plots and report.html)")
         run_cli("train", "eval", "--checkpoint", str(run / "last.pt"), "--data", str(data), "--out", str(out / "eval"))
@@ -159,10 +188,13 @@ def main() -> int:
                 "--metrics", str(out / "eval" / "metrics.json"), "--parity-images", str(held_back))
         run_cli("engine", "check", str(bundle))
 
-        step(5, f"calibrating thresholds on {len(list_images(held_back))} held-back good images "
-                f"(target false-alarm rate {args.false_alarm_rate})")
         cal = out / "calibration"
-        run_cli("calibration", "capture", "--images", str(held_back), "--bundle", str(bundle), "--out", str(cal))
+        good_frames = [read_image(p) for p in list_images(held_back)]
+        step(5, f"calibrating thresholds on {len(good_frames)} frames of good parts from the camera (a video of "
+                f"held-back good parts; target false-alarm rate {args.false_alarm_rate})")
+        config = agent_config(out, write_video(out / "calibration.avi", good_frames), bundle, cal / "thresholds.yaml")
+        run_cli("calibration", "capture", "--config", str(config), "--frames", str(len(good_frames)), "--interval", "0",
+                "--out", str(cal))
         run_cli("calibration", "fit", str(cal), "--false-alarm-rate", args.false_alarm_rate, "--bundle", str(bundle),
                 "--out", str(cal / "thresholds.yaml"), "--report", str(cal / "report"))
 
@@ -176,16 +208,7 @@ def main() -> int:
             step(7, f"running the agent on a {args.frames}-frame video of parts (every 4th is defective)")
             video = out / "line.avi"
             defective_frames = make_video(video, data, synthetic, args.frames, args.seed)
-            config = out / "agent.yaml"
-            config.write_text(yaml.safe_dump({
-                "camera": {"name": "cam0", "source": {"kind": "video", "path": str(video), "loop": False, "realtime": False},
-                           "mode": "every"},
-                "model": {"bundle": str(bundle), "backend": "auto"},
-                "thresholds": {"path": str(cal / "thresholds.yaml")},
-                "mqtt": {"host": broker.host, "port": broker.port, "station": STATION, "status_interval_s": 1},
-                "spool": {"path": str(out / "state" / "spool.db")},
-                "frames": {"dir": str(out / "defect-frames")},
-            }, sort_keys=False))
+            config = agent_config(out, video, bundle, cal / "thresholds.yaml", broker.host, broker.port)
             print(f"next: daad-agent --config {config}", flush=True)
             agent = subprocess.run([sys.executable, "-m", "agent", "--config", str(config)], cwd=ROOT)
             if agent.returncode != 0:
