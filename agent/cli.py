@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # extra= fields worth keeping in JSON lines
-JSON_EXTRAS = ("event_id", "seq", "score", "source_id")
+JSON_EXTRAS = ("event_id", "seq", "score", "source_id", "reason")
 NOISY_LOGGERS = ("paho",)
 HANDLER_NAME = "daad-agent"
 

@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import ssl
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from engine.errors import ConfigError
 
+from .mqtt_errors import ConnectProblem, from_connack, from_exception, from_socket_error
 from .payloads import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE
 from .spool import DEFAULT_MAX_EVENTS, Spool, SpoolError
 
@@ -42,6 +44,9 @@ FLUSH_POLL_S = 0.05
 ERROR_LOG_INTERVAL_S = 30.0  # repeated pump errors are logged at most this often
 # paho 2.2 logs this at ERROR when its loop thread runs once more after our own clean disconnect.
 PAHO_BENIGN_ERRORS = ("Client is not connected",)
+# paho logs these at ERROR on every attempt; we log their reason once per change (mqtt_errors).
+PAHO_REPORTED_BY_US = ("failed to receive on socket",)
+SOCKET_ERROR_PREFIX = "failed to receive on socket: "
 _ENV_NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _TOPIC_FORBIDDEN_RE = re.compile(r"[+#\s\x00]")
 
@@ -193,7 +198,7 @@ def _configure_tls(client: mqtt.Client, tls: TlsSettings) -> None:
 
 class _DemoteBenignPahoErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and str(record.msg).startswith(PAHO_BENIGN_ERRORS):
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(PAHO_BENIGN_ERRORS + PAHO_REPORTED_BY_US):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
@@ -239,7 +244,11 @@ class EventPublisher:
         self._latest_status: Optional[bytes] = None
         self._wake = False
         self._stopping = False
-        self._unreachable_logged = False
+        self._problem: Optional[ConnectProblem] = None  # why the attempts fail now; None once connected
+        self._last_problem: Optional[ConnectProblem] = None  # the latest failure, kept after recovering
+        self._connect_failures = 0
+        self._socket_error: Optional[str] = None  # what paho read from the socket before it closed
+        self._attempt_reported = False  # this attempt's failure was already reported (refused CONNACK)
         self._published = 0
         self._acked_total = 0
         self._reconnects = 0
@@ -267,6 +276,7 @@ class EventPublisher:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_log = self._on_log
         return client
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -371,6 +381,9 @@ class EventPublisher:
             in_flight = sum(1 for eid in self._pending.values() if eid is not None)
             out = {
                 "connected": self._connected,
+                "connect_error": None if self._problem is None else self._problem.reason,
+                "last_connect_error": None if self._last_problem is None else self._last_problem.reason,
+                "connect_failures": self._connect_failures,
                 "published": self._published,
                 "acked": self._acked_total,
                 "reconnects": self._reconnects,
@@ -388,12 +401,13 @@ class EventPublisher:
         if reason_code.is_failure:
             with self._cv:
                 self._connected = False
-            logger.error(
-                "MQTT: broker %s:%d refused the connection: %s; check %s.username, the password and %s.client_id",
-                s.host, s.port, reason_code, CONFIG_KEY, CONFIG_KEY,
-            )
+                self._attempt_reported = True  # the disconnect that follows is not another reason
+            self._report_problem(from_connack(reason_code, s))
             return
         with self._cv:
+            recovered, self._problem = self._problem, None
+            failures = self._connect_failures
+            self._socket_error = None
             if self._ever_connected:
                 self._reconnects += 1
             self._ever_connected = True
@@ -403,18 +417,23 @@ class EventPublisher:
             self._hold_since = time.monotonic()
             depth = self.spool.depth()
         logger.info("MQTT: connected to %s:%d; %d event(s) to deliver from the spool", s.host, s.port, depth)
+        if recovered is not None:
+            logger.info("MQTT: the connection works again (after %s; %d failed attempt(s) since start)",
+                        recovered.reason, failures)
         self._send(self.topics.availability, AVAILABILITY_ONLINE.encode(), retain=True, event_id=None)
         self._notify()
 
     @_never_raises
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        with self._cv:
-            first = not self._unreachable_logged
-            self._unreachable_logged = True
-        s = self.settings
-        log = logger.warning if first else logger.debug
-        log("MQTT: broker %s:%d unreachable; retrying (up to every %gs), events wait in the spool",
-            s.host, s.port, s.reconnect_max_s)
+        # paho calls this from inside its `except OSError:` around connect: the exception is still
+        # the one being handled, and paho passes it nowhere else.
+        self._report_problem(from_exception(sys.exc_info()[1], self.settings))
+
+    @_never_raises
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR and buf.startswith(SOCKET_ERROR_PREFIX):
+            with self._cv:
+                self._socket_error = buf[len(SOCKET_ERROR_PREFIX):]
 
     @_never_raises
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
@@ -422,8 +441,26 @@ class EventPublisher:
             was_connected = self._connected
             self._connected = False
             stopping = self._stopping
-        if was_connected and not stopping:
-            logger.warning("MQTT: disconnected (%s); events wait in the spool, reconnecting", reason_code)
+            socket_error, self._socket_error = self._socket_error, None
+            reported, self._attempt_reported = self._attempt_reported, False
+        if stopping:
+            return
+        if was_connected:
+            logger.warning("MQTT: disconnected (%s); events wait in the spool, reconnecting",
+                           socket_error or reason_code)
+        elif not reported:  # closed between the TLS handshake and the CONNACK
+            self._report_problem(from_socket_error(socket_error, self.settings))
+
+    def _report_problem(self, problem: ConnectProblem) -> None:
+        """Log a failed attempt: at WARNING when its reason differs from the previous one, else DEBUG."""
+        with self._cv:
+            self._connect_failures += 1
+            changed = self._problem is None or self._problem.reason != problem.reason
+            self._problem = self._last_problem = problem
+        s = self.settings
+        logger.log(logging.WARNING if changed else logging.DEBUG,
+                   "MQTT: cannot connect to %s:%d: %s; retrying (up to every %gs), events wait in the spool",
+                   s.host, s.port, problem.text, s.reconnect_max_s, extra={"reason": problem.reason})
 
     @_never_raises
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
