@@ -32,6 +32,11 @@ METRICS: Dict[str, Tuple[str, str]] = {
     "spool_depth": ("gauge", "events on disk waiting for the broker's acknowledgement"),
     "spool_dropped_total": ("counter", "events dropped because the spool was full"),
     "mqtt_connected": ("gauge", "1 while connected to the broker"),
+    "mqtt_connect_failures_total": ("counter", "failed connection attempts to the broker"),
+    "mqtt_connect_error": ("gauge", "1, labelled with the reason, while connecting to the broker fails"),
+    "frames_channel_mismatch_total": ("counter", "frames whose channels differ from the model's (scored converted)"),
+    "events_unspooled": ("gauge", "events held in memory only because the spool could not be written"),
+    "spool_write_failures_total": ("counter", "failed writes of events to the spool (disk full)"),
     "image_threshold": ("gauge", "image score threshold in force"),
     "pixel_threshold": ("gauge", "anomaly-map pixel threshold in force"),
     "thresholds_reloads_total": ("counter", "successful thresholds reloads"),
@@ -47,6 +52,11 @@ def render_prometheus(values: Dict[str, Any]) -> str:
         value = values.get(name)
         if value is None:
             continue
+        if isinstance(value, str):  # a reason: one labelled sample, as Prometheus' info-style gauges do
+            lines.append(f"# HELP {PREFIX}{name} {help_text}")
+            lines.append(f"# TYPE {PREFIX}{name} {kind}")
+            lines.append(f'{PREFIX}{name}{{reason="{_label(value)}"}} 1')
+            continue
         number = float(value)
         if math.isnan(number):
             continue
@@ -54,6 +64,10 @@ def render_prometheus(values: Dict[str, Any]) -> str:
         lines.append(f"# TYPE {PREFIX}{name} {kind}")
         lines.append(f"{PREFIX}{name} {number:.10g}")
     return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class MetricsServer:

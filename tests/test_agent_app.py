@@ -36,6 +36,7 @@ from agent.sdnotify import SystemdNotifier
 from agent.thresholds_watch import ThresholdsWatch
 from calibration.thresholds import Thresholds, save_thresholds
 from engine.bundle import Bundle
+from tests.bundle_factory import make_template_bundle
 from engine.errors import ThresholdsError
 from engine.onnxruntime_backend import OnnxRuntimeBackend
 from engine.preprocess import preprocess
@@ -324,6 +325,7 @@ def test_video_every_defect_one_event_with_regions_in_frame_coordinates(
     app = App(config, notifier=quiet_notifier())
     assert app.run() == 0  # the video ends: drained, flushed, exit 0
     assert app.frames_scored == len(items) and app.defects == 3 and app.capture.dropped == 0
+    assert app.frames_channel_mismatch == 0  # MJPG decodes the gray parts as BGR with (nearly) equal channels
     assert subscriber.wait(lambda s: len(s.events()) == 3 and "offline" in s.payloads("availability"))
     events = subscriber.events()
     check_events(events, items)
@@ -724,3 +726,58 @@ def test_json_log_lines_carry_event_fields_and_no_secrets(tmp_path, template_bun
     agent = AgentProcess(config, env={"DAAD_UNUSED": "1"})
     assert agent.finish() == 0
     assert "hunter2" not in "".join(agent.raw) and agent.logged("defect:")
+
+
+# -- the camera and the frames, named when they do not fit ------------------------------------------
+def test_v4l2_device_missing_at_start_is_named_once_and_in_status(
+    tmp_path, template_bundle, calibrated, mosquitto, subscriber, caplog
+):
+    caplog.set_level("INFO")
+    device = "/dev/video77"
+    assert not Path(device).exists()
+    config = load_config(write_config(tmp_path, template_bundle, calibrated, mosquitto.port,
+                                      {"kind": "v4l2", "device": device}, camera={"mode": "latest"}))
+    run = InProcess(App(config, notifier=quiet_notifier()))
+    try:
+        assert run.wait(lambda: run.app.capture is not None and run.app.capture.open_failures >= 4)  # retried, failing
+        assert subscriber.wait(lambda s: any(p["camera_error"] for p in s.payloads("status")))
+        assert run.stop() == 0
+    finally:
+        if run.thread.is_alive():
+            run.stop()
+    named = [r for r in caplog.records if r.name == "agent.capture" and device in r.getMessage()]
+    assert len(named) == 1 and named[0].levelname == "WARNING", [r.getMessage() for r in named]
+    assert "does not exist" in named[0].getMessage() and "camera.source.device" in named[0].getMessage()
+    status = next(p for p in subscriber.payloads("status") if p["camera_error"])
+    jsonschema.validate(status, load_schema("status"))
+    assert status["camera_state"] == "reconnecting" and status["state"] == "degraded"
+    assert status["camera_error"].startswith(f"{device}: does not exist")
+
+
+def colour(image: np.ndarray) -> np.ndarray:
+    """A BGR frame whose channels really differ (a colour camera), from a gray part."""
+    return cv2.merge([image, (image // 2).astype(np.uint8), (255 - image).astype(np.uint8)])
+
+
+@pytest.mark.parametrize("model_colour", [False, True], ids=["colour-into-gray-model", "gray-into-colour-model"])
+def test_frames_with_other_channels_than_the_model_are_warned_once_and_counted(
+    model_colour, tmp_path, template_bundle, calibrated, mosquitto, subscriber, caplog
+):
+    caplog.set_level("WARNING")
+    bundle, thresholds = template_bundle, calibrated
+    if model_colour:
+        bundle = make_template_bundle(tmp_path / "colour-bundle", size=64, color=True)
+        thresholds = tmp_path / "colour-thresholds.yaml"
+        save_thresholds(thresholds, Thresholds(1e6, 1e6, 4, bundle.sha256, strategy="manual", bundle_name=bundle.name))
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for i, part in enumerate(parts("gggg")):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), part.image if model_colour else colour(part.image))
+    config = load_config(write_config(tmp_path, bundle, thresholds, mosquitto.port, {"kind": "folder", "path": str(folder)}))
+    app = App(config, notifier=quiet_notifier())
+    assert app.run() == 0
+    assert app.frames_scored == 4 and app.frames_channel_mismatch == 4  # scored all the same
+    warned = [r.getMessage() for r in caplog.records if "channel" in r.getMessage()]
+    expected = "gray frames into a colour model" if model_colour else "colour frames into a gray model"
+    assert len(warned) == 1 and expected in warned[0], warned
+    assert subscriber.wait(lambda s: any(p["frames_channel_mismatch"] == 4 for p in s.payloads("status")))
