@@ -19,8 +19,9 @@ import ssl
 import sys
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, TypeVar
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple, TypeVar
 
 import paho.mqtt.client as mqtt
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -41,7 +42,8 @@ PUMP_IDLE_S = 0.5  # the pump wakes at least this often, even if nobody notifies
 # acknowledgement (which comes after those resends) so the order is kept. Bound that wait.
 RESEND_HOLD_MAX_S = 2.0
 FLUSH_POLL_S = 0.05
-ERROR_LOG_INTERVAL_S = 30.0  # repeated pump errors are logged at most this often
+ERROR_LOG_INTERVAL_S = 30.0
+SPOOL_RETRY_S = 0.5  # a full disk is retried this often (not on every event: each try costs an fsync)  # repeated pump errors are logged at most this often
 # paho 2.2 logs this at ERROR when its loop thread runs once more after our own clean disconnect.
 PAHO_BENIGN_ERRORS = ("Client is not connected",)
 # paho logs these at ERROR on every attempt; we log their reason once per change (mqtt_errors).
@@ -252,7 +254,12 @@ class EventPublisher:
         self._published = 0
         self._acked_total = 0
         self._reconnects = 0
-        self._spool_errors = 0
+        self._spool_errors = 0  # events whose write to the spool failed (disk full)
+        # Those events, oldest first, until the spool takes them: sent from here meanwhile, and written
+        # by the pump as soon as the disk allows. Bounded like the spool; only these die with the process.
+        self._unspooled: "OrderedDict[str, Tuple[str, bytes]]" = OrderedDict()
+        self._unspooled_dropped = 0
+        self._next_spool_retry = float("-inf")  # pump thread only
         self._started = False
         self._pump: Optional[threading.Thread] = None
         self._last_error_log = float("-inf")
@@ -324,10 +331,16 @@ class EventPublisher:
             acked, self._acked = self._acked, []
         try:
             self._remove_acked(acked)
+            self._write_unspooled(force=True)
             left = self.spool.depth()
         except SpoolError as err:
             logger.warning("MQTT: %s", err)
             left = -1
+        with self._cv:
+            lost = list(self._unspooled)
+        if lost:
+            logger.error("MQTT: %d event(s) neither written to the spool (disk full) nor acknowledged by the broker "
+                         "are lost with this stop: %s", len(lost), ", ".join(lost))
         self._started = False
         logger.info("MQTT: stopped; %d event(s) left in the spool for the next start", left)
 
@@ -338,18 +351,33 @@ class EventPublisher:
         Raises TypeError/ValueError only for a payload that is not strict JSON (a caller bug).
         """
         data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
-        try:
-            self.spool.put(event_id, self.topics.defects, data)
-        except SpoolError as err:
-            with self._cv:
-                self._spool_errors += 1
-            # Better delivered without a durable copy than not at all.
-            logger.error("MQTT: %s; publishing event %s from memory only", err, event_id)
-            if self._send(self.topics.defects, data, retain=False, event_id=None) is not None:
-                with self._cv:
-                    self._published += 1
-            return
+        with self._cv:
+            behind = bool(self._unspooled)  # then this one waits behind them, keeping the order
+        if not behind:
+            try:
+                self.spool.put(event_id, self.topics.defects, data)
+                self._notify()
+                return
+            except SpoolError as err:
+                logger.error(
+                    "MQTT: %s; events are kept in memory, sent from there, and written to the spool as soon as "
+                    "the disk allows (a restart before then loses those not yet delivered); free space on %s",
+                    err, self.spool.path.parent,
+                )
+        self._keep_in_memory(event_id, self.topics.defects, data)
         self._notify()
+
+    def _keep_in_memory(self, event_id: str, topic: str, data: bytes) -> None:
+        with self._cv:
+            self._spool_errors += 1
+            self._unspooled[event_id] = (topic, data)
+            if len(self._unspooled) <= self.spool.max_events:
+                return
+            dropped, _ = self._unspooled.popitem(last=False)
+            self._unspooled_dropped += 1
+            total = self._unspooled_dropped
+        logger.error("MQTT: %d event(s) held in memory (spool.max_events), none writable: dropped the oldest, %s "
+                     "(%d dropped so far); free disk space", self.spool.max_events, dropped, total)
 
     def publish_status(self, payload: Dict[str, Any]) -> None:
         """Retained, QoS 1, not spooled: only the latest status is kept and sent once connected."""
@@ -364,7 +392,7 @@ class EventPublisher:
         deadline = time.monotonic() + timeout_s
         with self._cv:
             while True:
-                if self.spool.depth() == 0 and not self._acked:
+                if self.spool.depth() == 0 and not self._acked and not self._unspooled:
                     return True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -389,6 +417,8 @@ class EventPublisher:
                 "reconnects": self._reconnects,
                 "in_flight": in_flight,
                 "spool_errors": self._spool_errors,
+                "unspooled": len(self._unspooled),
+                "unspooled_dropped": self._unspooled_dropped,
             }
         out["spool_depth"] = self.spool.depth()
         out["spool_dropped"] = self.spool.dropped
@@ -519,6 +549,7 @@ class EventPublisher:
                 can_send = self._connected and not self._hold and not stopping
             try:
                 self._remove_acked(acked)
+                self._write_unspooled()
                 if can_send:
                     self._fill_window()
                     self._send_latest_status()
@@ -536,9 +567,43 @@ class EventPublisher:
     def _remove_acked(self, acked: List[str]) -> None:
         if not acked:
             return
-        self.spool.ack_many(acked)
+        with self._cv:
+            for event_id in acked:
+                self._unspooled.pop(event_id, None)  # delivered from memory: no need to write it any more
+        try:
+            self.spool.ack_many(acked)
+        except SpoolError:
+            # A full disk can refuse even a delete (WAL). Keep them "acknowledged, not yet removed", so
+            # they count as busy and are not sent again; retried on the next turn.
+            with self._cv:
+                self._acked[:0] = acked
+            raise
         with self._cv:
             self._cv.notify_all()  # flush() waits on this
+
+    def _write_unspooled(self, force: bool = False) -> None:
+        """Move the events held in memory to the spool, oldest first, as far as the disk allows."""
+        with self._cv:
+            waiting = list(self._unspooled.items())
+        now = time.monotonic()
+        if not waiting or (now < self._next_spool_retry and not force):
+            return
+        written = 0
+        for event_id, (topic, data) in waiting:
+            try:
+                self.spool.put(event_id, topic, data)
+            except SpoolError:
+                self._next_spool_retry = now + SPOOL_RETRY_S
+                break
+            with self._cv:
+                self._unspooled.pop(event_id, None)
+            written += 1
+        if written:
+            with self._cv:
+                left = len(self._unspooled)
+                self._cv.notify_all()
+            logger.info("MQTT: spool writable again: %d event(s) moved from memory to %s, %d still in memory",
+                        written, self.spool.path, left)
 
     def _fill_window(self) -> None:
         """Publish the oldest spooled events that are not in flight, up to MAX_IN_FLIGHT."""
@@ -549,13 +614,17 @@ class EventPublisher:
         free = MAX_IN_FLIGHT - len(pending_events)
         if free <= 0:
             return
-        for event in self.spool.peek(len(busy) + free):
-            if event.event_id in busy:
+        spooled = [(e.event_id, e.topic, e.payload) for e in self.spool.peek(len(busy) + free)]
+        with self._cv:  # after the spooled ones: they are older
+            in_memory = [(eid, topic, data) for eid, (topic, data) in self._unspooled.items()][: len(busy) + free]
+        for event_id, topic, payload in spooled + in_memory:
+            if event_id in busy:
                 continue
             if free <= 0 or not self.connected:
                 return
-            if self._send(event.topic, event.payload, retain=False, event_id=event.event_id) is None:
+            if self._send(topic, payload, retain=False, event_id=event_id) is None:
                 return
+            busy.add(event_id)  # just moved from memory to the spool: listed twice
             free -= 1
             with self._cv:
                 self._published += 1

@@ -37,6 +37,7 @@ from agent.payloads import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE
 from agent.spool import Spool
 from engine.errors import ConfigError
 from tests.mqtt_broker import MosquittoBroker, broker_store
+from tests.full_disk import TinyDisk
 from tests.tls_pki import OPENSSL, Pki, make_pki
 
 STATION = "st1"
@@ -618,3 +619,93 @@ def test_wrong_password_is_named_after_the_outage_that_came_first(
     assert [reason for reason, _ in warned] == ["refused", "auth-not-authorised"]  # once per change of reason
     assert "for user 'agent': wrong password" in warned[1][1] and "mqtt.password_file" in warned[1][1]
     assert "wrong" not in warned[1][1].replace("wrong password", "")  # the secret itself is never logged
+
+
+# -- a full disk ------------------------------------------------------------------------------------
+@pytest.fixture()
+def tiny_disk(tmp_path: Path) -> Iterator[TinyDisk]:
+    disk = TinyDisk(tmp_path / "disk", size_kb=512)
+    why = disk.mount()
+    if why is not None:
+        pytest.skip(why)
+    try:
+        yield disk
+    finally:
+        disk.umount()
+
+
+def memory_errors(caplog: pytest.LogCaptureFixture) -> List[str]:
+    return [r.getMessage() for r in caplog.records if "kept in memory" in r.getMessage()]
+
+
+def test_disk_full_events_wait_in_memory_and_reach_the_spool_when_space_returns(
+    mosquitto: MosquittoBroker, tiny_disk: TinyDisk, stack: contextlib.ExitStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    enable_persistence(mosquitto, stack)
+    sub = subscriber(stack, mosquitto.port, persistent=True)
+    mosquitto.stop()  # nothing can leave: each event is on the disk or in memory
+    path = tiny_disk.path / "spool.db"
+    spool = Spool(path)
+    pub = EventPublisher(make_settings(mosquitto), spool)
+    pub.start()
+    for n in range(3):
+        pub.publish_event(*event(n))
+    tiny_disk.fill()
+    for n in range(3, 10):
+        pub.publish_event(*event(n))
+    time.sleep(0.7)  # the pump retries the disk meanwhile
+    stats = pub.stats()
+    assert (stats["spool_errors"], stats["unspooled"], spool.depth()) == (7, 7, 3)
+    assert len(memory_errors(caplog)) == 1  # said once, not per event
+    tiny_disk.free()
+    assert wait_for(lambda: pub.stats()["unspooled"] == 0)
+    assert spool.depth() == 10 and "moved from memory" in caplog.text
+    pub.stop(0.5)  # a restart now loses nothing
+    spool.close()
+
+    again = open_spool(stack, path)
+    assert [e.event_id for e in again.peek(20)] == [event(n)[0] for n in range(10)]  # in order
+    pub2 = started_publisher(stack, make_settings(mosquitto), again)
+    mosquitto.start()
+    assert pub2.flush(WAIT_S)
+    assert wait_for(lambda: len(sub.event_ids()) >= 10)
+    assert sub.event_ids() == [event(n)[0] for n in range(10)]
+
+
+def test_disk_full_with_the_broker_up_delivers_from_memory(
+    mosquitto: MosquittoBroker, tiny_disk: TinyDisk, stack: contextlib.ExitStack
+) -> None:
+    sub = subscriber(stack, mosquitto.port)
+    spool = open_spool(stack, tiny_disk.path / "spool.db")
+    pub = started_publisher(stack, make_settings(mosquitto), spool)
+    assert wait_for(lambda: pub.connected)
+    tiny_disk.fill()
+    for n in range(30):
+        pub.publish_event(*event(n))
+    assert pub.flush(WAIT_S)  # acknowledged: nothing left to write once space returns
+    assert wait_for(lambda: len(sub.event_ids()) >= 30)
+    assert sub.event_ids() == [event(n)[0] for n in range(30)]
+    stats = pub.stats()
+    assert stats["spool_errors"] == 30 and stats["unspooled"] == 0 and spool.depth() == 0
+
+
+def test_a_stop_while_the_disk_is_full_names_the_events_it_loses(
+    mosquitto: MosquittoBroker, tiny_disk: TinyDisk, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mosquitto.stop()
+    path = tiny_disk.path / "spool.db"
+    spool = Spool(path)
+    pub = EventPublisher(make_settings(mosquitto), spool)
+    pub.start()
+    pub.publish_event(*event(0))
+    tiny_disk.fill()
+    for n in range(1, 5):
+        pub.publish_event(*event(n))
+    pub.stop(0.5)
+    spool.close()
+    lost = [r.getMessage() for r in caplog.records if "are lost with this stop" in r.getMessage()]
+    assert len(lost) == 1 and lost[0].startswith("MQTT: 4 event(s)") and event(4)[0] in lost[0]
+    tiny_disk.free()
+    with Spool(path) as after:
+        assert [e.event_id for e in after.peek(10)] == [event(0)[0]]
