@@ -25,9 +25,9 @@ from engine.errors import ConfigError, ImageError
 
 from . import capture as cap
 from .capture import Capture
-from .config import AgentConfig
+from .config import AgentConfig, is_loopback
 from .frames_store import FramesStore, encode_crop
-from .metrics_http import MetricsServer
+from .metrics_http import MetricsServer, read_token
 from .payloads import (
     CAMERA_STATES,
     STATE_DEGRADED,
@@ -176,7 +176,14 @@ class App:
     def init_metrics(self) -> None:
         m = self.config.metrics
         if m.prometheus_port is not None:
-            self.metrics = MetricsServer(m.bind, m.prometheus_port, self.snapshot)
+            try:
+                token = None if m.token_file is None else read_token(m.token_file)
+            except ConfigError as exc:
+                raise self._config_error(str(exc)) from None
+            if token is None and not is_loopback(m.bind):
+                logger.warning("metrics: /metrics on %s without a token: anyone who reaches port %d reads it; "
+                               "set metrics.token_file", m.bind, m.prometheus_port)
+            self.metrics = MetricsServer(m.bind, m.prometheus_port, self.snapshot, token=token)
 
     # -- start, in order -------------------------------------------------------------------------
     def start(self) -> "App":

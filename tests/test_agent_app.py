@@ -708,6 +708,50 @@ def test_prometheus_text_and_endpoint():
             urllib.request.urlopen(f"http://127.0.0.1:{server.port}/other", timeout=5)
     finally:
         server.stop()
+    reason = render_prometheus({"mqtt_connect_error": 'tls-"x"', "mqtt_connect_failures_total": 3})
+    assert 'daad_agent_mqtt_connect_error{reason="tls-\\"x\\""} 1\n' in reason
+    assert "daad_agent_mqtt_connect_failures_total 3" in reason
+
+
+def get_metrics(port: int, token: Optional[str] = None) -> Tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("WWW-Authenticate", "")
+
+
+def test_metrics_on_the_network_with_a_bearer_token(tmp_path, template_bundle, calibrated, mosquitto, caplog):
+    from engine.errors import ConfigError
+
+    caplog.set_level("INFO")
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    token_file = tmp_path / "metrics-token"
+    token_file.write_text("s3cr3t-token\n")
+    port = free_port()
+    metrics = {"prometheus_port": port, "bind": "0.0.0.0", "allow_remote": True, "token_file": str(token_file)}
+    source = {"kind": "folder", "path": str(folder), "watch": True}
+    config = load_config(write_config(tmp_path, template_bundle, calibrated, mosquitto.port, source, metrics=metrics))
+    run = InProcess(App(config, notifier=quiet_notifier()))
+    try:
+        assert run.wait(lambda: "metrics" in run.app._started)
+        assert get_metrics(port) == (401, 'Bearer realm="daad-agent"')
+        assert get_metrics(port, "wrong")[0] == 401
+        status, body = get_metrics(port, "s3cr3t-token")
+        assert status == 200 and "daad_agent_up 1" in body
+        assert run.stop() == 0
+    finally:
+        if run.thread.is_alive():
+            run.stop()
+    assert "s3cr3t" not in caplog.text and "(bearer token required)" in caplog.text
+    token_file.write_text("\n")  # an empty token is refused at start, in one line naming the key
+    with pytest.raises(ConfigError, match=r"^agent.yaml: metrics.token_file: got '.*' \(empty"):
+        App(load_config(write_config(tmp_path, template_bundle, calibrated, mosquitto.port, source, metrics=metrics)),
+            notifier=quiet_notifier(), config_file="agent.yaml").run()
 
 
 def test_json_log_lines_carry_event_fields_and_no_secrets(tmp_path, template_bundle, calibrated):
