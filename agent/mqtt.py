@@ -260,6 +260,7 @@ class EventPublisher:
         self._unspooled: "OrderedDict[str, Tuple[str, bytes]]" = OrderedDict()
         self._unspooled_dropped = 0
         self._next_spool_retry = float("-inf")  # pump thread only
+        self._spool_failing = False  # between a failed write and the next good one: said once
         self._started = False
         self._pump: Optional[threading.Thread] = None
         self._last_error_log = float("-inf")
@@ -356,16 +357,26 @@ class EventPublisher:
         if not behind:
             try:
                 self.spool.put(event_id, self.topics.defects, data)
+                self._spool_writable()
                 self._notify()
                 return
             except SpoolError as err:
-                logger.error(
+                with self._cv:
+                    first, self._spool_failing = not self._spool_failing, True
+                logger.log(
+                    logging.ERROR if first else logging.DEBUG,
                     "MQTT: %s; events are kept in memory, sent from there, and written to the spool as soon as "
                     "the disk allows (a restart before then loses those not yet delivered); free space on %s",
                     err, self.spool.path.parent,
                 )
         self._keep_in_memory(event_id, self.topics.defects, data)
         self._notify()
+
+    def _spool_writable(self) -> None:
+        with self._cv:
+            was, self._spool_failing = self._spool_failing, False
+        if was:
+            logger.info("MQTT: the spool %s takes events again", self.spool.path)
 
     def _keep_in_memory(self, event_id: str, topic: str, data: bytes) -> None:
         with self._cv:
@@ -598,6 +609,8 @@ class EventPublisher:
             with self._cv:
                 self._unspooled.pop(event_id, None)
             written += 1
+        if written == len(waiting):
+            self._spool_writable()
         if written:
             with self._cv:
                 left = len(self._unspooled)
