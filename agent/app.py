@@ -162,7 +162,8 @@ class App:
                 f"spool.path: got '{self.config.spool.path}' ({exc.strerror or exc}), expected a file in a folder "
                 "the service can write (e.g. under StateDirectory=)"
             ) from None
-        self.spool = Spool(self.config.spool.path, self.config.spool.max_events)
+        self.spool = Spool(self.config.spool.path, self.config.spool.max_events,
+                           reserve_bytes=int(self.config.spool.reserve_mb * 1e6))
         self.publisher = EventPublisher(self.config.mqtt, self.spool)
 
     def init_capture(self) -> None:
