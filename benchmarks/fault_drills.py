@@ -63,7 +63,8 @@ POLL_S = 0.05
 # the issue's durations, and --quick's
 DEFAULTS = {"broker_down_s": 60.0, "camera_gone_s": 20.0, "disk_full_s": 20.0, "run_s": 5.0, "kill_every_s": 4.0}
 QUICK = {"broker_down_s": 5.0, "camera_gone_s": 3.0, "disk_full_s": 4.0, "run_s": 2.0, "kill_every_s": 2.0}
-DRILLS = ("broker-down", "sigkill", "camera", "disk-full", "disk-full-kill", "tls-ca", "password")
+DRILLS = ("broker-down", "sigkill", "camera", "disk-full", "disk-full-kill", "disk-full-kill-no-reserve", "tls-ca",
+          "password")
 
 
 # -- parts ---------------------------------------------------------------------------------------
@@ -277,7 +278,7 @@ class World:
         self.produced: Set[str] = set()  # logged by agents that are gone (killed or stopped)
         self.agent: Optional[Agent] = None
 
-    def config(self, **mqtt_extra: Any) -> Path:
+    def config(self, spool: Optional[Dict[str, Any]] = None, **mqtt_extra: Any) -> Path:
         data = {
             "camera": {"name": "cam0", "mode": "every", "queue_size": 8,
                        "source": {"kind": "folder", "path": str(self.folder), "watch": True, "poll_s": 0.05,
@@ -286,7 +287,7 @@ class World:
             "thresholds": {"path": str(self.assets["thresholds"])},
             "mqtt": {"host": "127.0.0.1", "port": self.broker.port, "station": STATION, "status_interval_s": 1.0,
                      "client_id": f"daad-agent-{STATION}", **mqtt_extra},
-            "spool": {"path": str(self.spool), "max_events": 100000},
+            "spool": {"path": str(self.spool), "max_events": 100000, **(spool or {})},
         }
         path = self.dir / f"agent-{uuid.uuid4().hex[:6]}.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -413,9 +414,10 @@ def drill_camera(world: World, d: Dict[str, float]) -> Dict[str, Any]:
 
 
 def drill_disk_full(world: World, d: Dict[str, float], disk: TinyDisk) -> Dict[str, Any]:
+    """The broker up, the spool without its reserve: events go out from memory while the disk is full."""
     world.broker.start()
     world.consumer = Consumer(world.broker.port)
-    agent = world.start_agent(world.config())
+    agent = world.start_agent(world.config(spool={"reserve_mb": 0}))
     world.feeder.start()
     agent.wait_log("agent: ready")
     steady(world, d["run_s"])
@@ -426,15 +428,16 @@ def drill_disk_full(world: World, d: Dict[str, float], disk: TinyDisk) -> Dict[s
     freed = time.monotonic()
     recover = world.recover(freed)
     steady(world, d["run_s"])
-    note = f"broker up, {d['disk_full_s']:g} s full: events sent from memory; full-disk error logged {failures}x"
-    return world.finish("disk full", recover, note)
+    note = f"no reserve, {d['disk_full_s']:g} s full: events sent from memory; error logged {failures}x"
+    return world.finish("disk full, broker up", recover, note)
 
 
-def drill_disk_full_kill(world: World, d: Dict[str, float], disk: TinyDisk) -> Dict[str, Any]:
-    """The window the design cannot cover: disk full AND broker down, then a crash. Measures the loss."""
+def drill_disk_full_kill(world: World, d: Dict[str, float], disk: TinyDisk, reserve: bool) -> Dict[str, Any]:
+    """Disk full AND broker down, then a crash: with the spool's disk reserve (the default) the events are
+    still on disk; without it (reserve_mb: 0) this measures what a restart in that window loses."""
     world.broker.start()
     world.consumer = Consumer(world.broker.port)
-    config = world.config()
+    config = world.config(spool=None if reserve else {"reserve_mb": 0})
     agent = world.start_agent(config)
     world.feeder.start()
     agent.wait_log("agent: ready")
@@ -452,8 +455,10 @@ def drill_disk_full_kill(world: World, d: Dict[str, float], disk: TinyDisk) -> D
     world.start_agent(config)
     recover = world.recover(restarted, before)  # what survived: the events spooled before the disk filled
     steady(world, d["run_s"])
-    return world.finish("disk full + broker down + SIGKILL", recover,
-                        f"{d['disk_full_s']:g} s window: {in_window} event(s) produced in it, in memory only")
+    released = len(agent.logged("released the"))
+    name = "disk full + broker down + SIGKILL" + ("" if reserve else ", no reserve")
+    where = (f"reserve released {released}x, so on disk" if reserve else "in memory only")
+    return world.finish(name, recover, f"{d['disk_full_s']:g} s window: {in_window} event(s) produced in it, {where}")
 
 
 def drill_tls_ca(world: World, d: Dict[str, float], pki: Pki) -> Dict[str, Any]:
@@ -521,8 +526,8 @@ def run_drill(name: str, base: Path, assets: Dict[str, Path], args: argparse.Nam
             return drill_camera(world, d)
         if name == "disk-full":
             return drill_disk_full(world, d, disk)  # type: ignore[arg-type]
-        if name == "disk-full-kill":
-            return drill_disk_full_kill(world, d, disk)  # type: ignore[arg-type]
+        if name.startswith("disk-full-kill"):
+            return drill_disk_full_kill(world, d, disk, reserve=name == "disk-full-kill")  # type: ignore[arg-type]
         if name == "tls-ca":
             return drill_tls_ca(world, d, pki)  # type: ignore[arg-type]
         return drill_password(world, d)
@@ -535,13 +540,13 @@ def run_drill(name: str, base: Path, assets: Dict[str, Path], args: argparse.Nam
 
 
 def print_table(rows: List[Dict[str, Any]]) -> None:
-    print(f"\n{'drill':36} {'produced':>8} {'delivered':>9} {'lost':>5} {'dup':>4} {'recover s':>9}  note")
+    print(f"\n{'drill':44} {'produced':>8} {'delivered':>9} {'lost':>5} {'dup':>4} {'recover s':>9}  note")
     for r in rows:
         if "produced" not in r:
-            print(f"{r['drill']:36} {'-':>8} {'-':>9} {'-':>5} {'-':>4} {'-':>9}  {r.get('skipped') or r.get('error')}")
+            print(f"{r['drill']:44} {'-':>8} {'-':>9} {'-':>5} {'-':>4} {'-':>9}  {r.get('skipped') or r.get('error')}")
             continue
         rec = "-" if r["recover_s"] is None else f"{r['recover_s']:.1f}"
-        print(f"{r['drill']:36} {r['produced']:>8} {r['delivered']:>9} {r['lost']:>5} {r['duplicates']:>4} "
+        print(f"{r['drill']:44} {r['produced']:>8} {r['delivered']:>9} {r['lost']:>5} {r['duplicates']:>4} "
               f"{rec:>9}  {r['note']}")
 
 
@@ -551,8 +556,8 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(DRILLS), help=f"comma-separated subset of {', '.join(DRILLS)}")
     parser.add_argument("--fps", type=float, default=20.0, help="frames written into the camera folder per second")
     parser.add_argument("--defect-every", type=int, default=2, help="every Nth frame is a pit (an event)")
-    # SQLite's WAL grows to ~4 MB (1000 pages) before it is checkpointed: a smaller disk fills by itself
-    parser.add_argument("--disk-kb", type=int, default=16384, help="size of the tmpfs that holds the spool")
+    # room for SQLite's WAL (~4 MB before a checkpoint) and twice the default 16 MB reserve
+    parser.add_argument("--disk-kb", type=int, default=48 * 1024, help="size of the tmpfs that holds the spool")
     for key, value in DEFAULTS.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=float, default=None,
                             help=f"seconds (default {value:g}; --quick {QUICK[key]:g})")
