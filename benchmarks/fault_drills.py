@@ -409,7 +409,7 @@ def drill_camera(world: World, d: Dict[str, float]) -> Dict[str, Any]:
     cause = agent.logged("reconnecting (", level="WARNING")
     steady(world, d["run_s"])
     said = cause[0]["msg"].replace(str(world.folder), "<folder>") if cause else "nothing"
-    note = f"{d['camera_gone_s']:g} s gone; logged once: {said}"
+    note = f"{d['camera_gone_s']:g} s gone; warned {len(cause)}x: {said}"
     return world.finish("camera gone and back", recover, note)
 
 
@@ -453,7 +453,8 @@ def drill_disk_full_kill(world: World, d: Dict[str, float], disk: TinyDisk, rese
     world.broker.start()
     restarted = time.monotonic()
     world.start_agent(config)
-    recover = world.recover(restarted, before)  # what survived: the events spooled before the disk filled
+    # with the reserve every event survived; without it, those of the window cannot come back
+    recover = world.recover(restarted, set(world.produced)) if reserve else None
     steady(world, d["run_s"])
     released = len(agent.logged("released the"))
     name = "disk full + broker down + SIGKILL" + ("" if reserve else ", no reserve")
