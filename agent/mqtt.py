@@ -42,8 +42,8 @@ PUMP_IDLE_S = 0.5  # the pump wakes at least this often, even if nobody notifies
 # acknowledgement (which comes after those resends) so the order is kept. Bound that wait.
 RESEND_HOLD_MAX_S = 2.0
 FLUSH_POLL_S = 0.05
-ERROR_LOG_INTERVAL_S = 30.0
-SPOOL_RETRY_S = 0.5  # a full disk is retried this often (not on every event: each try costs an fsync)  # repeated pump errors are logged at most this often
+ERROR_LOG_INTERVAL_S = 30.0  # repeated pump errors (and memory drops) are logged at most this often
+SPOOL_RETRY_S = 0.5  # a full disk is retried this often (not on every event: each try costs an fsync)
 # paho 2.2 logs this at ERROR when its loop thread runs once more after our own clean disconnect.
 PAHO_BENIGN_ERRORS = ("Client is not connected",)
 # paho logs these at ERROR on every attempt; we log their reason once per change (mqtt_errors).
@@ -264,6 +264,7 @@ class EventPublisher:
         # by the pump as soon as the disk allows. Bounded like the spool; only these die with the process.
         self._unspooled: "OrderedDict[str, Tuple[str, bytes]]" = OrderedDict()
         self._unspooled_dropped = 0
+        self._last_drop_log = float("-inf")
         self._next_spool_retry = float("-inf")  # pump thread only
         self._spool_failing = False  # between a failed write and the next good one: said once
         self._started = False
@@ -392,6 +393,10 @@ class EventPublisher:
             dropped, _ = self._unspooled.popitem(last=False)
             self._unspooled_dropped += 1
             total = self._unspooled_dropped
+            now = time.monotonic()
+            if total > 1 and now - self._last_drop_log < ERROR_LOG_INTERVAL_S:
+                return
+            self._last_drop_log = now
         logger.error("MQTT: %d event(s) held in memory (spool.max_events), none writable: dropped the oldest, %s "
                      "(%d dropped so far); free disk space", self.spool.max_events, dropped, total)
 

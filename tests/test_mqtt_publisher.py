@@ -709,3 +709,23 @@ def test_a_stop_while_the_disk_is_full_names_the_events_it_loses(
     tiny_disk.free()
     with Spool(path) as after:
         assert [e.event_id for e in after.peek(10)] == [event(0)[0]]
+
+
+def test_events_held_in_memory_are_bounded_like_the_spool(
+    mosquitto: MosquittoBroker, tiny_disk: TinyDisk, caplog: pytest.LogCaptureFixture
+) -> None:
+    mosquitto.stop()
+    spool = Spool(tiny_disk.path / "spool.db", max_events=3)
+    pub = EventPublisher(make_settings(mosquitto), spool)
+    pub.start()
+    try:
+        tiny_disk.fill()
+        for n in range(6):
+            pub.publish_event(*event(n))
+        stats = pub.stats()
+        assert (stats["unspooled"], stats["unspooled_dropped"]) == (3, 3)
+        dropped = [r.getMessage() for r in caplog.records if "dropped the oldest" in r.getMessage()]
+        assert len(dropped) == 1 and event(0)[0] in dropped[0]  # said once, not per drop
+    finally:
+        pub.stop(0.5)
+        spool.close()
