@@ -136,7 +136,7 @@ def write_config(tmp: Path, bundle: Bundle, thresholds_path: Path, port: int, so
         "thresholds": {"path": str(thresholds_path), "poll_s": 0.2},
         "mqtt": {"host": "127.0.0.1", "port": port, "station": STATION, "status_interval_s": 0.5,
                  "reconnect_min_s": 0.1, "reconnect_max_s": 0.5, "keepalive_s": 5},
-        "spool": {"path": "state/spool.db"},
+        "spool": {"path": "state/spool.db", "reserve_mb": 1},  # the reserve exercised, 16 MB not written per test
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
@@ -326,6 +326,7 @@ def test_video_every_defect_one_event_with_regions_in_frame_coordinates(
     assert app.run() == 0  # the video ends: drained, flushed, exit 0
     assert app.frames_scored == len(items) and app.defects == 3 and app.capture.dropped == 0
     assert app.frames_channel_mismatch == 0  # MJPG decodes the gray parts as BGR with (nearly) equal channels
+    assert (tmp_path / "state" / "spool.db.reserve").stat().st_size == 1_000_000  # room kept for a full disk
     assert subscriber.wait(lambda s: len(s.events()) == 3 and "offline" in s.payloads("availability"))
     events = subscriber.events()
     check_events(events, items)
