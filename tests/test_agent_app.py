@@ -26,7 +26,7 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 
-from agent.app import App
+from agent.app import App, status_line
 from agent.cli import JsonFormatter, main
 from agent.config import load_config
 from agent.metrics_http import MetricsServer, render_prometheus
@@ -826,3 +826,13 @@ def test_frames_with_other_channels_than_the_model_are_warned_once_and_counted(
     expected = "gray frames into a colour model" if model_colour else "colour frames into a gray model"
     assert len(warned) == 1 and expected in warned[0], warned
     assert subscriber.wait(lambda s: any(p["frames_channel_mismatch"] == 4 for p in s.payloads("status")))
+
+
+def test_systemctl_status_line_names_what_is_wrong():
+    ok = {"camera_state": "streaming", "spool_depth": 0, "camera_error": None, "events_unspooled": 0}
+    assert status_line("running", 9.96, 10, 1, ok, {"connect_error": None}) == (
+        "running: 10.0 fps, 10 scored, 1 defects, camera streaming, spool 0")
+    bad = dict(ok, camera_state="reconnecting", camera_error="/dev/video0: does not exist", events_unspooled=3)
+    line = status_line("degraded", 0.0, 10, 1, bad, {"connect_error": "tls-unknown-ca"})
+    assert line.endswith("; camera: /dev/video0: does not exist; mqtt: tls-unknown-ca; 3 event(s) not on disk "
+                         "(spool not writable)")

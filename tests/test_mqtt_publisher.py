@@ -550,6 +550,7 @@ def pki() -> Iterator[Pki]:
         ("wrong-host", "tls-host-name", "not valid for '127.0.0.1'"),  # certificate names another host
         ("expired", "tls-expired", "has expired"),
         ("no-client-cert", "tls-client-cert-required", "set mqtt.tls.cert_file and mqtt.tls.key_file"),
+        ("foreign-client-cert", "tls-client-cert-refused", "the broker refused this device's certificate"),
     ],
 )
 def test_tls_failures_are_named_once_per_reason(
@@ -559,12 +560,14 @@ def test_tls_failures_are_named_once_per_reason(
     caplog.set_level(logging.DEBUG)
     cert = {"wrong-host": pki.wrong_host_cert, "expired": pki.expired_cert}.get(case, pki.server_cert)
     broker = MosquittoBroker(tmp_path / "broker").tls(cert, pki.server_key, pki.ca,
-                                                      require_certificate=case == "no-client-cert")
+                                                      require_certificate=case.endswith("client-cert"))
     stack.callback(broker.stop)
     broker.start()
-    ca = pki.other_ca if case == "unknown-ca" else pki.ca
+    tls = TlsSettings(ca_file=pki.other_ca if case == "unknown-ca" else pki.ca)
+    if case == "foreign-client-cert":  # signed by a CA the broker does not trust
+        tls = TlsSettings(ca_file=pki.ca, cert_file=pki.foreign_client_cert, key_file=pki.client_key)
     spool = open_spool(stack, tmp_path / "spool.db")
-    pub = started_publisher(stack, make_settings(broker, tls=TlsSettings(ca_file=ca)), spool)
+    pub = started_publisher(stack, make_settings(broker, tls=tls), spool)
     pub.publish_event(*event(0))
     assert wait_for(lambda: pub.stats()["connect_failures"] >= 3)
     logged = connect_warnings(caplog)

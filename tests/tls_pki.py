@@ -21,6 +21,7 @@ class Pki(NamedTuple):
     wrong_host_cert: Path  # names only broker.invalid
     client_cert: Path  # signed by ca
     client_key: Path
+    foreign_client_cert: Path  # the same key, signed by other_ca: a broker trusting ca refuses it
 
 
 def _run(args: List[str], cwd: Path) -> None:
@@ -33,12 +34,12 @@ def _make_ca(folder: Path, name: str) -> None:
           "-days", DAYS, "-addext", "basicConstraints=critical,CA:TRUE"], folder)
 
 
-def _sign(folder: Path, name: str, key: str, days: str, san: Optional[str], usage: str) -> Path:
-    """A certificate for `key`, signed by ca; days may be -1 (expired since yesterday)."""
+def _sign(folder: Path, name: str, key: str, days: str, san: Optional[str], usage: str, ca: str = "ca") -> Path:
+    """A certificate for `key`, signed by `ca`; days may be -1 (expired since yesterday)."""
     _run(["req", "-new", "-key", f"{key}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}"], folder)
     ext = folder / f"{name}.ext"
     ext.write_text((f"subjectAltName={san}\n" if san else "") + f"extendedKeyUsage={usage}\n")
-    _run(["x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+    _run(["x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
           "-out", f"{name}.pem", "-days", days, "-extfile", ext.name], folder)
     return folder / f"{name}.pem"
 
@@ -59,6 +60,7 @@ def make_pki(folder: Path) -> Pki:
         wrong_host_cert=_sign(folder, "wronghost", "server", DAYS, "DNS:broker.invalid", "serverAuth"),
         client_cert=_sign(folder, "client", "client", DAYS, None, "clientAuth"),
         client_key=folder / "client.key",
+        foreign_client_cert=_sign(folder, "foreign-client", "client", DAYS, None, "clientAuth", ca="other-ca"),
     )
     for path in folder.iterdir():
         path.chmod(0o644)  # mosquitto started as root drops to its own user, which must read them
