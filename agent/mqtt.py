@@ -254,6 +254,7 @@ class EventPublisher:
         self._problem: Optional[ConnectProblem] = None  # why the attempts fail now; None once connected
         self._last_problem: Optional[ConnectProblem] = None  # the latest failure, kept after recovering
         self._connect_failures = 0
+        self._reasons_seen: Set[str] = set()  # since the last good connection: each is warned once
         self._socket_error: Optional[str] = None  # what paho read from the socket before it closed
         self._attempt_reported = False  # this attempt's failure was already reported (refused CONNACK)
         self._published = 0
@@ -457,6 +458,7 @@ class EventPublisher:
             return
         with self._cv:
             recovered, self._problem = self._problem, None
+            self._reasons_seen.clear()
             failures = self._connect_failures
             self._socket_error = None
             if self._ever_connected:
@@ -503,10 +505,12 @@ class EventPublisher:
             self._report_problem(from_socket_error(socket_error, self.settings))
 
     def _report_problem(self, problem: ConnectProblem) -> None:
-        """Log a failed attempt: at WARNING when its reason differs from the previous one, else DEBUG."""
+        """Log a failed attempt: at WARNING the first time its reason comes up in this outage, else DEBUG
+        (a set, not the previous reason only: some failures alternate, e.g. TLS alert / EOF)."""
         with self._cv:
             self._connect_failures += 1
-            changed = self._problem is None or self._problem.reason != problem.reason
+            changed = problem.reason not in self._reasons_seen
+            self._reasons_seen.add(problem.reason)
             self._problem = self._last_problem = problem
         s = self.settings
         logger.log(logging.WARNING if changed else logging.DEBUG,

@@ -38,6 +38,8 @@ def test_socket_errors_before_connack() -> None:
     plain = from_socket_error("[Errno 104] Connection reset by peer", PLAIN)  # plain MQTT to a TLS port
     assert plain.reason == "closed-before-connack" and "configure mqtt.tls" in plain.text
     assert from_socket_error(None, TLS).reason == "closed-before-connack"
+    eof = from_socket_error("EOF occurred in violation of protocol (_ssl.c:2427)", TLS)  # TLS 1.3, alert not read
+    assert eof.reason == "tls-closed" and "set mqtt.tls.cert_file" in eof.text
 
 
 @pytest.mark.parametrize(

@@ -569,12 +569,15 @@ def test_tls_failures_are_named_once_per_reason(
     spool = open_spool(stack, tmp_path / "spool.db")
     pub = started_publisher(stack, make_settings(broker, tls=tls), spool)
     pub.publish_event(*event(0))
-    assert wait_for(lambda: pub.stats()["connect_failures"] >= 3)
-    logged = connect_warnings(caplog)
-    assert [r.levelname for r in logged][:3] == ["WARNING", "DEBUG", "DEBUG"], [r.getMessage() for r in logged]
-    assert words in logged[0].getMessage() and reason == logged[0].reason
+    # TLS 1.3 may show a refused client certificate as an EOF now and then: a second reason, warned once too
+    of_reason = lambda: [r for r in connect_warnings(caplog) if r.reason == reason]  # noqa: E731
+    assert wait_for(lambda: len(of_reason()) >= 3), [r.getMessage() for r in connect_warnings(caplog)]
+    assert [r.levelname for r in of_reason()][:3] == ["WARNING", "DEBUG", "DEBUG"]
+    assert words in of_reason()[0].getMessage()
+    warned = [r.reason for r in connect_warnings(caplog) if r.levelname == "WARNING"]
+    assert len(warned) == len(set(warned)) and set(warned) <= {reason, "tls-closed"}, warned
     stats = pub.stats()
-    assert stats["connect_error"] == reason and stats["last_connect_error"] == reason
+    assert stats["last_connect_error"] in (reason, "tls-closed") and stats["connect_failures"] >= 3
     assert not pub.connected and stats["spool_depth"] == 1
     assert not paho_errors(caplog), "paho's raw errors reached the log"
 
