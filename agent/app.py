@@ -14,7 +14,7 @@ import logging
 import signal
 import threading
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional, Set
 
 import numpy as np
 
@@ -25,9 +25,9 @@ from engine.errors import ConfigError, ImageError
 
 from . import capture as cap
 from .capture import Capture
-from .config import AgentConfig
+from .config import AgentConfig, is_loopback
 from .frames_store import FramesStore, encode_crop
-from .metrics_http import MetricsServer
+from .metrics_http import MetricsServer, read_token
 from .payloads import (
     CAMERA_STATES,
     STATE_DEGRADED,
@@ -39,7 +39,7 @@ from .payloads import (
     new_boot_id,
     status_payload,
 )
-from .scoring import Scored, Scorer, frame_size_of, judge, self_test
+from .scoring import Scored, Scorer, channel_mismatch, frame_channels, frame_size_of, judge, self_test
 from .sdnotify import SystemdNotifier
 from .sources import SYSTEM_CLOCK, Clock, Frame, FrameSource, open_source
 from .thresholds_watch import ThresholdsWatch
@@ -99,6 +99,8 @@ class App:
         self.frames_scored = 0
         self.defects = 0
         self.frames_failed = 0
+        self.frames_channel_mismatch = 0  # scored, but with other channels than the model was trained on
+        self._mismatch_warned: Set[str] = set()
         self.ready = False
         self.state = STATE_STARTING
         self._latencies: Deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -172,7 +174,8 @@ class App:
                 f"spool.path: got '{self.config.spool.path}' ({exc.strerror or exc}), expected a file in a folder "
                 "the service can write (e.g. under StateDirectory=)"
             ) from None
-        self.spool = Spool(self.config.spool.path, self.config.spool.max_events)
+        self.spool = Spool(self.config.spool.path, self.config.spool.max_events,
+                           reserve_bytes=int(self.config.spool.reserve_mb * 1e6))
         self.publisher = EventPublisher(self.config.mqtt, self.spool)
 
     def init_capture(self) -> None:
@@ -186,7 +189,14 @@ class App:
     def init_metrics(self) -> None:
         m = self.config.metrics
         if m.prometheus_port is not None:
-            self.metrics = MetricsServer(m.bind, m.prometheus_port, self.snapshot)
+            try:
+                token = None if m.token_file is None else read_token(m.token_file)
+            except ConfigError as exc:
+                raise self._config_error(str(exc)) from None
+            if token is None and not is_loopback(m.bind):
+                logger.warning("metrics: /metrics on %s without a token: anyone who reaches port %d reads it; "
+                               "set metrics.token_file", m.bind, m.prometheus_port)
+            self.metrics = MetricsServer(m.bind, m.prometheus_port, self.snapshot, token=token)
 
     # -- start, in order -------------------------------------------------------------------------
     def start(self) -> "App":
@@ -279,6 +289,7 @@ class App:
     def process(self, frame: Frame) -> None:
         """Score one frame; publish an event if defective."""
         thresholds = self.watch.current
+        self._check_channels(frame)
         try:
             scored = self.scorer.score(frame.image)
         except ImageError as exc:
@@ -302,6 +313,23 @@ class App:
             )
             self.notifier.ready(f"scoring camera {self.config.camera.name}")
         self._watchdog()
+
+    def _check_channels(self, frame: Frame) -> None:
+        mismatch = channel_mismatch(frame.image, self.bundle.preprocess.channels)
+        if mismatch is None:
+            return
+        self.frames_channel_mismatch += 1
+        if mismatch not in self._mismatch_warned:  # once per kind: every frame would flood the journal
+            self._mismatch_warned.add(mismatch)
+            self._status_due = True
+            model = self.bundle.preprocess.channel_order
+            logger.warning(
+                "camera %s: %s (frame seq %d has %d channel(s), bundle %s expects channel_order %s): scored after "
+                "conversion, but not as the model was trained, so scores may shift against the thresholds; set "
+                "the camera's pixel format to match, or use a bundle trained on such frames (counted in status "
+                "frames_channel_mismatch; warned once)",
+                self.config.camera.name, mismatch, frame.seq, frame_channels(frame.image), self.bundle.name, model,
+            )
 
     def _publish_defect(self, frame: Frame, result: Any, thresholds: Thresholds, size: Any) -> None:
         cam = self.config.camera.name
@@ -377,6 +405,8 @@ class App:
             self._fps_count = 0
             self._fps_since = now
         self._next_status = now + self.config.mqtt.status_interval_s
+        if self.state == STATE_STARTING and self.capture is not None and self.capture.last_error:
+            self.state = STATE_DEGRADED  # the camera failed before its first frame: not "starting" for ever
         if self.state not in (STATE_STARTING, STATE_STOPPING):
             streaming = self.capture.state in (cap.STREAMING, cap.ENDED)
             self.state = STATE_RUNNING if streaming else STATE_DEGRADED
@@ -386,16 +416,20 @@ class App:
             station=self.config.mqtt.station, state=self.state, fps=self._fps, latency_ms=self.latency_ms(),
             frames_scored=self.frames_scored, frames_dropped=self.capture.dropped if self.capture else 0,
             defects=self.defects, spool_depth=int(stats.get("spool_depth", 0)),
-            spool_dropped=int(stats.get("spool_dropped", 0)), camera_state=self.camera_state(),
+            spool_dropped=int(stats.get("spool_dropped", 0)) + int(stats.get("unspooled_dropped", 0)),
+            camera_state=self.camera_state(),
             mqtt_connected=bool(stats.get("connected", False)), image_threshold=thresholds.image_threshold,
             pixel_threshold=thresholds.pixel_threshold, bundle_name=self.bundle.name,
             bundle_sha256=self.bundle.sha256, uptime_s=now - self._started_at, timestamp=self.clock.now(),
+            camera_error=self.capture.last_error if self.capture else None,
+            frames_channel_mismatch=self.frames_channel_mismatch,
+            mqtt_last_error=stats.get("last_connect_error"),
+            mqtt_connect_failures=int(stats.get("connect_failures", 0)),
+            events_unspooled=int(stats.get("unspooled", 0)),
+            spool_write_failures=int(stats.get("spool_errors", 0)),
         )
         self.publisher.publish_status(payload)
-        self.notifier.status(
-            f"{self.state}: {self._fps:.1f} fps, {self.frames_scored} scored, {self.defects} defects, "
-            f"camera {payload['camera_state']}, spool {payload['spool_depth']}"
-        )
+        self.notifier.status(status_line(self.state, self._fps, self.frames_scored, self.defects, payload, stats))
 
     def snapshot(self) -> Dict[str, Any]:
         """Counters for the Prometheus endpoint (read from its thread; plain reads are enough)."""
@@ -415,6 +449,11 @@ class App:
             "spool_depth": stats.get("spool_depth"),
             "spool_dropped_total": stats.get("spool_dropped"),
             "mqtt_connected": int(bool(stats.get("connected", False))),
+            "mqtt_connect_failures_total": stats.get("connect_failures"),
+            "mqtt_connect_error": stats.get("connect_error"),
+            "frames_channel_mismatch_total": self.frames_channel_mismatch,
+            "events_unspooled": stats.get("unspooled"),
+            "spool_write_failures_total": stats.get("spool_errors"),
             "image_threshold": None if thresholds is None else thresholds.image_threshold,
             "pixel_threshold": None if thresholds is None else thresholds.pixel_threshold,
             "thresholds_reloads_total": self.watch.reloads if self.watch else 0,
@@ -452,6 +491,21 @@ class App:
             "agent: stopped; %d frames scored, %d defects, %d dropped",
             self.frames_scored, self.defects, self.capture.dropped if self.capture else 0,
         )
+
+
+def status_line(state: str, fps: float, scored: int, defects: int, payload: Dict[str, Any],
+                stats: Dict[str, Any]) -> str:
+    """The one line `systemctl status` shows: counters, then what is wrong, if anything."""
+    line = (f"{state}: {fps:.1f} fps, {scored} scored, {defects} defects, camera {payload['camera_state']}, "
+            f"spool {payload['spool_depth']}")
+    problems = []
+    if payload.get("camera_error") and payload["camera_state"] != "streaming":
+        problems.append(f"camera: {payload['camera_error']}")
+    if stats.get("connect_error"):
+        problems.append(f"mqtt: {stats['connect_error']}")
+    if payload.get("events_unspooled"):
+        problems.append(f"{payload['events_unspooled']} event(s) not on disk (spool not writable)")
+    return line + "".join(f"; {p}" for p in problems)
 
 
 def _quietly(step: Any, what: str) -> None:

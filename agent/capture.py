@@ -152,8 +152,10 @@ class Capture:
         self.captured = 0
         self.reconnects = 0
         self.read_errors = 0
+        self.open_failures = 0
         self.stalls = 0
         self._opened = False
+        self.last_error: Optional[str] = None  # why the source last failed to open or read; None once streaming
         self._in_read_since: Optional[float] = None  # set while the thread is inside source.read()
         self._last_frame = self.clock.monotonic()
         self.heartbeat = self.clock.monotonic()  # refreshed by every loop turn; ages only if the thread is wedged
@@ -187,6 +189,7 @@ class Capture:
             "dropped": self.dropped,
             "reconnects": self.reconnects,
             "read_errors": self.read_errors,
+            "open_failures": self.open_failures,
             "stalls": self.stalls,
             "queued": self._slot.qsize(),
         }
@@ -218,6 +221,8 @@ class Capture:
 
     # -- capture thread --------------------------------------------------------------------------
     def _set_state(self, state: str, why: str = "") -> None:
+        if why and state in (STALLED, RECONNECTING, ERROR):
+            self.last_error = why
         with self._state_lock:
             if state == self.state:
                 return
@@ -259,7 +264,8 @@ class Capture:
                     self._wait(self.reopen_max_s)
                     continue
                 except CameraError as exc:
-                    self._set_state(CONNECTING if first else RECONNECTING, str(exc))
+                    # RECONNECTING even before the first frame: "connecting" would hide the cause.
+                    self._open_failed(str(exc))
                     self._wait(backoff)
                     backoff = min(backoff * 2, self.reopen_max_s)
                     continue
@@ -307,10 +313,20 @@ class Capture:
             self._last_frame = now
             backoff = self.reopen_min_s
             self.captured += 1
+            self.last_error = None
             self._set_state(STREAMING)
             if not self._slot.put(frame, self._stop):
                 self._slot.dropped += 1
         self._close()
+
+    def _open_failed(self, why: str) -> None:
+        """Each new cause is logged at WARNING; the same cause again (every reopen) is not."""
+        self.open_failures += 1
+        changed = why != self.last_error
+        self.last_error = why
+        if self.state == RECONNECTING and changed:
+            logger.warning("camera %s: still cannot open: %s", self.source.source_id, why)
+        self._set_state(RECONNECTING, why)
 
     def _on_stall(self, now: float) -> None:
         self.stalls += 1

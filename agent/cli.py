@@ -34,7 +34,7 @@ FATAL_ERRORS = (ConfigError, BundleError, ThresholdsError, BackendError, EngineB
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # extra= fields worth keeping in JSON lines
-JSON_EXTRAS = ("event_id", "seq", "score", "source_id")
+JSON_EXTRAS = ("event_id", "seq", "score", "source_id", "reason")
 NOISY_LOGGERS = ("paho",)
 PROG = "daad-agent"
 HANDLER_NAME = PROG

@@ -10,6 +10,7 @@ and its bundle/thresholds can travel together.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -132,6 +133,12 @@ class LoggingConfig(_Section):
 class MetricsConfig(_Section):
     prometheus_port: Optional[int] = Field(None, ge=1, le=65535, description="serve /metrics here; None: off")
     bind: str = Field("127.0.0.1", min_length=1, description="address of the metrics endpoint")
+    allow_remote: bool = Field(
+        False, description="required for a bind address other than loopback: /metrics is then reachable from the network"
+    )
+    token_file: Optional[Path] = Field(
+        None, description="file holding a bearer token that /metrics then requires (Authorization: Bearer TOKEN)"
+    )
 
 
 class AgentConfig(_Section):
@@ -190,6 +197,12 @@ def check_rules(config: AgentConfig, check_files: bool = True) -> List[str]:
     src = cam.source
     if isinstance(src, GstreamerSource) and "appsink" not in src.pipeline:
         problems.append(f"camera.source.pipeline: got {_show(src.pipeline)}, expected a pipeline ending in appsink")
+    metrics = config.metrics
+    if metrics.prometheus_port is not None and not metrics.allow_remote and not is_loopback(metrics.bind):
+        problems.append(
+            f"metrics.bind: got {_show(metrics.bind)}, expected a loopback address (127.0.0.1, ::1 or localhost); "
+            "set metrics.allow_remote: true to serve /metrics on the network, with metrics.token_file to require a token"
+        )
     if not check_files:
         return problems
     bundle = config.model.bundle
@@ -210,11 +223,24 @@ def check_rules(config: AgentConfig, check_files: bool = True) -> List[str]:
         problems.append(f"camera.source.path: got '{src.path}' (not a file), expected a video file")
     if isinstance(src, FolderSource) and not src.path.is_dir():
         problems.append(f"camera.source.path: got '{src.path}' (not a directory), expected a folder of images")
+    token = metrics.token_file
+    if metrics.prometheus_port is not None and token is not None and not token.is_file():
+        problems.append(f"metrics.token_file: got '{token}' (not a file), expected a file holding the bearer token")
     for key, value in _walk_paths(config.mqtt, "mqtt"):
         if key.endswith("_file") or ".tls." in f".{key}.":
             if not value.is_file():
                 problems.append(f"{key}: got '{value}' (not a file), expected a readable file")
     return problems
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: reachable from this device only."""
+    if address.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to any interface
 
 
 def _expand_env(value: Any, loc: Tuple[Any, ...], errors: List[str]) -> Any:

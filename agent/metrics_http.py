@@ -1,14 +1,17 @@
 """Optional Prometheus text endpoint: http.server in a daemon thread, GET /metrics.
 
 The app passes a function that returns a snapshot of its counters; rendering is a pure function.
-Bound to 127.0.0.1 by default: expose it deliberately (metrics.bind) or scrape through a proxy.
+Bound to 127.0.0.1 by default: another address needs metrics.allow_remote, and metrics.token_file
+makes every request show `Authorization: Bearer TOKEN` (compared in constant time).
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from engine.errors import ConfigError
@@ -32,6 +35,11 @@ METRICS: Dict[str, Tuple[str, str]] = {
     "spool_depth": ("gauge", "events on disk waiting for the broker's acknowledgement"),
     "spool_dropped_total": ("counter", "events dropped because the spool was full"),
     "mqtt_connected": ("gauge", "1 while connected to the broker"),
+    "mqtt_connect_failures_total": ("counter", "failed connection attempts to the broker"),
+    "mqtt_connect_error": ("gauge", "1, labelled with the reason, while connecting to the broker fails"),
+    "frames_channel_mismatch_total": ("counter", "frames whose channels differ from the model's (scored converted)"),
+    "events_unspooled": ("gauge", "events held in memory only because the spool could not be written"),
+    "spool_write_failures_total": ("counter", "failed writes of events to the spool (disk full)"),
     "image_threshold": ("gauge", "image score threshold in force"),
     "pixel_threshold": ("gauge", "anomaly-map pixel threshold in force"),
     "thresholds_reloads_total": ("counter", "successful thresholds reloads"),
@@ -47,6 +55,11 @@ def render_prometheus(values: Dict[str, Any]) -> str:
         value = values.get(name)
         if value is None:
             continue
+        if isinstance(value, str):  # a reason: one labelled sample, as Prometheus' info-style gauges do
+            lines.append(f"# HELP {PREFIX}{name} {help_text}")
+            lines.append(f"# TYPE {PREFIX}{name} {kind}")
+            lines.append(f'{PREFIX}{name}{{reason="{_label(value)}"}} 1')
+            continue
         number = float(value)
         if math.isnan(number):
             continue
@@ -56,19 +69,49 @@ def render_prometheus(values: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def read_token(path: Path) -> str:
+    """The bearer token in metrics.token_file; ConfigError naming the key when unusable."""
+    key = "metrics.token_file"
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: got '{path}' (does not exist), expected a file holding the bearer token") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}: got '{path}' ({exc}), expected a file the service user can read") from None
+    if not token or any(c.isspace() for c in token):
+        raise ConfigError(f"{key}: got '{path}' (empty, or the token has spaces), expected one token on one line, "
+                          "e.g. from `openssl rand -hex 32`")
+    return token
+
+
 class MetricsServer:
-    def __init__(self, bind: str, port: int, snapshot: Callable[[], Dict[str, Any]]) -> None:
+    def __init__(self, bind: str, port: int, snapshot: Callable[[], Dict[str, Any]],
+                 token: Optional[str] = None) -> None:
         self.bind = bind
         self.port = port
         self.snapshot = snapshot
+        self._expected = None if token is None else f"Bearer {token}".encode("utf-8")
         self._server: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
         snapshot = self.snapshot
+        expected = self._expected
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                if expected is not None:
+                    given = self.headers.get("Authorization", "").encode("utf-8", "replace")
+                    if not hmac.compare_digest(given, expected):
+                        self.send_response(401)
+                        self.send_header("WWW-Authenticate", 'Bearer realm="daad-agent"')
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
                 if self.path.split("?", 1)[0] != "/metrics":
                     self.send_error(404, "only /metrics here")
                     return
@@ -98,7 +141,8 @@ class MetricsServer:
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()
-        logger.info("metrics: Prometheus endpoint on http://%s:%d/metrics", self.bind, self.port)
+        logger.info("metrics: Prometheus endpoint on http://%s:%d/metrics%s", self.bind, self.port,
+                    "" if expected is None else " (bearer token required)")
 
     def stop(self) -> None:
         if self._server is not None:

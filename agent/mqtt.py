@@ -16,18 +16,21 @@ import os
 import re
 import socket
 import ssl
+import sys
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, TypeVar
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple, TypeVar
 
 import paho.mqtt.client as mqtt
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.errors import ConfigError
 
+from .mqtt_errors import ConnectProblem, from_connack, from_exception, from_socket_error
 from .payloads import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE
-from .spool import DEFAULT_MAX_EVENTS, Spool, SpoolError
+from .spool import DEFAULT_MAX_EVENTS, DEFAULT_RESERVE_MB, Spool, SpoolError
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +42,13 @@ PUMP_IDLE_S = 0.5  # the pump wakes at least this often, even if nobody notifies
 # acknowledgement (which comes after those resends) so the order is kept. Bound that wait.
 RESEND_HOLD_MAX_S = 2.0
 FLUSH_POLL_S = 0.05
-ERROR_LOG_INTERVAL_S = 30.0  # repeated pump errors are logged at most this often
+ERROR_LOG_INTERVAL_S = 30.0  # repeated pump errors (and memory drops) are logged at most this often
+SPOOL_RETRY_S = 0.5  # a full disk is retried this often (not on every event: each try costs an fsync)
 # paho 2.2 logs this at ERROR when its loop thread runs once more after our own clean disconnect.
 PAHO_BENIGN_ERRORS = ("Client is not connected",)
+# paho logs these at ERROR on every attempt; we log their reason once per change (mqtt_errors).
+PAHO_REPORTED_BY_US = ("failed to receive on socket",)
+SOCKET_ERROR_PREFIX = "failed to receive on socket: "
 _ENV_NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _TOPIC_FORBIDDEN_RE = re.compile(r"[+#\s\x00]")
 
@@ -128,6 +135,11 @@ class SpoolSettings(BaseModel):
         DEFAULT_MAX_EVENTS, ge=1, le=10_000_000,
         description="bound of the spool; when full the oldest event is dropped and counted",
     )
+    reserve_mb: float = Field(
+        DEFAULT_RESERVE_MB, ge=0, le=100_000,
+        description="disk held back beside the spool and released when the disk fills, so events stay durable "
+                    "a while longer (16 MB held 11 488 events of 1 KB in a test); 0: none",
+    )
 
 
 class Topics(NamedTuple):
@@ -193,7 +205,7 @@ def _configure_tls(client: mqtt.Client, tls: TlsSettings) -> None:
 
 class _DemoteBenignPahoErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and str(record.msg).startswith(PAHO_BENIGN_ERRORS):
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(PAHO_BENIGN_ERRORS + PAHO_REPORTED_BY_US):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
@@ -239,11 +251,23 @@ class EventPublisher:
         self._latest_status: Optional[bytes] = None
         self._wake = False
         self._stopping = False
-        self._unreachable_logged = False
+        self._problem: Optional[ConnectProblem] = None  # why the attempts fail now; None once connected
+        self._last_problem: Optional[ConnectProblem] = None  # the latest failure, kept after recovering
+        self._connect_failures = 0
+        self._reasons_seen: Set[str] = set()  # since the last good connection: each is warned once
+        self._socket_error: Optional[str] = None  # what paho read from the socket before it closed
+        self._attempt_reported = False  # this attempt's failure was already reported (refused CONNACK)
         self._published = 0
         self._acked_total = 0
         self._reconnects = 0
-        self._spool_errors = 0
+        self._spool_errors = 0  # events whose write to the spool failed (disk full)
+        # Those events, oldest first, until the spool takes them: sent from here meanwhile, and written
+        # by the pump as soon as the disk allows. Bounded like the spool; only these die with the process.
+        self._unspooled: "OrderedDict[str, Tuple[str, bytes]]" = OrderedDict()
+        self._unspooled_dropped = 0
+        self._last_drop_log = float("-inf")
+        self._next_spool_retry = float("-inf")  # pump thread only
+        self._spool_failing = False  # between a failed write and the next good one: said once
         self._started = False
         self._pump: Optional[threading.Thread] = None
         self._last_error_log = float("-inf")
@@ -267,6 +291,7 @@ class EventPublisher:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_log = self._on_log
         return client
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -314,10 +339,16 @@ class EventPublisher:
             acked, self._acked = self._acked, []
         try:
             self._remove_acked(acked)
+            self._write_unspooled(force=True)
             left = self.spool.depth()
         except SpoolError as err:
             logger.warning("MQTT: %s", err)
             left = -1
+        with self._cv:
+            lost = list(self._unspooled)
+        if lost:
+            logger.error("MQTT: %d event(s) neither written to the spool (disk full) nor acknowledged by the broker "
+                         "are lost with this stop: %s", len(lost), ", ".join(lost))
         self._started = False
         logger.info("MQTT: stopped; %d event(s) left in the spool for the next start", left)
 
@@ -328,18 +359,47 @@ class EventPublisher:
         Raises TypeError/ValueError only for a payload that is not strict JSON (a caller bug).
         """
         data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
-        try:
-            self.spool.put(event_id, self.topics.defects, data)
-        except SpoolError as err:
-            with self._cv:
-                self._spool_errors += 1
-            # Better delivered without a durable copy than not at all.
-            logger.error("MQTT: %s; publishing event %s from memory only", err, event_id)
-            if self._send(self.topics.defects, data, retain=False, event_id=None) is not None:
+        with self._cv:
+            behind = bool(self._unspooled)  # then this one waits behind them, keeping the order
+        if not behind:
+            try:
+                self.spool.put(event_id, self.topics.defects, data)
+                self._spool_writable()
+                self._notify()
+                return
+            except SpoolError as err:
                 with self._cv:
-                    self._published += 1
-            return
+                    first, self._spool_failing = not self._spool_failing, True
+                logger.log(
+                    logging.ERROR if first else logging.DEBUG,
+                    "MQTT: %s; events are kept in memory, sent from there, and written to the spool as soon as "
+                    "the disk allows (a restart before then loses those not yet delivered); free space on %s",
+                    err, self.spool.path.parent,
+                )
+        self._keep_in_memory(event_id, self.topics.defects, data)
         self._notify()
+
+    def _spool_writable(self) -> None:
+        with self._cv:
+            was, self._spool_failing = self._spool_failing, False
+        if was:
+            logger.info("MQTT: the spool %s takes events again", self.spool.path)
+
+    def _keep_in_memory(self, event_id: str, topic: str, data: bytes) -> None:
+        with self._cv:
+            self._spool_errors += 1
+            self._unspooled[event_id] = (topic, data)
+            if len(self._unspooled) <= self.spool.max_events:
+                return
+            dropped, _ = self._unspooled.popitem(last=False)
+            self._unspooled_dropped += 1
+            total = self._unspooled_dropped
+            now = time.monotonic()
+            if total > 1 and now - self._last_drop_log < ERROR_LOG_INTERVAL_S:
+                return
+            self._last_drop_log = now
+        logger.error("MQTT: %d event(s) held in memory (spool.max_events), none writable: dropped the oldest, %s "
+                     "(%d dropped so far); free disk space", self.spool.max_events, dropped, total)
 
     def publish_status(self, payload: Dict[str, Any]) -> None:
         """Retained, QoS 1, not spooled: only the latest status is kept and sent once connected."""
@@ -354,7 +414,7 @@ class EventPublisher:
         deadline = time.monotonic() + timeout_s
         with self._cv:
             while True:
-                if self.spool.depth() == 0 and not self._acked:
+                if self.spool.depth() == 0 and not self._acked and not self._unspooled:
                     return True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -371,11 +431,16 @@ class EventPublisher:
             in_flight = sum(1 for eid in self._pending.values() if eid is not None)
             out = {
                 "connected": self._connected,
+                "connect_error": None if self._problem is None else self._problem.reason,
+                "last_connect_error": None if self._last_problem is None else self._last_problem.reason,
+                "connect_failures": self._connect_failures,
                 "published": self._published,
                 "acked": self._acked_total,
                 "reconnects": self._reconnects,
                 "in_flight": in_flight,
                 "spool_errors": self._spool_errors,
+                "unspooled": len(self._unspooled),
+                "unspooled_dropped": self._unspooled_dropped,
             }
         out["spool_depth"] = self.spool.depth()
         out["spool_dropped"] = self.spool.dropped
@@ -388,12 +453,14 @@ class EventPublisher:
         if reason_code.is_failure:
             with self._cv:
                 self._connected = False
-            logger.error(
-                "MQTT: broker %s:%d refused the connection: %s; check %s.username, the password and %s.client_id",
-                s.host, s.port, reason_code, CONFIG_KEY, CONFIG_KEY,
-            )
+                self._attempt_reported = True  # the disconnect that follows is not another reason
+            self._report_problem(from_connack(reason_code, s))
             return
         with self._cv:
+            recovered, self._problem = self._problem, None
+            self._reasons_seen.clear()
+            failures = self._connect_failures
+            self._socket_error = None
             if self._ever_connected:
                 self._reconnects += 1
             self._ever_connected = True
@@ -403,18 +470,23 @@ class EventPublisher:
             self._hold_since = time.monotonic()
             depth = self.spool.depth()
         logger.info("MQTT: connected to %s:%d; %d event(s) to deliver from the spool", s.host, s.port, depth)
+        if recovered is not None:
+            logger.info("MQTT: the connection works again (after %s; %d failed attempt(s) since start)",
+                        recovered.reason, failures)
         self._send(self.topics.availability, AVAILABILITY_ONLINE.encode(), retain=True, event_id=None)
         self._notify()
 
     @_never_raises
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        with self._cv:
-            first = not self._unreachable_logged
-            self._unreachable_logged = True
-        s = self.settings
-        log = logger.warning if first else logger.debug
-        log("MQTT: broker %s:%d unreachable; retrying (up to every %gs), events wait in the spool",
-            s.host, s.port, s.reconnect_max_s)
+        # paho calls this from inside its `except OSError:` around connect: the exception is still
+        # the one being handled, and paho passes it nowhere else.
+        self._report_problem(from_exception(sys.exc_info()[1], self.settings))
+
+    @_never_raises
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR and buf.startswith(SOCKET_ERROR_PREFIX):
+            with self._cv:
+                self._socket_error = buf[len(SOCKET_ERROR_PREFIX):]
 
     @_never_raises
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
@@ -422,8 +494,28 @@ class EventPublisher:
             was_connected = self._connected
             self._connected = False
             stopping = self._stopping
-        if was_connected and not stopping:
-            logger.warning("MQTT: disconnected (%s); events wait in the spool, reconnecting", reason_code)
+            socket_error, self._socket_error = self._socket_error, None
+            reported, self._attempt_reported = self._attempt_reported, False
+        if stopping:
+            return
+        if was_connected:
+            logger.warning("MQTT: disconnected (%s); events wait in the spool, reconnecting",
+                           socket_error or reason_code)
+        elif not reported:  # closed between the TLS handshake and the CONNACK
+            self._report_problem(from_socket_error(socket_error, self.settings))
+
+    def _report_problem(self, problem: ConnectProblem) -> None:
+        """Log a failed attempt: at WARNING the first time its reason comes up in this outage, else DEBUG
+        (a set, not the previous reason only: some failures alternate, e.g. TLS alert / EOF)."""
+        with self._cv:
+            self._connect_failures += 1
+            changed = problem.reason not in self._reasons_seen
+            self._reasons_seen.add(problem.reason)
+            self._problem = self._last_problem = problem
+        s = self.settings
+        logger.log(logging.WARNING if changed else logging.DEBUG,
+                   "MQTT: cannot connect to %s:%d: %s; retrying (up to every %gs), events wait in the spool",
+                   s.host, s.port, problem.text, s.reconnect_max_s, extra={"reason": problem.reason})
 
     @_never_raises
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
@@ -482,6 +574,9 @@ class EventPublisher:
                 can_send = self._connected and not self._hold and not stopping
             try:
                 self._remove_acked(acked)
+                self._write_unspooled()
+                if not self._unspooled:
+                    self.spool.restore_reserve()  # rate-limited inside; a no-op while it is there
                 if can_send:
                     self._fill_window()
                     self._send_latest_status()
@@ -499,9 +594,45 @@ class EventPublisher:
     def _remove_acked(self, acked: List[str]) -> None:
         if not acked:
             return
-        self.spool.ack_many(acked)
+        with self._cv:
+            for event_id in acked:
+                self._unspooled.pop(event_id, None)  # delivered from memory: no need to write it any more
+        try:
+            self.spool.ack_many(acked)
+        except SpoolError:
+            # A full disk can refuse even a delete (WAL). Keep them "acknowledged, not yet removed", so
+            # they count as busy and are not sent again; retried on the next turn.
+            with self._cv:
+                self._acked[:0] = acked
+            raise
         with self._cv:
             self._cv.notify_all()  # flush() waits on this
+
+    def _write_unspooled(self, force: bool = False) -> None:
+        """Move the events held in memory to the spool, oldest first, as far as the disk allows."""
+        with self._cv:
+            waiting = list(self._unspooled.items())
+        now = time.monotonic()
+        if not waiting or (now < self._next_spool_retry and not force):
+            return
+        written = 0
+        for event_id, (topic, data) in waiting:
+            try:
+                self.spool.put(event_id, topic, data)
+            except SpoolError:
+                self._next_spool_retry = now + SPOOL_RETRY_S
+                break
+            with self._cv:
+                self._unspooled.pop(event_id, None)
+            written += 1
+        if written == len(waiting):
+            self._spool_writable()
+        if written:
+            with self._cv:
+                left = len(self._unspooled)
+                self._cv.notify_all()
+            logger.info("MQTT: spool writable again: %d event(s) moved from memory to %s, %d still in memory",
+                        written, self.spool.path, left)
 
     def _fill_window(self) -> None:
         """Publish the oldest spooled events that are not in flight, up to MAX_IN_FLIGHT."""
@@ -512,13 +643,17 @@ class EventPublisher:
         free = MAX_IN_FLIGHT - len(pending_events)
         if free <= 0:
             return
-        for event in self.spool.peek(len(busy) + free):
-            if event.event_id in busy:
+        spooled = [(e.event_id, e.topic, e.payload) for e in self.spool.peek(len(busy) + free)]
+        with self._cv:  # after the spooled ones: they are older
+            in_memory = [(eid, topic, data) for eid, (topic, data) in self._unspooled.items()][: len(busy) + free]
+        for event_id, topic, payload in spooled + in_memory:
+            if event_id in busy:
                 continue
             if free <= 0 or not self.connected:
                 return
-            if self._send(event.topic, event.payload, retain=False, event_id=event.event_id) is None:
+            if self._send(topic, payload, retain=False, event_id=event_id) is None:
                 return
+            busy.add(event_id)  # just moved from memory to the spool: listed twice
             free -= 1
             with self._cv:
                 self._published += 1

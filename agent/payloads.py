@@ -130,8 +130,17 @@ def status_payload(
     bundle_sha256: str,
     uptime_s: float,
     timestamp: datetime,
+    camera_error: Optional[str] = None,
+    frames_channel_mismatch: int = 0,
+    mqtt_last_error: Optional[str] = None,
+    mqtt_connect_failures: int = 0,
+    events_unspooled: int = 0,
+    spool_write_failures: int = 0,
 ) -> Dict[str, Any]:
-    """The retained, periodic status. latency_ms p50/p99 may be None before the first frame."""
+    """The retained, periodic status. latency_ms p50/p99 may be None before the first frame.
+
+    The fields after timestamp say why something does not work (optional in the schema, so
+    consumers of the first status version keep validating)."""
     if state not in STATES:
         raise ValueError(f"state must be one of {STATES}, got {state!r}")
     if camera_state not in CAMERA_STATES:
@@ -156,6 +165,12 @@ def status_payload(
         "image_threshold": _float(image_threshold, "image_threshold"),
         "pixel_threshold": _float(pixel_threshold, "pixel_threshold"),
         "bundle": _bundle(bundle_name, bundle_sha256),
+        "camera_error": None if camera_error is None else _text(camera_error, "camera_error"),
+        "frames_channel_mismatch": _int(frames_channel_mismatch, "frames_channel_mismatch", minimum=0),
+        "mqtt_last_error": None if mqtt_last_error is None else _text(mqtt_last_error, "mqtt_last_error"),
+        "mqtt_connect_failures": _int(mqtt_connect_failures, "mqtt_connect_failures", minimum=0),
+        "events_unspooled": _int(events_unspooled, "events_unspooled", minimum=0),
+        "spool_write_failures": _int(spool_write_failures, "spool_write_failures", minimum=0),
     }
 
 

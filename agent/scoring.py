@@ -6,7 +6,7 @@ here exactly as calibration scored the frames its thresholds came from.
 from __future__ import annotations
 
 import logging
-from typing import Any, List, NamedTuple
+from typing import Any, List, NamedTuple, Optional
 
 import numpy as np
 
@@ -17,6 +17,11 @@ from engine.preprocess import PreprocessSpec, preprocess
 from .regions import Verdict, find_regions, verdict
 
 logger = logging.getLogger(__name__)
+
+# A gray camera often reaches OpenCV as BGR with equal channels (V4L2, video files); JPEG/MJPEG
+# rounding makes them differ by a little. Such frames are gray, not a colour/gray mismatch.
+GRAY_TOLERANCE = 4
+CHANNEL_SAMPLE_STEP = 8  # every 8th row and column: enough to tell colour from gray, cheap per frame
 
 
 class Scored(NamedTuple):
@@ -79,3 +84,27 @@ def judge(scored: Scored, thresholds: Any, frame_size: Any) -> Verdict:
 def frame_size_of(image: np.ndarray) -> tuple:
     """(width, height) of an OpenCV image."""
     return (int(image.shape[1]), int(image.shape[0]))
+
+
+def frame_channels(image: np.ndarray) -> int:
+    """1 for HxW or HxWx1, else the last axis (3 BGR, 4 BGRA)."""
+    return 1 if image.ndim == 2 or image.shape[2] == 1 else int(image.shape[2])
+
+
+def _gray_content(image: np.ndarray) -> bool:
+    sample = image[::CHANNEL_SAMPLE_STEP, ::CHANNEL_SAMPLE_STEP, :3].astype(np.int32)
+    spread = sample.max(axis=2) - sample.min(axis=2)
+    return int(spread.max(initial=0)) <= GRAY_TOLERANCE
+
+
+def channel_mismatch(image: np.ndarray, model_channels: int) -> Optional[str]:
+    """None when the frame's channels suit the model; else a short name of the mismatch.
+
+    Preprocessing converts either way (gray -> 3 equal channels, BGR -> gray), so the frame is still
+    scored, but not as the model was trained: its scores may shift against the thresholds."""
+    channels = frame_channels(image)
+    if model_channels == 3 and channels == 1:
+        return "gray frames into a colour model"
+    if model_channels == 1 and channels >= 3 and not _gray_content(image):
+        return "colour frames into a gray model"
+    return None

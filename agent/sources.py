@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import re
+import stat
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -132,6 +134,21 @@ def gstreamer_available() -> bool:
     return False
 
 
+def v4l2_failure_cause(device: str) -> str:
+    """Why OpenCV could not open a V4L2 device, as far as the file system tells (OpenCV only warns)."""
+    path = Path(device)
+    if not path.exists():
+        return ("does not exist (camera unplugged, or another number: see `ls /dev/video*` and set "
+                "camera.source.device)")
+    if not stat.S_ISCHR(path.stat().st_mode):
+        return "is not a device file; set camera.source.device to a /dev/videoN capture node"
+    if not os.access(str(path), os.R_OK | os.W_OK):
+        return ("permission denied for this user; add the service user to group video "
+                "(SupplementaryGroups=video in the unit, DeviceAllow=/dev/video* rw)")
+    return ("exists but could not be opened: busy in another process (`fuser " + device + "`), or not a "
+            "capture node (USB cameras also create metadata nodes; try the other /dev/videoN)")
+
+
 # -- OpenCV: V4L2 devices, video files, GStreamer pipelines -----------------------------------------
 class OpenCVSource(FrameSource):
     """cv2.VideoCapture behind the FrameSource interface."""
@@ -173,6 +190,8 @@ class OpenCVSource(FrameSource):
         cap = cv2.VideoCapture(self.target, self.api)
         if not cap.isOpened():
             cap.release()
+            if self.api == cv2.CAP_V4L2:
+                raise CameraError(f"{self.source_id}: {v4l2_failure_cause(self.source_id)}")
             raise CameraError(f"{self.source_id}: cannot open (device busy, unplugged, or not a readable stream)")
         for prop, value in self.props.items():
             if not cap.set(prop, value):
@@ -371,5 +390,5 @@ def open_source(camera: Any, clock: Optional[Clock] = None) -> FrameSource:
 
 __all__: List[str] = [
     "Frame", "Clock", "SYSTEM_CLOCK", "FrameSource", "OpenCVSource", "FolderSource", "CameraSetupError",
-    "csi_pipeline", "rtsp_pipeline", "redact_uri", "gstreamer_available", "open_source",
+    "csi_pipeline", "rtsp_pipeline", "redact_uri", "gstreamer_available", "open_source", "v4l2_failure_cause",
 ]

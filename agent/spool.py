@@ -4,10 +4,17 @@ SQLite in WAL mode with synchronous=FULL: `put` returns only once the event is o
 connection shared by the scoring thread and the publisher thread, serialised by a lock.
 The spool is bounded: when full, the oldest event is dropped and counted in `dropped`, which is
 persisted so that a restart does not hide losses.
+
+A full disk: the spool can hold back `reserve_bytes` of it in a file beside it (`<spool>.reserve`,
+real blocks of zeros). When SQLite reports the disk full, the reserve is deleted and the write
+retried, so events stay durable (a restart loses none) until that room is used up too; the
+publisher recreates the reserve once the disk has room again.
 """
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -20,8 +27,12 @@ logger = logging.getLogger(__name__)
 
 SPOOL_SCHEMA_VERSION = 1
 DEFAULT_MAX_EVENTS = 10000
+DEFAULT_RESERVE_MB = 16.0  # ~10 000 events of ~1 KB with SQLite's page and WAL overhead
 BUSY_TIMEOUT_S = 5.0  # another process holding the file (e.g. an inspection tool) waits this long
 DROP_WARN_INTERVAL_S = 10.0  # a full spool drops on every put: warn at most this often
+RESERVE_SUFFIX = ".reserve"
+RESERVE_CHUNK = 1 << 20
+RESERVE_RETRY_S = 30.0  # a missing reserve is recreated at most this often (16 MB of writes each try)
 _META_SCHEMA = "schema_version"
 _META_DROPPED = "dropped"
 
@@ -51,15 +62,22 @@ class SpooledEvent(NamedTuple):
 class Spool:
     """Durable, bounded, thread-safe FIFO of (event_id, topic, payload)."""
 
-    def __init__(self, path: Union[str, Path], max_events: int = DEFAULT_MAX_EVENTS) -> None:
+    def __init__(self, path: Union[str, Path], max_events: int = DEFAULT_MAX_EVENTS, reserve_bytes: int = 0) -> None:
         if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 1:
             raise SpoolError(f"spool max_events must be a positive integer, got {max_events!r}")
         self.path = Path(path)
         self.max_events = max_events
+        self.reserve_bytes = max(0, int(reserve_bytes))
+        self.reserve_path = Path(str(self.path) + RESERVE_SUFFIX)
+        self.reserve_released = 0  # times the reserve was given up to store events
+        self._next_reserve_try = float("-inf")
         self._lock = threading.Lock()
         self._last_drop_warning = float("-inf")
         self._conn: Optional[sqlite3.Connection] = self._open()
         self._depth, self._dropped = self._load_counters()
+        if not self.restore_reserve(force=True) and self.reserve_bytes:  # also removes one no longer wanted
+            logger.warning("spool %s: not enough free disk for a %.1f MB reserve (twice that is needed); a full disk "
+                           "will leave events in memory only", self.path, self.reserve_bytes / 1e6)
         if self._depth:
             logger.info("spool %s: %d event(s) waiting from a previous run", self.path, self._depth)
 
@@ -122,7 +140,17 @@ class Spool:
 
     # -- public API --------------------------------------------------------------------------
     def put(self, event_id: str, topic: str, payload: bytes) -> None:
-        """Append an event; durable on return. A repeated event_id is ignored; when full, drops the oldest."""
+        """Append an event; durable on return. A repeated event_id is ignored; when full, drops the oldest.
+
+        The disk full: the reserve (if any) is released and the write tried once more."""
+        try:
+            self._put(event_id, topic, payload)
+        except SpoolError as err:
+            if "full" not in str(err).lower() or not self._release_reserve():
+                raise
+            self._put(event_id, topic, payload)
+
+    def _put(self, event_id: str, topic: str, payload: bytes) -> None:
         with self._lock:
             conn = self._require()
             try:
@@ -218,6 +246,64 @@ class Spool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- the reserve ------------------------------------------------------------------------------
+    def has_reserve(self) -> bool:
+        return self.reserve_path.is_file()
+
+    def _release_reserve(self) -> bool:
+        if not self.has_reserve():
+            return False
+        size = self.reserve_path.stat().st_size
+        self.reserve_path.unlink()
+        self.reserve_released += 1
+        self._next_reserve_try = time.monotonic() + RESERVE_RETRY_S
+        logger.error(
+            "spool %s: the disk is full; released the %.1f MB reserve kept for this, so events stay on disk (and "
+            "survive a restart) a while longer; free space on %s", self.path, size / 1e6, self.path.parent,
+        )
+        return True
+
+    def restore_reserve(self, force: bool = False) -> bool:
+        """(Re)create the reserve when it is missing and the disk has room for it twice over; True if present.
+
+        Writes real blocks (a sparse or fallocated file may not hold the space on every file system)."""
+        if self.reserve_bytes == 0:
+            if self.reserve_path.exists():
+                self.reserve_path.unlink()
+            return False
+        if self.has_reserve() and self.reserve_path.stat().st_size >= self.reserve_bytes:
+            return True
+        now = time.monotonic()
+        if not force and now < self._next_reserve_try:
+            return False
+        self._next_reserve_try = now + RESERVE_RETRY_S
+        try:
+            free = shutil.disk_usage(str(self.path.parent)).free
+        except OSError:
+            return False
+        if free < 2 * self.reserve_bytes:
+            return False
+        tmp = Path(str(self.reserve_path) + ".tmp")
+        chunk = b"\0" * RESERVE_CHUNK
+        try:
+            with open(tmp, "wb") as fh:
+                left = self.reserve_bytes
+                while left > 0:
+                    left -= fh.write(chunk[: min(left, RESERVE_CHUNK)])
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.reserve_path)
+        except OSError as err:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            logger.warning("spool %s: cannot keep a %.1f MB disk reserve (%s)", self.path, self.reserve_bytes / 1e6, err)
+            return False
+        logger.info("spool %s: %.1f MB of disk held in reserve for a full disk (%s)",
+                    self.path, self.reserve_bytes / 1e6, self.reserve_path)
+        return True
 
     def _warn_dropped(self) -> None:
         now = time.monotonic()

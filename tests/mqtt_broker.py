@@ -63,6 +63,20 @@ class MosquittoBroker:
         self.persistent = True
         return self
 
+    def tls(self, cert: Path, key: Path, ca: Path, require_certificate: bool = False) -> "MosquittoBroker":
+        """Serve MQTT over TLS on the listener (from the next start); files readable by mosquitto's user."""
+        with open(self.conf, "a") as fh:
+            fh.write(f"certfile {cert}\nkeyfile {key}\ncafile {ca}\n")
+            if require_certificate:
+                fh.write("require_certificate true\n")
+        return self
+
+    def password_file(self, passwd: Path) -> "MosquittoBroker":
+        """Refuse anonymous clients and check users against a mosquitto_passwd file (from the next start)."""
+        with open(self.conf, "a") as fh:
+            fh.write(f"allow_anonymous false\npassword_file {passwd}\n")
+        return self
+
     def start(self) -> "MosquittoBroker":
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)

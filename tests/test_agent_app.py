@@ -26,7 +26,7 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 
-from agent.app import App
+from agent.app import App, status_line
 from agent.cli import JsonFormatter, main
 from agent.config import load_config
 from agent.metrics_http import MetricsServer, render_prometheus
@@ -36,6 +36,7 @@ from agent.sdnotify import SystemdNotifier
 from agent.thresholds_watch import ThresholdsWatch
 from calibration.thresholds import Thresholds, save_thresholds
 from engine.bundle import Bundle
+from tests.bundle_factory import make_template_bundle
 from engine.errors import ThresholdsError
 from engine.onnxruntime_backend import OnnxRuntimeBackend
 from engine.preprocess import preprocess
@@ -135,7 +136,7 @@ def write_config(tmp: Path, bundle: Bundle, thresholds_path: Path, port: int, so
         "thresholds": {"path": str(thresholds_path), "poll_s": 0.2},
         "mqtt": {"host": "127.0.0.1", "port": port, "station": STATION, "status_interval_s": 0.5,
                  "reconnect_min_s": 0.1, "reconnect_max_s": 0.5, "keepalive_s": 5},
-        "spool": {"path": "state/spool.db"},
+        "spool": {"path": "state/spool.db", "reserve_mb": 1},  # the reserve exercised, 16 MB not written per test
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
@@ -324,6 +325,8 @@ def test_video_every_defect_one_event_with_regions_in_frame_coordinates(
     app = App(config, notifier=quiet_notifier())
     assert app.run() == 0  # the video ends: drained, flushed, exit 0
     assert app.frames_scored == len(items) and app.defects == 3 and app.capture.dropped == 0
+    assert app.frames_channel_mismatch == 0  # MJPG decodes the gray parts as BGR with (nearly) equal channels
+    assert (tmp_path / "state" / "spool.db.reserve").stat().st_size == 1_000_000  # room kept for a full disk
     assert subscriber.wait(lambda s: len(s.events()) == 3 and "offline" in s.payloads("availability"))
     events = subscriber.events()
     check_events(events, items)
@@ -707,6 +710,50 @@ def test_prometheus_text_and_endpoint():
             urllib.request.urlopen(f"http://127.0.0.1:{server.port}/other", timeout=5)
     finally:
         server.stop()
+    reason = render_prometheus({"mqtt_connect_error": 'tls-"x"', "mqtt_connect_failures_total": 3})
+    assert 'daad_agent_mqtt_connect_error{reason="tls-\\"x\\""} 1\n' in reason
+    assert "daad_agent_mqtt_connect_failures_total 3" in reason
+
+
+def get_metrics(port: int, token: Optional[str] = None) -> Tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("WWW-Authenticate", "")
+
+
+def test_metrics_on_the_network_with_a_bearer_token(tmp_path, template_bundle, calibrated, mosquitto, caplog):
+    from engine.errors import ConfigError
+
+    caplog.set_level("INFO")
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    token_file = tmp_path / "metrics-token"
+    token_file.write_text("s3cr3t-token\n")
+    port = free_port()
+    metrics = {"prometheus_port": port, "bind": "0.0.0.0", "allow_remote": True, "token_file": str(token_file)}
+    source = {"kind": "folder", "path": str(folder), "watch": True}
+    config = load_config(write_config(tmp_path, template_bundle, calibrated, mosquitto.port, source, metrics=metrics))
+    run = InProcess(App(config, notifier=quiet_notifier()))
+    try:
+        assert run.wait(lambda: "metrics" in run.app._started)
+        assert get_metrics(port) == (401, 'Bearer realm="daad-agent"')
+        assert get_metrics(port, "wrong")[0] == 401
+        status, body = get_metrics(port, "s3cr3t-token")
+        assert status == 200 and "daad_agent_up 1" in body
+        assert run.stop() == 0
+    finally:
+        if run.thread.is_alive():
+            run.stop()
+    assert "s3cr3t" not in caplog.text and "(bearer token required)" in caplog.text
+    token_file.write_text("\n")  # an empty token is refused at start, in one line naming the key
+    with pytest.raises(ConfigError, match=r"^agent.yaml: metrics.token_file: got '.*' \(empty"):
+        App(load_config(write_config(tmp_path, template_bundle, calibrated, mosquitto.port, source, metrics=metrics)),
+            notifier=quiet_notifier(), config_file="agent.yaml").run()
 
 
 def test_json_log_lines_carry_event_fields_and_no_secrets(tmp_path, template_bundle, calibrated):
@@ -725,3 +772,68 @@ def test_json_log_lines_carry_event_fields_and_no_secrets(tmp_path, template_bun
     agent = AgentProcess(config, env={"DAAD_UNUSED": "1"})
     assert agent.finish() == 0
     assert "hunter2" not in "".join(agent.raw) and agent.logged("defect:")
+
+
+# -- the camera and the frames, named when they do not fit ------------------------------------------
+def test_v4l2_device_missing_at_start_is_named_once_and_in_status(
+    tmp_path, template_bundle, calibrated, mosquitto, subscriber, caplog
+):
+    caplog.set_level("INFO")
+    device = "/dev/video77"
+    assert not Path(device).exists()
+    config = load_config(write_config(tmp_path, template_bundle, calibrated, mosquitto.port,
+                                      {"kind": "v4l2", "device": device}, camera={"mode": "latest"}))
+    run = InProcess(App(config, notifier=quiet_notifier()))
+    try:
+        assert run.wait(lambda: run.app.capture is not None and run.app.capture.open_failures >= 4)  # retried, failing
+        assert subscriber.wait(lambda s: any(p["camera_error"] for p in s.payloads("status")))
+        assert run.stop() == 0
+    finally:
+        if run.thread.is_alive():
+            run.stop()
+    named = [r for r in caplog.records if r.name == "agent.capture" and device in r.getMessage()]
+    assert len(named) == 1 and named[0].levelname == "WARNING", [r.getMessage() for r in named]
+    assert "does not exist" in named[0].getMessage() and "camera.source.device" in named[0].getMessage()
+    status = next(p for p in subscriber.payloads("status") if p["camera_error"])
+    jsonschema.validate(status, load_schema("status"))
+    assert status["camera_state"] == "reconnecting" and status["state"] == "degraded"
+    assert status["camera_error"].startswith(f"{device}: does not exist")
+
+
+def colour(image: np.ndarray) -> np.ndarray:
+    """A BGR frame whose channels really differ (a colour camera), from a gray part."""
+    return cv2.merge([image, (image // 2).astype(np.uint8), (255 - image).astype(np.uint8)])
+
+
+@pytest.mark.parametrize("model_colour", [False, True], ids=["colour-into-gray-model", "gray-into-colour-model"])
+def test_frames_with_other_channels_than_the_model_are_warned_once_and_counted(
+    model_colour, tmp_path, template_bundle, calibrated, mosquitto, subscriber, caplog
+):
+    caplog.set_level("WARNING")
+    bundle, thresholds = template_bundle, calibrated
+    if model_colour:
+        bundle = make_template_bundle(tmp_path / "colour-bundle", size=64, color=True)
+        thresholds = tmp_path / "colour-thresholds.yaml"
+        save_thresholds(thresholds, Thresholds(1e6, 1e6, 4, bundle.sha256, strategy="manual", bundle_name=bundle.name))
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for i, part in enumerate(parts("gggg")):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), part.image if model_colour else colour(part.image))
+    config = load_config(write_config(tmp_path, bundle, thresholds, mosquitto.port, {"kind": "folder", "path": str(folder)}))
+    app = App(config, notifier=quiet_notifier())
+    assert app.run() == 0
+    assert app.frames_scored == 4 and app.frames_channel_mismatch == 4  # scored all the same
+    warned = [r.getMessage() for r in caplog.records if "channel" in r.getMessage()]
+    expected = "gray frames into a colour model" if model_colour else "colour frames into a gray model"
+    assert len(warned) == 1 and expected in warned[0], warned
+    assert subscriber.wait(lambda s: any(p["frames_channel_mismatch"] == 4 for p in s.payloads("status")))
+
+
+def test_systemctl_status_line_names_what_is_wrong():
+    ok = {"camera_state": "streaming", "spool_depth": 0, "camera_error": None, "events_unspooled": 0}
+    assert status_line("running", 9.96, 10, 1, ok, {"connect_error": None}) == (
+        "running: 10.0 fps, 10 scored, 1 defects, camera streaming, spool 0")
+    bad = dict(ok, camera_state="reconnecting", camera_error="/dev/video0: does not exist", events_unspooled=3)
+    line = status_line("degraded", 0.0, 10, 1, bad, {"connect_error": "tls-unknown-ca"})
+    assert line.endswith("; camera: /dev/video0: does not exist; mqtt: tls-unknown-ca; 3 event(s) not on disk "
+                         "(spool not writable)")

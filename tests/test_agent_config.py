@@ -110,6 +110,11 @@ BAD = [
      "camera.source.path: got '{dir}/none' (not a directory), expected a folder of images"),
     ("password file missing", edit(lambda d: d["mqtt"].update(username="u", password_file="secret")),
      "mqtt.password_file: got '{dir}/secret' (not a file), expected a readable file"),
+    ("metrics on the network without opt-in", edit(lambda d: d.update(metrics={"prometheus_port": 9100, "bind": "0.0.0.0"})),
+     "metrics.bind: got '0.0.0.0', expected a loopback address (127.0.0.1, ::1 or localhost); set metrics.allow_remote: "
+     "true to serve /metrics on the network, with metrics.token_file to require a token"),
+    ("metrics token file missing", edit(lambda d: d.update(metrics={"prometheus_port": 9100, "token_file": "token"})),
+     "metrics.token_file: got '{dir}/token' (not a file), expected a file holding the bearer token"),
     ("environment variable unset", edit(lambda d: d["mqtt"].update(station="${DAAD_TEST_UNSET_VAR}")),
      "mqtt.station: got '${DAAD_TEST_UNSET_VAR}', expected environment variable DAAD_TEST_UNSET_VAR to be set"),
     ("top level not a mapping", ["camera"],
@@ -212,3 +217,14 @@ def test_model_fields_all_have_descriptions():
                 walk(sub)
 
     walk(AgentConfig)
+
+
+@pytest.mark.parametrize("metrics", [
+    {"prometheus_port": 9100, "bind": "::1"},  # loopback needs no opt-in
+    {"prometheus_port": 9100, "bind": "localhost"},
+    {"prometheus_port": 9100, "bind": "0.0.0.0", "allow_remote": True},  # the explicit opt-in
+    {"bind": "0.0.0.0"},  # metrics off: the address is not used
+])
+def test_metrics_bind_accepted(files, metrics):
+    config = load_config(write(files, edit(lambda d: d.update(metrics=metrics))))
+    assert config.metrics.bind == metrics["bind"]

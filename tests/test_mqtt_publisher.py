@@ -37,6 +37,8 @@ from agent.payloads import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE
 from agent.spool import Spool
 from engine.errors import ConfigError
 from tests.mqtt_broker import MosquittoBroker, broker_store
+from tests.full_disk import TinyDisk
+from tests.tls_pki import OPENSSL, Pki, make_pki
 
 STATION = "st1"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -498,14 +500,18 @@ def test_refused_connection_is_not_connected_and_password_file_works(
     sampler.start()
     anonymous.start()
     anonymous.publish_event(*event(0))
-    refusals = lambda: sum("refused the connection" in r.getMessage() for r in caplog.records)  # noqa: E731
-    assert wait_for(lambda: refusals() >= 3)  # paho keeps retrying; each try is refused
+    refusals = lambda: [r for r in caplog.records if "refused the connection" in r.getMessage()]  # noqa: E731
+    assert wait_for(lambda: len(refusals()) >= 3)  # paho keeps retrying; each try is refused
     sampling.set()
     sampler.join()
     assert not seen_connected and not anonymous.connected
     stats = anonymous.stats()
     assert stats["connected"] is False and stats["published"] == 0 and stats["reconnects"] == 0
     assert stats["spool_depth"] == 1
+    # named once at WARNING (the key to fix included), then only at DEBUG while the reason stays
+    assert [r.levelname for r in refusals()][:3] == ["WARNING", "DEBUG", "DEBUG"]
+    assert "does not accept anonymous clients; set mqtt.username" in refusals()[0].getMessage()
+    assert stats["connect_error"] == "auth-not-authorised" and stats["connect_failures"] >= 3
 
     pw_file = tmp_path / "mqtt-password"
     pw_file.write_text(secret + "\n")
@@ -515,3 +521,217 @@ def test_refused_connection_is_not_connected_and_password_file_works(
     assert authed.flush(WAIT_S)
     assert authed.connected
     assert secret not in caplog.text
+
+
+# -- connection failures named with their reason ----------------------------------------------------
+def connect_warnings(caplog: pytest.LogCaptureFixture) -> List[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "agent.mqtt" and "cannot connect" in r.getMessage()]
+
+
+def paho_errors(caplog: pytest.LogCaptureFixture) -> List[str]:
+    return [r.getMessage() for r in caplog.records if r.name.endswith(".paho") and r.levelno >= logging.ERROR]
+
+
+@pytest.fixture(scope="module")
+def pki() -> Iterator[Pki]:
+    if OPENSSL is None:
+        pytest.skip("openssl CLI not installed")
+    store = broker_store()  # mosquitto's own user must read the broker's key and certificates
+    try:
+        yield make_pki(store / "pki")
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "case, reason, words",
+    [
+        ("unknown-ca", "tls-unknown-ca", "not signed by a CA in mqtt.tls.ca_file"),  # agent trusts another CA
+        ("wrong-host", "tls-host-name", "not valid for '127.0.0.1'"),  # certificate names another host
+        ("expired", "tls-expired", "has expired"),
+        ("no-client-cert", "tls-client-cert-required", "set mqtt.tls.cert_file and mqtt.tls.key_file"),
+        ("foreign-client-cert", "tls-client-cert-refused", "the broker refused this device's certificate"),
+    ],
+)
+def test_tls_failures_are_named_once_per_reason(
+    case: str, reason: str, words: str, pki: Pki, tmp_path: Path, stack: contextlib.ExitStack,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    cert = {"wrong-host": pki.wrong_host_cert, "expired": pki.expired_cert}.get(case, pki.server_cert)
+    broker = MosquittoBroker(tmp_path / "broker").tls(cert, pki.server_key, pki.ca,
+                                                      require_certificate=case.endswith("client-cert"))
+    stack.callback(broker.stop)
+    broker.start()
+    tls = TlsSettings(ca_file=pki.other_ca if case == "unknown-ca" else pki.ca)
+    if case == "foreign-client-cert":  # signed by a CA the broker does not trust
+        tls = TlsSettings(ca_file=pki.ca, cert_file=pki.foreign_client_cert, key_file=pki.client_key)
+    spool = open_spool(stack, tmp_path / "spool.db")
+    pub = started_publisher(stack, make_settings(broker, tls=tls), spool)
+    pub.publish_event(*event(0))
+    # TLS 1.3 may show a refused client certificate as an EOF now and then: a second reason, warned once too
+    of_reason = lambda: [r for r in connect_warnings(caplog) if r.reason == reason]  # noqa: E731
+    assert wait_for(lambda: len(of_reason()) >= 3), [r.getMessage() for r in connect_warnings(caplog)]
+    assert [r.levelname for r in of_reason()][:3] == ["WARNING", "DEBUG", "DEBUG"]
+    assert words in of_reason()[0].getMessage()
+    warned = [r.reason for r in connect_warnings(caplog) if r.levelname == "WARNING"]
+    assert len(warned) == len(set(warned)) and set(warned) <= {reason, "tls-closed"}, warned
+    stats = pub.stats()
+    assert stats["last_connect_error"] in (reason, "tls-closed") and stats["connect_failures"] >= 3
+    assert not pub.connected and stats["spool_depth"] == 1
+    assert not paho_errors(caplog), "paho's raw errors reached the log"
+
+
+def test_tls_with_client_certificate_delivers_and_clears_the_reason(
+    pki: Pki, tmp_path: Path, stack: contextlib.ExitStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    broker = MosquittoBroker(tmp_path / "broker").tls(pki.server_cert, pki.server_key, pki.ca, require_certificate=True)
+    stack.callback(broker.stop)
+    port = broker.port
+    spool = open_spool(stack, tmp_path / "spool.db")
+    tls = TlsSettings(ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key)
+    pub = started_publisher(stack, make_settings(broker, tls=tls), spool)
+    pub.publish_event(*event(0))
+    assert wait_for(lambda: pub.stats()["connect_error"] == "refused")  # the broker is not up yet
+    broker.start()
+    assert pub.flush(WAIT_S) and pub.connected
+    stats = pub.stats()
+    assert stats["connect_error"] is None and stats["last_connect_error"] == "refused"
+    assert "the connection works again (after refused" in caplog.text and broker.port == port
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd not installed")
+def test_wrong_password_is_named_after_the_outage_that_came_first(
+    mosquitto: MosquittoBroker, tmp_path: Path, stack: contextlib.ExitStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    passwd = broker_scratch(stack) / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "agent", "right"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.chmod(passwd, 0o644)
+    mosquitto.stop()
+    mosquitto.password_file(passwd)
+    pw_file = tmp_path / "pw"
+    pw_file.write_text("wrong\n")
+    pub = started_publisher(stack, make_settings(mosquitto, username="agent", password_file=pw_file),
+                            open_spool(stack, tmp_path / "spool.db"))
+    assert wait_for(lambda: pub.stats()["connect_failures"] >= 2)  # broker down: one reason
+    stack.callback(mosquitto.stop)
+    mosquitto.start()
+    assert wait_for(lambda: pub.stats()["connect_error"] == "auth-not-authorised")
+    assert wait_for(lambda: len([r for r in connect_warnings(caplog) if r.reason == "auth-not-authorised"]) >= 3)
+    warned = [(r.reason, r.getMessage()) for r in connect_warnings(caplog) if r.levelno == logging.WARNING]
+    assert [reason for reason, _ in warned] == ["refused", "auth-not-authorised"]  # once per change of reason
+    assert "for user 'agent': wrong password" in warned[1][1] and "mqtt.password_file" in warned[1][1]
+    assert "wrong" not in warned[1][1].replace("wrong password", "")  # the secret itself is never logged
+
+
+# -- a full disk ------------------------------------------------------------------------------------
+@pytest.fixture()
+def tiny_disk(tmp_path: Path) -> Iterator[TinyDisk]:
+    disk = TinyDisk(tmp_path / "disk", size_kb=512)
+    why = disk.mount()
+    if why is not None:
+        pytest.skip(why)
+    try:
+        yield disk
+    finally:
+        disk.umount()
+
+
+def memory_errors(caplog: pytest.LogCaptureFixture) -> List[str]:
+    return [r.getMessage() for r in caplog.records if "kept in memory" in r.getMessage()]
+
+
+def test_disk_full_events_wait_in_memory_and_reach_the_spool_when_space_returns(
+    mosquitto: MosquittoBroker, tiny_disk: TinyDisk, stack: contextlib.ExitStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    enable_persistence(mosquitto, stack)
+    sub = subscriber(stack, mosquitto.port, persistent=True)
+    mosquitto.stop()  # nothing can leave: each event is on the disk or in memory
+    path = tiny_disk.path / "spool.db"
+    spool = Spool(path)
+    pub = EventPublisher(make_settings(mosquitto), spool)
+    pub.start()
+    for n in range(3):
+        pub.publish_event(*event(n))
+    tiny_disk.fill()
+    for n in range(3, 10):
+        pub.publish_event(*event(n))
+    time.sleep(0.7)  # the pump retries the disk meanwhile
+    stats = pub.stats()
+    assert (stats["spool_errors"], stats["unspooled"], spool.depth()) == (7, 7, 3)
+    assert len(memory_errors(caplog)) == 1  # said once, not per event
+    tiny_disk.free()
+    assert wait_for(lambda: pub.stats()["unspooled"] == 0)
+    assert spool.depth() == 10 and "moved from memory" in caplog.text
+    pub.stop(0.5)  # a restart now loses nothing
+    spool.close()
+
+    again = open_spool(stack, path)
+    assert [e.event_id for e in again.peek(20)] == [event(n)[0] for n in range(10)]  # in order
+    pub2 = started_publisher(stack, make_settings(mosquitto), again)
+    mosquitto.start()
+    assert pub2.flush(WAIT_S)
+    assert wait_for(lambda: len(sub.event_ids()) >= 10)
+    assert sub.event_ids() == [event(n)[0] for n in range(10)]
+
+
+def test_disk_full_with_the_broker_up_delivers_from_memory(
+    mosquitto: MosquittoBroker, tiny_disk: TinyDisk, stack: contextlib.ExitStack
+) -> None:
+    sub = subscriber(stack, mosquitto.port)
+    spool = open_spool(stack, tiny_disk.path / "spool.db")
+    pub = started_publisher(stack, make_settings(mosquitto), spool)
+    assert wait_for(lambda: pub.connected)
+    tiny_disk.fill()
+    for n in range(30):
+        pub.publish_event(*event(n))
+    assert pub.flush(WAIT_S)  # acknowledged: nothing left to write once space returns
+    assert wait_for(lambda: len(sub.event_ids()) >= 30)
+    assert sub.event_ids() == [event(n)[0] for n in range(30)]
+    stats = pub.stats()
+    assert stats["spool_errors"] == 30 and stats["unspooled"] == 0 and spool.depth() == 0
+
+
+def test_a_stop_while_the_disk_is_full_names_the_events_it_loses(
+    mosquitto: MosquittoBroker, tiny_disk: TinyDisk, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mosquitto.stop()
+    path = tiny_disk.path / "spool.db"
+    spool = Spool(path)
+    pub = EventPublisher(make_settings(mosquitto), spool)
+    pub.start()
+    pub.publish_event(*event(0))
+    tiny_disk.fill()
+    for n in range(1, 5):
+        pub.publish_event(*event(n))
+    pub.stop(0.5)
+    spool.close()
+    lost = [r.getMessage() for r in caplog.records if "are lost with this stop" in r.getMessage()]
+    assert len(lost) == 1 and lost[0].startswith("MQTT: 4 event(s)") and event(4)[0] in lost[0]
+    tiny_disk.free()
+    with Spool(path) as after:
+        assert [e.event_id for e in after.peek(10)] == [event(0)[0]]
+
+
+def test_events_held_in_memory_are_bounded_like_the_spool(
+    mosquitto: MosquittoBroker, tiny_disk: TinyDisk, caplog: pytest.LogCaptureFixture
+) -> None:
+    mosquitto.stop()
+    spool = Spool(tiny_disk.path / "spool.db", max_events=3)
+    pub = EventPublisher(make_settings(mosquitto), spool)
+    pub.start()
+    try:
+        tiny_disk.fill()
+        for n in range(6):
+            pub.publish_event(*event(n))
+        stats = pub.stats()
+        assert (stats["unspooled"], stats["unspooled_dropped"]) == (3, 3)
+        dropped = [r.getMessage() for r in caplog.records if "dropped the oldest" in r.getMessage()]
+        assert len(dropped) == 1 and event(0)[0] in dropped[0]  # said once, not per drop
+    finally:
+        pub.stop(0.5)
+        spool.close()

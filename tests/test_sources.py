@@ -323,7 +323,9 @@ def test_failed_opens_back_off_exponentially_up_to_the_max():
     gaps = np.diff(camera.open_times[:5])
     assert frame is not None and camera.opens == 1
     assert gaps[0] >= 0.045 and gaps[1] >= 0.095 and gaps[2] >= 0.19 and gaps[3] < 0.4  # 0.05, 0.1, 0.2, 0.2
-    assert capture.state == cap.STREAMING and states == [cap.STREAMING]  # "connecting" until the first open
+    # a failed first open is "reconnecting" with its cause, not a silent "connecting" (issue 36)
+    assert capture.state == cap.STREAMING and states == [cap.RECONNECTING, cap.STREAMING]
+    assert capture.open_failures == 4 and capture.last_error is None  # the cause is cleared by a frame
 
 
 def test_setup_error_is_state_error_and_stop_is_prompt():
@@ -368,3 +370,13 @@ def test_blocked_read_is_unblocked_by_the_stall_watchdog():
         time.sleep(0.02)
     capture.stop()
     assert camera.opens >= 2 and capture.stalls >= 1 and not capture.wedged()
+
+
+def test_v4l2_failure_cause_names_the_device_and_the_fix(tmp_path):
+    from agent.sources import v4l2_failure_cause
+
+    assert v4l2_failure_cause(str(tmp_path / "video9")).startswith("does not exist (camera unplugged")
+    plain = tmp_path / "video0"
+    plain.write_text("")
+    assert "is not a device file" in v4l2_failure_cause(str(plain))
+    assert "busy in another process" in v4l2_failure_cause("/dev/null")  # a character device that is no camera

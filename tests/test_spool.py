@@ -212,3 +212,44 @@ def test_use_after_close_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SpoolError, match="after close"):
         spool.peek(1)
     assert os.path.exists(tmp_path / "spool.db")
+
+
+# -- the disk reserve, on a real full file system ----------------------------------------------------
+@pytest.fixture()
+def tiny_disk(tmp_path: Path):
+    from tests.full_disk import TinyDisk
+
+    disk = TinyDisk(tmp_path / "disk", size_kb=4096)
+    why = disk.mount()
+    if why is not None:
+        pytest.skip(why)
+    yield disk
+    disk.umount()
+
+
+def test_a_full_disk_releases_the_reserve_and_events_stay_durable(tiny_disk, caplog) -> None:
+    path = tiny_disk.path / "spool.db"
+    reserve = 1_000_000
+    with Spool(path, reserve_bytes=reserve) as spool:
+        assert spool.has_reserve() and spool.reserve_path.stat().st_size == reserve
+        spool.put("before", TOPIC, b"x" * 500)
+        tiny_disk.fill()
+        for i in range(50):  # on disk, in the room the reserve held
+            spool.put(f"full{i}", TOPIC, b"y" * 500)
+        assert not spool.has_reserve() and spool.reserve_released == 1
+        assert len([r for r in caplog.records if "released the 1.0 MB reserve" in r.getMessage()]) == 1
+        assert not spool.restore_reserve(force=True)  # no room for it yet
+        tiny_disk.free()
+        assert spool.restore_reserve(force=True) and spool.has_reserve()
+    with Spool(path, reserve_bytes=reserve) as again:  # a restart finds every event
+        assert ids(again) == ["before"] + [f"full{i}" for i in range(50)]
+    with Spool(path, reserve_bytes=0) as off:  # turned off: the space is given back
+        assert not off.reserve_path.exists() and off.depth() == 51
+
+
+def test_without_a_reserve_a_full_disk_is_a_spool_error(tiny_disk) -> None:
+    with Spool(tiny_disk.path / "spool.db") as spool:
+        tiny_disk.fill()
+        with pytest.raises(SpoolError, match="disk is full"):
+            for i in range(200):
+                spool.put(f"e{i}", TOPIC, b"z" * 500)
