@@ -117,6 +117,7 @@ def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
     parser.add_argument("--split", default="test", choices=("val", "test"))
     parser.add_argument("--peer-budgets", nargs="*", type=float, default=[1.0, 0.1],
                         help="PatchCore coreset fractions (1 = every patch)")
+    parser.add_argument("--no-product", action="store_true", help="the peers only (e.g. a slow budget on its own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -128,7 +129,7 @@ def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
             channels = 3 if has_colour(train_samples(ds.root)) else 1
             work = Path(tmp) / name
             work.mkdir(parents=True)
-            runs = [lambda: run_product(ds, channels, args.split, work, args.seed)]
+            runs = [] if args.no_product else [lambda: run_product(ds, channels, args.split, work, args.seed)]
             runs += [lambda b=b: run_peer(ds, channels, args.split, work, b, args.seed) for b in args.peer_budgets]
             for run in runs:
                 row = {"dataset": name, "split": args.split, **run()}

@@ -20,7 +20,7 @@ from .backbone import COARSE_CHANNELS, FEATURE_CHANNELS, EfficientNetLite0Featur
 from .config import ModelConfig
 from .model import AnomalyOutput, MapScoring, assemble, divide, principal_components
 
-SEARCH_CHUNK = 4096  # query blocks per distance chunk in eager mode (4096 x 30 000 items x 4 B = 480 MB at most)
+SEARCH_VALUES = 1 << 26  # distances per chunk in eager mode (256 MB of float32), whatever the memory's size
 
 
 class NearestBlockMemory(nn.Module):
@@ -62,8 +62,8 @@ class NearestBlockMemory(nn.Module):
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return (self.half_sq_norms - queries @ self.items_t).argmin(dim=-1)  # MatMul, Sub, ArgMin
         with torch.no_grad():  # in chunks: (Q, N) distances of a large memory do not fit at once
-            return torch.cat([(self.half_sq_norms - q @ self.items_t).argmin(dim=-1)
-                              for q in queries.split(SEARCH_CHUNK)])
+            chunk = max(1, SEARCH_VALUES // max(1, self.n_items))
+            return torch.cat([(self.half_sq_norms - q @ self.items_t).argmin(dim=-1) for q in queries.split(chunk)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         queries = self.blocks(x)
