@@ -2,6 +2,7 @@
 
     daad-agent --config /etc/daad-inspect/agent.yaml              run until SIGTERM (or the source ends)
     daad-agent --config agent.yaml --check-config                 validate config, bundle, thresholds; exit
+    daad-agent --config agent.yaml --check-broker                 ... and connect to the broker once
     daad-agent --config agent.yaml --max-frames 100 --log-json    score 100 frames, JSON log lines
 
 Exit status: 0 after a clean stop (SIGTERM/SIGINT, end of a file source, --max-frames);
@@ -25,6 +26,10 @@ from engine.errors import (BackendError, BundleError, ConfigError, DaadError, En
 from engine.messages import error
 
 logger = logging.getLogger(__name__)
+
+
+class BrokerError(DaadError):
+    """--check-broker: the broker refused the connection or could not be reached (exit 1: it may come back)."""
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # systemd restarts (Restart=on-failure)
@@ -83,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a start short of camera and broker: validate the config, load the bundle (manifest, graph "
                              "against bundle.yaml), the thresholds (made for this bundle) and the backend, score one "
                              "blank frame, then exit (0 OK, 78 refused)")
+    parser.add_argument("--check-broker", action="store_true",
+                        help="--check-config, and connect to the broker once (TLS, credentials) and say why "
+                        "it refuses, if it does")
     parser.add_argument("--log-json", action="store_true", help="JSON log lines (overrides logging.json)")
     parser.add_argument("--max-frames", type=_positive_int, metavar="N", help="exit 0 after scoring N frames")
     return parser
@@ -105,6 +113,17 @@ def check_config(config: Any, config_file: Optional[str] = None) -> List[str]:
     return preflight(config, config_file)
 
 
+def check_broker(config: Any) -> str:
+    """One connection to the broker as the agent makes it; BrokerError with the reason when refused."""
+    from .mqtt import probe_broker
+
+    s = config.mqtt
+    problem = probe_broker(s)
+    if problem is not None:
+        raise BrokerError(f"mqtt: {s.host}:{s.port}: {problem.reason}: {problem.text}")
+    return f"mqtt: {s.host}:{s.port} accepted the connection" + (" (TLS)" if s.tls is not None else "")
+
+
 def exit_code(exc: DaadError) -> int:
     return EXIT_CONFIG if isinstance(exc, FATAL_ERRORS) else EXIT_ERROR
 
@@ -117,11 +136,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         config = load_config(args.config)
         # --check-config reports on stdout; its stderr carries only warnings and the one refusal line
+        args.check_config = args.check_config or args.check_broker
         level = "WARNING" if args.check_config and config.logging.level in ("DEBUG", "INFO") else config.logging.level
         setup_logging(level, args.log_json or config.logging.json_lines)
         if args.check_config:
             for line in check_config(config, str(args.config)):
                 print(line)
+            if args.check_broker:
+                print(check_broker(config))
             print(f"{args.config}: OK")
             return EXIT_OK
         from .app import App

@@ -203,6 +203,48 @@ def _configure_tls(client: mqtt.Client, tls: TlsSettings) -> None:
         client.tls_insecure_set(True)
 
 
+def make_client(settings: MqttSettings, client_id: Optional[str] = None) -> mqtt.Client:
+    """A paho client with the settings' identity, credentials and TLS (ConfigError for unreadable ones)."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or settings.client_id,
+                         protocol=mqtt.MQTTv311)
+    client.enable_logger(_PAHO_LOGGER)
+    password = resolve_password(settings)
+    if settings.username is not None:
+        client.username_pw_set(settings.username, password)
+    if settings.tls is not None:
+        _configure_tls(client, settings.tls)
+    return client
+
+
+def probe_broker(settings: MqttSettings, timeout_s: float = 10.0) -> Optional[ConnectProblem]:
+    """Connect once, as the agent would (TLS, credentials), and disconnect: None when the broker accepted us,
+    else why not. Uses its own client id (`<client_id>-check`) so a running agent is not kicked off."""
+    client = make_client(settings, client_id=f"{settings.client_id}-check")
+    answer: List[Optional[ConnectProblem]] = []
+    socket_error: List[str] = []
+
+    def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        answer.append(from_connack(reason_code, settings) if reason_code.is_failure else None)
+
+    def on_log(c: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR and buf.startswith(SOCKET_ERROR_PREFIX):
+            socket_error.append(buf[len(SOCKET_ERROR_PREFIX):])
+
+    client.on_connect, client.on_log = on_connect, on_log
+    try:
+        client.connect(settings.host, settings.port, keepalive=settings.keepalive_s)
+    except (OSError, ssl.SSLError) as exc:
+        return from_exception(exc, settings)
+    deadline = time.monotonic() + timeout_s
+    while not answer and time.monotonic() < deadline:
+        if client.loop(timeout=0.2) != mqtt.MQTT_ERR_SUCCESS and not answer:
+            return from_socket_error(socket_error[-1] if socket_error else None, settings)
+    client.disconnect()
+    if not answer:
+        return ConnectProblem("timeout", f"no CONNACK from {settings.host}:{settings.port} within {timeout_s:g} s")
+    return answer[0]
+
+
 class _DemoteBenignPahoErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR and str(record.msg).startswith(PAHO_BENIGN_ERRORS + PAHO_REPORTED_BY_US):
@@ -275,13 +317,7 @@ class EventPublisher:
 
     def _make_client(self) -> mqtt.Client:
         s = self.settings
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=mqtt.MQTTv311)
-        client.enable_logger(_PAHO_LOGGER)
-        password = resolve_password(s)
-        if s.username is not None:
-            client.username_pw_set(s.username, password)
-        if s.tls is not None:
-            _configure_tls(client, s.tls)
+        client = make_client(s)
         client.will_set(self.topics.availability, AVAILABILITY_OFFLINE, qos=QOS, retain=True)
         client.reconnect_delay_set(min_delay=s.reconnect_min_s, max_delay=s.reconnect_max_s)  # type: ignore[arg-type]
         # Unlimited in paho: MAX_IN_FLIGHT bounds our events, and paho's "queued" state would only

@@ -576,6 +576,23 @@ def test_check_config_ok_and_usage_errors(tmp_path, template_bundle, calibrated,
     assert info.value.code == 2
 
 
+def test_check_broker_connects_once_and_names_why_a_broker_refuses(tmp_path, template_bundle, calibrated, mosquitto,
+                                                                   capsys, restore_logging):
+    folder = write_folder(tmp_path / "incoming", parts("g"))
+    source = {"kind": "folder", "path": str(folder)}
+    config = write_config(tmp_path, template_bundle, calibrated, mosquitto.port, source)
+    assert main(["--config", str(config), "--check-broker"]) == 0  # implies --check-config
+    out = capsys.readouterr().out
+    assert f"mqtt: 127.0.0.1:{mosquitto.port} accepted the connection" in out and out.strip().endswith("OK")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    config = write_config(tmp_path, template_bundle, calibrated, closed, source)
+    assert main(["--config", str(config), "--check-broker"]) == 1  # the broker may come back: not a config error
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"daad-agent: error: mqtt: 127.0.0.1:{closed}: refused: "), err
+
+
 def test_sighup_with_a_bad_file_keeps_the_old_thresholds(tmp_path, template_bundle, calibrated, mosquitto, subscriber):
     folder = tmp_path / "incoming"
     folder.mkdir()
