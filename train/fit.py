@@ -207,7 +207,9 @@ def training_blocks(model_cfg: ModelConfig, n_images: int) -> int:
 
 def stores_training_blocks(model_cfg: ModelConfig) -> bool:
     """Whether the model keeps training blocks verbatim (a data-drawn full-resolution memory, or the feature memory)."""
-    return not model_cfg.generator or model_cfg.memory and model_cfg.memory_init == "data" and model_cfg.full_skip_block[0] >= 1
+    if not model_cfg.generator:
+        return True
+    return model_cfg.memory and model_cfg.memory_init == "data" and model_cfg.full_skip_block[0] >= 1
 
 
 def statistics_split(model_cfg: ModelConfig, samples: List[Sample], held: List[Sample],
