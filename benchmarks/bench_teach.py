@@ -20,7 +20,7 @@ Then:
 Prints a table and writes JSON under benchmarks/results/.
 
     python benchmarks/bench_teach.py --dataset /work/shared/datasets/magnetic_tile \\
-        --groups benchmarks/groups/magnetic_tile.csv --new-exposure 6
+        --groups benchmarks/groups/magnetic_tile.csv --new-exposure 6 [--new-gain 0.8]
 """
 from __future__ import annotations
 
@@ -75,6 +75,18 @@ def training_copy(dataset: Path, training: Sequence[Any], exposure: str, work: P
             if exp[rel] != exposure:
                 shutil.copy2(s.image, root / "train" / "good" / Path(rel).name)
     return root
+
+
+def with_gain(path: Path, gain: float, folder: Path) -> Path:
+    """A copy of the image with its pixels times `gain` (clipped), as a lamp that ages or is replaced would do."""
+    import cv2
+
+    out = folder / f"{Path(path).parent.name}-{Path(path).name}"
+    if not out.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype(np.float32)
+        cv2.imwrite(str(out), np.clip(image * gain, 0, 255).astype(np.uint8))
+    return out
 
 
 def score_files(bundle_dir: Path, files: Sequence[Path]) -> np.ndarray:
@@ -164,6 +176,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "NEW-TEACH": [s for s in train_samples(args.dataset) if exp[rel(s)] == new_exp and full.group(s) not in held],
     }
     files = {k: [s.image for s in v] for k, v in parts.items()}
+    if args.new_gain != 1.0:  # the new lamp is also dimmer or brighter: the new frames' pixels times the gain
+        for k in ("NEW-EVAL", "NEW-TEACH"):
+            files[k] = [with_gain(f, args.new_gain, work / f"gain{args.new_gain:g}" / k) for f in files[k]]
     defect_files = [s.image for s in defects]
     scores = {k: score_files(bundle, v) for k, v in files.items()}
     defect_scores = score_files(bundle, defect_files)
@@ -171,7 +186,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     rng = np.random.default_rng(SEED)
     new_all = np.concatenate([scores["NEW-TEACH"], scores["NEW-EVAL"]])
     out: Dict[str, Any] = {
-        "dataset": str(args.dataset), "groups_file": str(args.groups), "new_exposure": new_exp,
+        "dataset": str(args.dataset), "groups_file": str(args.groups), "new_exposure": new_exp, "new_gain": args.new_gain,
         "false_alarm_rate": args.false_alarm_rate, "fit_and_export_s": fit_s, "threshold": threshold,
         "images": {**{k: len(v) for k, v in files.items()}, "defects": len(defect_files)},
         "groups": {k: len({full.group(s) for s in v}) for k, v in parts.items()},
@@ -220,13 +235,15 @@ def main() -> int:
     ap.add_argument("--groups", type=Path, default=REPO / "benchmarks" / "groups" / "magnetic_tile.csv")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_teach"), help="fit, bundles, taught frames")
     ap.add_argument("--new-exposure", type=int, default=6, help="the exposure (1-6) that plays the new lamp")
+    ap.add_argument("--new-gain", type=float, default=1.0,
+                    help="pixels of the new exposure's frames times this (e.g. 0.8: the new lamp is 20%% dimmer)")
     ap.add_argument("--false-alarm-rate", type=float, default=0.05)
     ap.add_argument("--unchanged", type=int, default=200_000)
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
     res = run(args)
-    print(f"{res['dataset']}, new exposure {res['new_exposure']}: groups {res['groups']}, images {res['images']}; "
+    print(f"{res['dataset']}, new exposure {res['new_exposure']} x gain {res['new_gain']:g}: groups {res['groups']}, images {res['images']}; "
           f"threshold {res['threshold']:.5g} for {res['false_alarm_rate']:.0%} on CAL")
     fc, fn = res["false_alarms_cal"], res["false_alarms_new"]
     print(f"false alarms at it: CAL {fc['flagged']}/{fc['n']}, NEW {fn['flagged']}/{fn['n']} "
