@@ -150,3 +150,21 @@ def test_cli_teach_prints_the_change_and_refuses_bad_inputs_in_one_line(parent: 
         assert err.startswith("daad-calibrate: error: ") and words in err and "\n" not in err, err
         assert "Traceback" not in err
     assert not (tmp_path / "b3").exists() and not (tmp_path / "b4").exists()
+
+
+def test_the_agent_runs_the_taught_bundle_with_its_own_thresholds(taught: Path, dataset: Path, tmp_path: Path,
+                                                                  mosquitto) -> None:
+    from agent.app import App
+    from agent.config import load_config
+    from tests.test_agent_app import quiet_notifier, write_config
+
+    bundle = load_bundle(taught)
+    thresholds = save_thresholds(tmp_path / "thresholds.yaml",
+                                 Thresholds(1e6, 1e6, 4, bundle.sha256, strategy="manual", bundle_name=bundle.name))
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for f in list_images(dataset / "test" / "good")[:3]:
+        shutil.copy2(f, folder / f.name)
+    config = load_config(write_config(tmp_path, bundle, thresholds, mosquitto.port, {"kind": "folder", "path": str(folder)}))
+    app = App(config, notifier=quiet_notifier())
+    assert app.run() == 0 and app.frames_scored == 3 and app.defects == 0
