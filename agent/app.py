@@ -26,6 +26,7 @@ from engine.errors import ConfigError, ImageError
 from . import capture as cap
 from .capture import Capture
 from .config import AgentConfig, is_loopback
+from .drift import DRIFT_OFF, DRIFT_RECALIBRATE, DRIFT_WARNING, DriftMonitor, DriftReference, reference_from_dict
 from .frames_store import FramesStore, encode_crop
 from .metrics_http import MetricsServer, read_token
 from .payloads import (
@@ -35,6 +36,7 @@ from .payloads import (
     STATE_STARTING,
     STATE_STOPPING,
     defect_event,
+    drift_payload,
     make_event_id,
     new_boot_id,
     status_payload,
@@ -101,6 +103,11 @@ class App:
         self.frames_failed = 0
         self.frames_channel_mismatch = 0  # scored, but with other channels than the model was trained on
         self._mismatch_warned: Set[str] = set()
+        self.drift: Optional[DriftMonitor] = None  # made by init_thresholds
+        self.drift_changes = 0  # state changes published on the drift topic
+        self.drift_alarms = 0  # entries into recalibrate
+        self.drift_warnings = 0  # entries into warning
+        self._drift_published = DRIFT_OFF  # the state last published on the drift topic
         self.ready = False
         self.state = STATE_STARTING
         self._latencies: Deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -139,6 +146,27 @@ class App:
             thresholds.image_threshold, thresholds.pixel_threshold, thresholds.min_defect_area,
             thresholds.strategy, cfg.path,
         )
+        d = self.config.drift
+        self.drift = DriftMonitor(d.window, d.interval, d.alarm_per_frames, d.warning_per_frames,
+                                  self._drift_reference(thresholds))
+
+    def _drift_reference(self, thresholds: Thresholds) -> Optional[DriftReference]:
+        """The reference of these thresholds, or None (drift off), said once per thresholds file loaded."""
+        d = self.config.drift
+        path = self.config.thresholds.path
+        if not d.enabled:
+            logger.info("drift: monitoring off (drift.enabled is false in the config)")
+            return None
+        if thresholds.drift_reference is None:
+            logger.warning("drift: monitoring off: %s has no field `drift_reference` (written before drift "
+                           "monitoring); recalibrate with `daad-calibrate fit` to turn it on", path)
+            return None
+        ref = reference_from_dict(thresholds.drift_reference)
+        logger.info("drift: monitoring on: window %d good frames, a test every %d; reference: %d of %d calibration "
+                    "frames above %.6g (p%g); spurious alarms <= 1 per %d frames, warnings <= 1 per %d",
+                    d.window, d.interval, ref.above, ref.n_frames, ref.score, ref.level * 100, d.alarm_per_frames,
+                    d.warning_per_frames)
+        return ref
 
     def init_backend(self) -> None:
         if self.backend is None:
@@ -209,6 +237,7 @@ class App:
         self.publisher.start()
         self._started.append("publisher")
         self.publish_status()
+        self._publish_drift(initial=True)  # replaces a retained state left by an earlier run or bundle
 
     def start_metrics(self) -> None:
         if self.metrics is not None:
@@ -300,6 +329,8 @@ class App:
         result = judge(scored, thresholds, size)
         if result.defective:
             self._publish_defect(frame, result, thresholds, size)
+        elif self.drift.add(result.score):
+            self._publish_drift()
         self.frames_scored += 1
         self._fps_count += 1
         with self._latency_lock:
@@ -362,10 +393,43 @@ class App:
             extra={"event_id": event_id, "seq": frame.seq, "score": result.score, "source_id": frame.source_id},
         )
 
+    def _publish_drift(self, previous: Optional[str] = None, initial: bool = False) -> None:
+        """The drift state changed (or the agent started): retained message, log line, counters."""
+        figures = self.drift.figures()
+        previous = previous or self._drift_published
+        self._drift_published = figures.state
+        if not initial:
+            self.drift_changes += 1
+            if figures.state == DRIFT_RECALIBRATE:
+                self.drift_alarms += 1
+            elif figures.state == DRIFT_WARNING:
+                self.drift_warnings += 1
+        self._status_due = True
+        payload = drift_payload(station=self.config.mqtt.station, timestamp=self.clock.now(), previous_state=previous,
+                                figures=figures.to_dict(), bundle_name=self.bundle.name,
+                                bundle_sha256=self.bundle.sha256)
+        self.publisher.publish_drift(payload)
+        p = "-" if figures.p_value is None else f"{figures.p_value:.3g}"
+        share = "-" if figures.share_above is None else f"{figures.share_above:.1%}"
+        expected = "-" if figures.expected_share is None else f"{figures.expected_share:.1%}"
+        log = logger.warning if figures.state in (DRIFT_WARNING, DRIFT_RECALIBRATE) else logger.info
+        log("drift: %s -> %s: %d of the last %d good frames above the calibration's p%g (%s, expected %s), "
+            "p-value %s (recalibrate at <= %.3g, warning at <= %.3g)%s",
+            previous, figures.state, figures.above, figures.window,
+            (figures.reference_level or 0) * 100, share, expected, p, figures.alarm_level, figures.warning_level,
+            "; good parts score higher than at calibration: check the lamp, lens and parts, then recalibrate "
+            "(`daad-calibrate capture` + `fit`), teach (`daad-calibrate teach`) or retrain"
+            if figures.state == DRIFT_RECALIBRATE else "")
+
     # -- periodic work, from the loop ------------------------------------------------------------
     def _tick(self) -> None:
-        if self.watch.poll() is not None:
+        reloaded = self.watch.poll()
+        if reloaded is not None:
             self._status_due = True
+            previous = self.drift.state
+            self.drift.reset(self._drift_reference(reloaded))  # new thresholds: a new reference, an empty window
+            if self.drift.state != previous:
+                self._publish_drift(previous)
         now = self.clock.monotonic()
         if self._status_due or now >= self._next_status:
             self._status_due = False
@@ -427,6 +491,7 @@ class App:
             mqtt_connect_failures=int(stats.get("connect_failures", 0)),
             events_unspooled=int(stats.get("unspooled", 0)),
             spool_write_failures=int(stats.get("spool_errors", 0)),
+            drift=None if self.drift is None else self.drift.figures().to_dict(),
         )
         self.publisher.publish_status(payload)
         self.notifier.status(status_line(self.state, self._fps, self.frames_scored, self.defects, payload, stats))
@@ -459,6 +524,12 @@ class App:
             "thresholds_reloads_total": self.watch.reloads if self.watch else 0,
             "thresholds_rejected_total": self.watch.rejected if self.watch else 0,
             "uptime_seconds": self.clock.monotonic() - self._started_at,
+            "drift_state": None if self.drift is None else self.drift.state,
+            "drift_p_value": None if self.drift is None else self.drift.p_value,
+            "drift_share_above": None if self.drift is None else self.drift.figures().share_above,
+            "drift_changes_total": self.drift_changes,
+            "drift_warnings_total": self.drift_warnings,
+            "drift_alarms_total": self.drift_alarms,
         }
 
     # -- stop, in reverse --------------------------------------------------------------------------

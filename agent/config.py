@@ -141,6 +141,22 @@ class MetricsConfig(_Section):
     )
 
 
+class DriftConfig(_Section):
+    """The drift alarm (agent/drift.py): good frames' scores against the calibration's."""
+
+    enabled: bool = Field(True, description="watch the good frames' scores; off also when thresholds.yaml has no drift_reference")
+    window: int = Field(500, ge=50, le=100_000, description="good frames in the window the test counts")
+    interval: int = Field(50, ge=1, le=100_000, description="test every this many good frames (at most window)")
+    alarm_per_frames: int = Field(
+        100_000, ge=1_000, le=1_000_000_000,
+        description="spurious `recalibrate` alarms are at most 1 per this many unchanged frames (Bonferroni)",
+    )
+    warning_per_frames: int = Field(
+        10_000, ge=100, le=1_000_000_000,
+        description="spurious `warning` states are at most 1 per this many unchanged frames (at most alarm_per_frames)",
+    )
+
+
 class AgentConfig(_Section):
     version: Literal[1] = Field(CONFIG_VERSION, description="config format version")
     camera: CameraConfig
@@ -151,6 +167,7 @@ class AgentConfig(_Section):
     frames: FramesConfig = Field(default_factory=FramesConfig)  # type: ignore[arg-type]
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # type: ignore[arg-type]
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)  # type: ignore[arg-type]
+    drift: DriftConfig = Field(default_factory=DriftConfig)  # type: ignore[arg-type]
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -194,6 +211,15 @@ def check_rules(config: AgentConfig, check_files: bool = True) -> List[str]:
             f"camera.reopen_min_s: got {cam.reopen_min_s:g} > reopen_max_s {cam.reopen_max_s:g}, "
             "expected reopen_min_s <= reopen_max_s"
         )
+    drift = config.drift
+    if drift.interval > drift.window:
+        problems.append(f"drift.interval: got {drift.interval} > drift.window {drift.window}, expected interval <= window")
+    if drift.warning_per_frames > drift.alarm_per_frames:
+        problems.append(f"drift.warning_per_frames: got {drift.warning_per_frames} > drift.alarm_per_frames "
+                        f"{drift.alarm_per_frames}, expected a warning at least as often as an alarm")
+    if drift.interval > drift.warning_per_frames:
+        problems.append(f"drift.interval: got {drift.interval} > drift.warning_per_frames {drift.warning_per_frames}, "
+                        "expected interval <= warning_per_frames")
     src = cam.source
     if isinstance(src, GstreamerSource) and "appsink" not in src.pipeline:
         problems.append(f"camera.source.pipeline: got {_show(src.pipeline)}, expected a pipeline ending in appsink")

@@ -45,6 +45,12 @@ METRICS: Dict[str, Tuple[str, str]] = {
     "thresholds_reloads_total": ("counter", "successful thresholds reloads"),
     "thresholds_rejected_total": ("counter", "thresholds files rejected on reload"),
     "uptime_seconds": ("gauge", "seconds since start"),
+    "drift_state": ("gauge", "1, labelled with the drift state (off, collecting, ok, warning, recalibrate)"),
+    "drift_p_value": ("gauge", "one-sided binomial p-value of the last drift test"),
+    "drift_share_above": ("gauge", "share of the drift window's good frames above the calibration's reference score"),
+    "drift_changes_total": ("counter", "drift state changes (each published on the drift topic)"),
+    "drift_warnings_total": ("counter", "entries into the drift state warning"),
+    "drift_alarms_total": ("counter", "entries into the drift state recalibrate"),
 }
 
 

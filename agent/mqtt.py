@@ -146,11 +146,13 @@ class Topics(NamedTuple):
     availability: str
     defects: str
     status: str
+    drift: str
 
 
 def topics(settings: MqttSettings) -> Topics:
     base = f"{settings.prefix}/{settings.station}"
-    return Topics(availability=f"{base}/availability", defects=f"{base}/defects", status=f"{base}/status")
+    return Topics(availability=f"{base}/availability", defects=f"{base}/defects", status=f"{base}/status",
+                  drift=f"{base}/drift")
 
 
 def resolve_password(settings: MqttSettings) -> Optional[str]:
@@ -290,7 +292,7 @@ class EventPublisher:
         self._pending: Dict[int, Optional[str]] = {}  # paho mid -> event_id (None: availability/status)
         self._early_acks: Set[int] = set()  # acks that arrived before publish() returned their mid
         self._acked: List[str] = []  # acknowledged event ids not yet removed from the spool
-        self._latest_status: Optional[bytes] = None
+        self._latest_retained: Dict[str, bytes] = {}  # topic -> latest status / drift payload not yet sent
         self._wake = False
         self._stopping = False
         self._problem: Optional[ConnectProblem] = None  # why the attempts fail now; None once connected
@@ -439,9 +441,16 @@ class EventPublisher:
 
     def publish_status(self, payload: Dict[str, Any]) -> None:
         """Retained, QoS 1, not spooled: only the latest status is kept and sent once connected."""
+        self._publish_retained(self.topics.status, payload)
+
+    def publish_drift(self, payload: Dict[str, Any]) -> None:
+        """Retained, QoS 1, not spooled, like the status: the latest drift state is what a consumer needs."""
+        self._publish_retained(self.topics.drift, payload)
+
+    def _publish_retained(self, topic: str, payload: Dict[str, Any]) -> None:
         data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
         with self._cv:
-            self._latest_status = data
+            self._latest_retained[topic] = data
             self._wake = True
             self._cv.notify_all()
 
@@ -695,9 +704,10 @@ class EventPublisher:
                 self._published += 1
 
     def _send_latest_status(self) -> None:
+        """The latest status and drift messages (retained); one that cannot be sent waits for the next try."""
         with self._cv:
-            data, self._latest_status = self._latest_status, None
-        if data is not None and self._send(self.topics.status, data, retain=True, event_id=None) is None:
-            with self._cv:
-                if self._latest_status is None:
-                    self._latest_status = data
+            waiting, self._latest_retained = self._latest_retained, {}
+        for topic, data in waiting.items():
+            if self._send(topic, data, retain=True, event_id=None) is None:
+                with self._cv:
+                    self._latest_retained.setdefault(topic, data)

@@ -136,6 +136,7 @@ def status_payload(
     mqtt_connect_failures: int = 0,
     events_unspooled: int = 0,
     spool_write_failures: int = 0,
+    drift: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
     """The retained, periodic status. latency_ms p50/p99 may be None before the first frame.
 
@@ -171,6 +172,42 @@ def status_payload(
         "mqtt_connect_failures": _int(mqtt_connect_failures, "mqtt_connect_failures", minimum=0),
         "events_unspooled": _int(events_unspooled, "events_unspooled", minimum=0),
         "spool_write_failures": _int(spool_write_failures, "spool_write_failures", minimum=0),
+        **({} if drift is None else {"drift": drift_figures(drift)}),
+    }
+
+
+DRIFT_STATES = ("off", "collecting", "ok", "warning", "recalibrate")  # agent/drift.py's, in the schemas
+_DRIFT_OPTIONAL_FLOATS = ("share_above", "expected_share", "p_value", "reference_score", "reference_level")
+
+
+def drift_figures(figures: Mapping[str, Any]) -> Dict[str, Any]:
+    """The drift test's figures (agent.drift.DriftFigures.to_dict()), checked; in status and the drift message."""
+    state = figures.get("state")
+    if state not in DRIFT_STATES:
+        raise ValueError(f"drift.state must be one of {DRIFT_STATES}, got {state!r}")
+    out: Dict[str, Any] = {"state": state}
+    for key in ("window", "above", "frames_seen"):
+        out[key] = _int(figures.get(key), f"drift.{key}", minimum=0)
+    for key in ("alarm_level", "warning_level"):
+        out[key] = _float(figures.get(key), f"drift.{key}", minimum=0.0)
+    for key in _DRIFT_OPTIONAL_FLOATS:
+        value = figures.get(key)
+        out[key] = None if value is None else _float(value, f"drift.{key}")
+    return out
+
+
+def drift_payload(*, station: str, timestamp: datetime, previous_state: str, figures: Mapping[str, Any],
+                  bundle_name: str, bundle_sha256: str) -> Dict[str, Any]:
+    """The retained <prefix>/<station>/drift message, published when the drift state changes."""
+    if previous_state not in DRIFT_STATES:
+        raise ValueError(f"previous_state must be one of {DRIFT_STATES}, got {previous_state!r}")
+    return {
+        "version": PAYLOAD_VERSION,
+        "station": _text(station, "station"),
+        "timestamp": utc_timestamp(timestamp),
+        "previous_state": previous_state,
+        **drift_figures(figures),
+        "bundle": _bundle(bundle_name, bundle_sha256),
     }
 
 

@@ -4,6 +4,7 @@
     daad-calibrate capture --images good/ --bundle bundle/ --out cal/
     daad-calibrate fit cal/ --false-alarm-rate 1% [--defects mvtec_dir/] [--out thresholds.yaml]
     daad-calibrate check thresholds.yaml --bundle bundle/ --images more_good/ [--list]
+    daad-calibrate teach --bundle bundle/ --images new_normal/ --out bundle-taught/   (then capture + fit again)
 
 Every error is one line naming the file, the field and the fix, with exit status 1.
 """
@@ -53,7 +54,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Set the thresholds of a bundle on site from good frames.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (backend choice, files)")
-    sub = parser.add_subparsers(dest="command", metavar="{capture,fit,check}")
+    sub = parser.add_subparsers(dest="command", metavar="{capture,fit,check,teach}")
     sub.required = True
 
     cap = sub.add_parser("capture", help="score good frames and keep them with their scores and anomaly maps",
@@ -99,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--list", action="store_true", help="one line per frame: score, verdict, regions")
     chk.add_argument("--backend", choices=BACKENDS, default="auto", help="inference backend")
     chk.add_argument("--precision", choices=PRECISIONS, default="fp32", help="TensorRT precision")
+
+    teach = sub.add_parser("teach", help="add new normal variation to the bundle's memory (a new bundle)",
+                           description="Add the normal feature blocks of good frames the model flags (a new batch, a "
+                                       "new lamp) to the bundle's memory and write a new bundle to --out; the bundle "
+                                       "taught from is kept unchanged (to undo, point the agent back at it). The new "
+                                       "bundle needs new thresholds: capture and fit again.")
+    teach.add_argument("--bundle", type=Path, required=True, help="bundle directory to teach (left unchanged)")
+    teach.add_argument("--images", type=Path, required=True, help="folder of good frames to teach")
+    teach.add_argument("--out", type=Path, required=True, help="new bundle directory (must not exist, or be empty)")
     return parser
 
 
@@ -166,7 +176,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"capture": cmd_capture, "fit": cmd_fit, "check": cmd_check}
+def cmd_teach(args: argparse.Namespace) -> int:
+    from .teach import summary_lines, teach_bundle
+
+    for line in summary_lines(teach_bundle(args.bundle, args.images, args.out)):
+        print(line)
+    return 0
+
+
+COMMANDS = {"capture": cmd_capture, "fit": cmd_fit, "check": cmd_check, "teach": cmd_teach}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -164,12 +164,21 @@ def fit_thresholds(
         bundle_name=capture.bundle_name,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         provenance={},
+        drift_reference=_drift_reference(scores, chosen.threshold, warnings),
     )
     result = FitResult(thresholds=thresholds, image=image, at_chosen=chosen, pixel=pixel, best_f1=best,
                        f1_at_chosen=f1_chosen, misses=misses, heldout_good=heldout, warnings=warnings)
     provenance = _provenance(result, capture, defects)
     result.thresholds = replace(thresholds, provenance=provenance)
     return result
+
+
+def _drift_reference(scores: np.ndarray, threshold: float, warnings: List[str]) -> Optional[Dict[str, Any]]:
+    try:
+        return stats.drift_reference(scores, threshold)
+    except stats.StatsError as exc:
+        warnings.append(f"drift monitoring off for these thresholds: {exc}")
+        return None
 
 
 def _plain(value: Any) -> Any:

@@ -25,6 +25,11 @@ CONFIDENCE = 0.95  # two-sided level of every interval we state
 RULE_OF_THREE = 3.0  # N frames resolve a rate down to ~3/N (95% upper bound with no exceedance)
 MIN_FRAMES = 20  # below this no threshold is worth stating
 QUANTILE_REPORT_LEVELS = (0.5, 0.9, 0.95, 0.99, 0.999)
+# The agent's drift alarm counts good frames above this quantile of the calibration's good frames (those
+# at or below the image threshold). The median: a shift that doubles a 1% false-alarm rate moves the share
+# above it from 50% to 60% (log-normal scores), which a window of 500 resolves in ~400 frames; p90 (10% -> 15%)
+# needed ~500-1250 (benchmarks/bench_drift.py; p70, p80 in between).
+DRIFT_REFERENCE_LEVEL = 0.5
 # Generalised Pareto tail fit: exceedances over a high empirical quantile.
 GPD_TAIL_FRACTION = 0.1  # fit the top 10% of the scores ...
 GPD_MIN_EXCEEDANCES = 20  # ... but never fewer than 20 points (MLE is erratic below that)
@@ -466,6 +471,20 @@ def score_quantiles(scores: Sequence[float]) -> Dict[str, float]:
     out = {_quantile_key(q): float(np.quantile(s, q)) for q in QUANTILE_REPORT_LEVELS}
     out.update({"min": float(s.min()), "max": float(s.max()), "mean": float(s.mean()), "std": float(s.std(ddof=1)) if s.size > 1 else 0.0})
     return out
+
+
+def drift_reference(scores: Sequence[float], image_threshold: float,
+                    level: float = DRIFT_REFERENCE_LEVEL) -> Dict[str, Any]:
+    """thresholds.yaml `drift_reference`: the `level` quantile of the good frames the agent would judge good
+    (score <= image_threshold) and how many of them lie above it; the agent's drift test compares its window
+    of good frames with this share (agent/drift.py)."""
+    s = as_scores(scores)
+    good = s[s <= image_threshold]
+    if good.size == 0:
+        raise StatsError(f"no good frame scores at or below the image threshold {image_threshold:.6g}: "
+                         "no drift reference can be stated")
+    score = float(np.quantile(good, level))
+    return {"level": float(level), "score": score, "above": int(np.sum(good > score)), "n_frames": int(good.size)}
 
 
 def _quantile_key(q: float) -> str:

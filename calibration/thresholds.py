@@ -36,10 +36,16 @@ class Thresholds:
     bundle_name: str = ""
     created: str = ""
     provenance: Dict[str, Any] = field(default_factory=dict)  # anything else worth keeping (F1, miss rate, ...)
+    # The agent's drift alarm compares its good frames with this: {level, score, above, n_frames} (the `level`
+    # quantile `score` of the n_frames calibration frames at or below image_threshold, `above` of them above it).
+    # None in files written before drift monitoring: they load, with drift monitoring off.
+    drift_reference: Optional[Dict[str, Any]] = None
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d = {"format_version": THRESHOLDS_FORMAT_VERSION, **d}
+        if d["drift_reference"] is None:
+            del d["drift_reference"]
         if not d["created"]:
             d["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         return d
@@ -94,7 +100,26 @@ def parse_thresholds(data: Any, path: Union[str, Path] = "<thresholds>") -> Thre
         bundle_name=str(data.get("bundle_name", "")),
         created=str(data.get("created", "")),
         provenance=dict(data.get("provenance") or {}),
+        drift_reference=_drift_reference(data.get("drift_reference"), path),
     )
+
+
+DRIFT_KEYS = ("level", "score", "above", "n_frames")
+
+
+def _drift_reference(value: Any, path: Path) -> Optional[Dict[str, Any]]:
+    if value is None:
+        return None
+    fix = "regenerate it with `daad-calibrate fit`, or delete the field to run without drift monitoring"
+    if not isinstance(value, dict) or any(k not in value for k in DRIFT_KEYS):
+        raise ThresholdsError(f"{path}: field `drift_reference` must be a mapping with {', '.join(DRIFT_KEYS)}, "
+                              f"got {value!r}; {fix}")
+    level, score = _field(value, "level", path, float), _field(value, "score", path, float)
+    above, n = _field(value, "above", path, int), _field(value, "n_frames", path, int)
+    if not (0.0 < level < 1.0) or not (0 <= above <= n) or n < 1:
+        raise ThresholdsError(f"{path}: field `drift_reference` expects 0 < level < 1 and 0 <= above <= n_frames, got "
+                              f"level {level}, above {above} of {n}; {fix}")
+    return {"level": level, "score": score, "above": above, "n_frames": n}
 
 
 def load_thresholds(path: Union[str, Path], bundle: Optional[Bundle] = None) -> Thresholds:

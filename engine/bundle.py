@@ -40,7 +40,9 @@ EXPORT_FIX = "re-export the bundle with `daad-train export`"
 # Every top-level field a bundle has ever been written with: another one is damage (a flipped byte in a key
 # would otherwise make the manifest line look absent) or a hand edit.
 BUNDLE_FIELDS = frozenset({"format_version", "model", "input", "preprocess", "outputs", "opset", "graphs", "score_stats",
-                           "metrics", "training_data", "software", "created", "parity", MANIFEST_FIELD})
+                           "metrics", "training_data", "software", "created", "parity", "features", "taught",
+                           MANIFEST_FIELD})
+FEATURES_FILE = "features.onnx"  # image -> each memory's query vectors (daad-calibrate teach adds them to the memory)
 
 
 def sha256_file(path: Union[str, Path]) -> str:
@@ -99,6 +101,18 @@ class OnnxGraph:
     batch: int
 
 
+@dataclass(frozen=True)
+class FeaturesGraph:
+    """bundle.yaml `features`: a graph from the input image to the query vectors of each memory of model.onnx
+    (generator-free models only). `outputs` maps a memory's initializer prefix (e.g. "block_memory", whose items
+    are the initializers block_memory.items_t and block_memory.half_sq_norms) to the output holding its queries
+    (Q, D) for one image."""
+
+    file: str
+    sha256: str
+    outputs: Dict[str, str]
+
+
 @dataclass
 class Bundle:
     """A validated bundle on disk."""
@@ -111,6 +125,7 @@ class Bundle:
     score_stats: Dict[str, Any] = field(default_factory=dict)
     metadata: Dict[str, Any] = field(default_factory=dict)  # the whole bundle.yaml
     manifest_sha256: str = ""  # "" for a bundle written before manifests
+    features: Optional[FeaturesGraph] = None  # bundles of generator-free models exported since issue 37
 
     @property
     def sha256(self) -> str:
@@ -175,9 +190,25 @@ class Bundle:
                     f"{path}: SHA-256 {actual[:12]}... does not match {BUNDLE_YAML} graphs[batch={g.batch}].sha256 "
                     f"{g.sha256[:12]}... (truncated or modified copy); copy the bundle again or re-export it"
                 )
+        if self.features is not None:
+            path = self.root / self.features.file
+            if not path.is_file():
+                raise BundleError(f"{path}: features graph listed in {BUNDLE_YAML} is missing; copy the whole bundle "
+                                  "directory again")
+            actual = sha256_file(path)
+            if actual != self.features.sha256:
+                raise BundleError(f"{path}: SHA-256 {actual[:12]}... does not match {BUNDLE_YAML} features.sha256 "
+                                  f"{self.features.sha256[:12]}... (truncated or modified copy); copy the bundle again")
         self.verify_manifest()
         for g in self.graphs:
             check_graph_matches(self, g)
+
+    def hashed_files(self) -> Dict[str, str]:
+        """Every file the manifest covers besides bundle.yaml, by name: the graphs and the features graph."""
+        files = {g.file: g.sha256 for g in self.graphs}
+        if self.features is not None:
+            files[self.features.file] = self.features.sha256
+        return files
 
     def verify_manifest(self) -> None:
         yaml_path = self.root / BUNDLE_YAML
@@ -194,7 +225,7 @@ class Bundle:
             raise BundleError(f"{yaml_path}: field `{MANIFEST_FIELD}` appears {len(found)} times or disagrees with the "
                               f"parsed file; copy the bundle again or {EXPORT_FIX}")
         body = raw[:found[0].start()] + raw[found[0].end():]
-        actual = manifest_digest(body, {g.file: g.sha256 for g in self.graphs})
+        actual = manifest_digest(body, self.hashed_files())
         if actual != self.manifest_sha256:
             raise BundleError(
                 f"{yaml_path}: field `{MANIFEST_FIELD}` {self.manifest_sha256[:12]}... does not match the content of "
@@ -293,6 +324,7 @@ def load_bundle(path: Union[str, Path], verify: bool = True) -> Bundle:
         raise BundleError(f"{yaml_path}: field `opset` must be a whole number, got {meta.get('opset')!r}; "
                           f"copy the bundle again or {EXPORT_FIX}") from None
     bundle = Bundle(
+        features=_features(meta.get("features"), yaml_path),
         root=root,
         name=str((meta.get("model") or {}).get("name", root.name)),
         preprocess=spec,
@@ -307,6 +339,17 @@ def load_bundle(path: Union[str, Path], verify: bool = True) -> Bundle:
     return bundle
 
 
+def _features(value: Any, yaml_path: Path) -> Optional[FeaturesGraph]:
+    if value is None:
+        return None
+    try:
+        outputs = {str(k): str(v) for k, v in dict(value["outputs"]).items()}
+        return FeaturesGraph(file=str(value["file"]), sha256=str(value["sha256"]), outputs=outputs)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{yaml_path}: field `features` is invalid ({exc}); it needs file, sha256 and outputs; "
+                          f"copy the bundle again or {EXPORT_FIX}") from None
+
+
 def write_bundle_yaml(root: Union[str, Path], meta: Dict[str, Any]) -> Path:
     """Atomically write bundle.yaml sealed with its manifest (used by train.export): the graphs it lists
     must already be in `root`; any earlier manifest in `meta` is replaced."""
@@ -315,7 +358,7 @@ def write_bundle_yaml(root: Union[str, Path], meta: Dict[str, Any]) -> Path:
     body = {k: v for k, v in meta.items() if k != MANIFEST_FIELD}
     text = yaml.safe_dump(body, sort_keys=False)
     graph_sha256 = {}
-    for g in body.get("graphs") or []:
+    for g in list(body.get("graphs") or []) + ([body["features"]] if body.get("features") else []):
         actual = sha256_file(root / str(g["file"]))
         if actual != g.get("sha256"):
             raise BundleError(f"{root / str(g['file'])}: SHA-256 differs from the graphs[].sha256 being written; "
@@ -361,8 +404,10 @@ def write_bundle(
     score_stats: Optional[Dict[str, Any]] = None,
     metrics: Optional[Dict[str, Any]] = None,
     training_data: Optional[Dict[str, Any]] = None,
+    features_outputs: Optional[Dict[str, str]] = None,
 ) -> Bundle:
-    """Hash the graph files already in `root` and write bundle.yaml; returns the loaded bundle."""
+    """Hash the graph files already in `root` and write bundle.yaml; returns the loaded bundle. With
+    features_outputs (memory prefix -> output name), `root` also holds FEATURES_FILE (FeaturesGraph)."""
     from datetime import datetime, timezone
 
     root = Path(root)
@@ -383,5 +428,8 @@ def write_bundle(
         "software": software_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if features_outputs:
+        meta["features"] = {"file": FEATURES_FILE, "sha256": sha256_file(root / FEATURES_FILE),
+                            "outputs": dict(features_outputs)}
     write_bundle_yaml(root, meta)
     return load_bundle(root)

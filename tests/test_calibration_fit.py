@@ -100,6 +100,10 @@ def test_thresholds_file_round_trips_and_refuses_another_bundle(calibration_capt
     loaded = load_thresholds(path, template_bundle)
     assert loaded == result.thresholds
     assert loaded.bundle_sha256 == template_bundle.sha256 and loaded.n_frames == 300
+    ref = loaded.drift_reference  # the agent's drift alarm: the median of the frames at or below the threshold
+    judged_good = calibration_capture.scores[calibration_capture.scores <= loaded.image_threshold]
+    assert ref["n_frames"] == judged_good.size and ref["above"] == int(np.sum(judged_good > ref["score"]))
+    assert ref["level"] == 0.5 and abs(ref["above"] - ref["n_frames"] / 2) <= 1
     prov = loaded.provenance["image_threshold"]
     assert prov["false_alarm_rate_ci95"] == list(result.at_chosen.ci)
     other = make_template_bundle(tmp_path / "other", size=64, seed=1)  # another template: another model hash

@@ -209,7 +209,8 @@ def test_settings_defaults_and_topics() -> None:
     assert (s.host, s.port, s.prefix, s.keepalive_s) == ("localhost", 1883, "daad", 30)
     assert s.client_id is not None and s.client_id.startswith("daad-agent-line-3-")
     t = topics(MqttSettings(station="line-3", prefix="plant1/daad"))
-    assert t == ("plant1/daad/line-3/availability", "plant1/daad/line-3/defects", "plant1/daad/line-3/status")
+    assert t == ("plant1/daad/line-3/availability", "plant1/daad/line-3/defects", "plant1/daad/line-3/status",
+                 "plant1/daad/line-3/drift")
     assert SpoolSettings(path=Path("/var/lib/daad-agent/spool.db")).max_events == 10000
 
 

@@ -15,19 +15,20 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from engine.bundle import (BUNDLE_YAML, INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, Bundle, load_bundle, write_bundle,
-                           write_bundle_yaml)
+from engine.bundle import (BUNDLE_YAML, FEATURES_FILE, INPUT_NAME, MAP_OUTPUT, SCORE_OUTPUT, Bundle, load_bundle,
+                           write_bundle, write_bundle_yaml)
 from engine.errors import DaadError
 from engine.preprocess import preprocess_batch, read_image
 
 from .checkpoint import load_model
 from .config import to_dict
 from .fit import preprocess_spec
+from .memory_model import BlockMemoryModel
 from .views import Scorer, ViewEnsemble
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,49 @@ def export_onnx(model: Scorer, path: Path, batch: int = 1) -> Path:
         )
     fold_constant_pads(path)
     return path
+
+
+class MemoryQueries(torch.nn.Module):
+    """image (1, C, H, W) -> the query vectors each memory of a BlockMemoryModel searches: (Q, D) rows of its
+    `divide`d, projected features, in the memory's own layout, so that daad-calibrate teach can append them to the
+    memory's items without torch (bundle.yaml `features`)."""
+
+    def __init__(self, model: BlockMemoryModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        raw, raw_coarse = self.model.features(x)
+        out = [self.model.block_memory.blocks(self.model.project(raw))]
+        if self.model.coarse_memory is not None and raw_coarse is not None:
+            out.append(self.model.coarse_memory.blocks(self.model.project_coarse(raw_coarse)))
+        return tuple(out)
+
+
+def features_outputs(model: BlockMemoryModel) -> Dict[str, str]:
+    """Memory initializer prefix -> the features graph's output with its queries (bundle.yaml features.outputs)."""
+    outputs = {"block_memory": "block_queries"}
+    if model.coarse_memory is not None:
+        outputs["coarse_memory"] = "coarse_queries"
+    return outputs
+
+
+def export_features(model: BlockMemoryModel, path: Path) -> Dict[str, str]:
+    """Write the features graph (batch 1, opset 17) beside model.onnx; returns its outputs by memory."""
+    model = model.eval().cpu()
+    outputs = features_outputs(model)
+    h, w = model.cfg.image_size
+    dummy = torch.zeros(1, model.cfg.in_channels, h, w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(MemoryQueries(model), (dummy,), str(path), input_names=[INPUT_NAME],
+                          output_names=list(outputs.values()), opset_version=OPSET, dynamic_axes=None,
+                          do_constant_folding=True, dynamo=False)
+    fold_constant_pads(path)
+    import onnx
+
+    onnx.save(onnx.shape_inference.infer_shapes(onnx.load(str(path))), str(path))  # static (Q, D) outputs, stated
+    return outputs
 
 
 def with_plain_weights(model: Scorer) -> Scorer:
@@ -156,7 +200,7 @@ def publish(staging: Path, out: Path) -> None:
     new_files = {f.name for f in staging.iterdir()}
     for f in sorted(staging.iterdir(), key=lambda f: f.name == BUNDLE_YAML):
         os.replace(f, out / f.name)
-    for stale in out.glob("model*.onnx"):
+    for stale in [*out.glob("model*.onnx"), *out.glob(FEATURES_FILE)]:
         if stale.name not in new_files:
             stale.unlink()
 
@@ -198,13 +242,16 @@ def write_staged_bundle(model: Scorer, state: Dict[str, Any], root: Path, batche
         name = "model.onnx" if b == 1 else f"model_b{b}.onnx"
         export_onnx(model, root / name, b)
         files[b] = name
+    outputs = None
+    if isinstance(model, BlockMemoryModel):  # a memory that daad-calibrate teach can add to on site
+        outputs = export_features(model, root / FEATURES_FILE)
     data = dict(state.get("training_data") or {})
     for key in ("held_back", "score_stats_images"):
         data.pop(key, None)  # keep the bundle small; the checkpoint has the lists
     return write_bundle(
         root, name=model.name, preprocess=preprocess_spec(model.cfg), graph_files=files, opset=OPSET,
         model_config=bundle_model_config(model), score_stats=dict(state.get("score_stats") or {}), metrics=metrics or {},
-        training_data=data,
+        training_data=data, features_outputs=outputs,
     )
 
 
