@@ -124,6 +124,17 @@ def check_broker(config: Any) -> str:
     return f"mqtt: {s.host}:{s.port} accepted the connection" + (" (TLS)" if s.tls is not None else "")
 
 
+def publish_refusal(config: Any, line: str) -> None:
+    """A refused start leaves `state: error` with its reason as the retained status, where the broker is reachable,
+    so a dashboard shows why the station stopped rather than its last `running` status."""
+    from .mqtt import publish_retained_once, topics
+    from .payloads import error_status_payload
+
+    payload = error_status_payload(station=config.mqtt.station, error=line, timestamp=datetime.now(timezone.utc))
+    if not publish_retained_once(config.mqtt, topics(config.mqtt).status, json.dumps(payload).encode()):
+        logger.info("the refusal could not be published on the status topic (broker unreachable)")
+
+
 def exit_code(exc: DaadError) -> int:
     return EXIT_CONFIG if isinstance(exc, FATAL_ERRORS) else EXIT_ERROR
 
@@ -131,6 +142,7 @@ def exit_code(exc: DaadError) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)  # exits 2 on a usage error
     setup_logging("INFO", args.log_json)
+    config = None
     try:
         from .config import load_config
 
@@ -153,7 +165,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return app.run()
     except DaadError as exc:
         error(PROG, exc)
-        return exit_code(exc)
+        code = exit_code(exc)
+        if code == EXIT_CONFIG and config is not None and not args.check_config:
+            publish_refusal(config, f"{PROG}: error: {exc}")
+        return code
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception:  # a bug: keep the traceback in the journal, exit non-zero so systemd restarts us

@@ -247,6 +247,26 @@ def probe_broker(settings: MqttSettings, timeout_s: float = 10.0) -> Optional[Co
     return answer[0]
 
 
+def publish_retained_once(settings: MqttSettings, topic: str, payload: bytes, timeout_s: float = 5.0) -> bool:
+    """Connect, publish one retained QoS 1 message, wait for its acknowledgement, disconnect: True if the broker
+    took it. For an agent that is about to exit and has no publisher running; never raises for the broker."""
+    try:
+        client = make_client(settings, client_id=f"{settings.client_id}-exit")
+        client.connect(settings.host, settings.port, keepalive=settings.keepalive_s)
+    except (ConfigError, OSError, ssl.SSLError):
+        return False
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=QOS, retain=True)
+        info.wait_for_publish(timeout=timeout_s)
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return False
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 class _DemoteBenignPahoErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR and str(record.msg).startswith(PAHO_BENIGN_ERRORS + PAHO_REPORTED_BY_US):

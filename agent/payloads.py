@@ -28,6 +28,7 @@ STATE_STARTING = "starting"  # loading bundle/thresholds, opening the camera
 STATE_RUNNING = "running"  # frames are being scored
 STATE_DEGRADED = "degraded"  # alive but not scoring (camera stalled, backend failing)
 STATE_STOPPING = "stopping"  # shutting down
+STATE_ERROR = "error"  # only in error_status_payload: the agent refused to start
 STATES = (STATE_STARTING, STATE_RUNNING, STATE_DEGRADED, STATE_STOPPING)
 
 # Camera states published in status.camera_state.
@@ -223,6 +224,13 @@ def load_schema(name: str) -> Dict[str, Any]:
 
 
 # -- field checks (pure) -------------------------------------------------------------------------
+def error_status_payload(*, station: str, error: str, timestamp: datetime) -> Dict[str, Any]:
+    """The retained status an agent leaves when it refuses to start (exit 78): consumers see why it is not
+    running instead of its last `running` status (the schema's `state: error` case)."""
+    return {"version": PAYLOAD_VERSION, "station": _text(station, "station"), "timestamp": utc_timestamp(timestamp),
+            "state": STATE_ERROR, "error": _text(error, "error")}
+
+
 def _text(value: Any, field: str) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{field} must be a non-empty string, got {value!r}")

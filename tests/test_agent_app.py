@@ -547,6 +547,30 @@ def test_thresholds_made_for_another_bundle_are_refused(tmp_path, template_bundl
         App(load_config(config), notifier=quiet_notifier()).run()
 
 
+def test_a_refused_start_leaves_state_error_with_its_reason_as_the_retained_status(tmp_path, template_bundle,
+                                                                                    calibrated, mosquitto):
+    other = tmp_path / "other.yaml"
+    data = yaml.safe_load(calibrated.read_text())
+    data["bundle_sha256"] = "f" * 64
+    other.write_text(yaml.safe_dump(data))
+    folder = write_folder(tmp_path / "incoming", parts("g"))
+    config = write_config(tmp_path, template_bundle, other, mosquitto.port, {"kind": "folder", "path": str(folder)})
+    result = subprocess.run(agent_command() + ["--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78, result.stderr
+    late = Subscriber(mosquitto.port)  # a dashboard that connects afterwards still reads why
+    try:
+        assert late.wait(lambda s: bool(s.payloads("status")))
+        status = late.payloads("status")[-1]
+    finally:
+        late.close()
+    jsonschema.validate(status, load_schema("status"))
+    assert status["state"] == "error" and status["station"] == STATION
+    assert status["error"] == result.stderr.strip().splitlines()[-1]  # the journal's refusal line
+    assert f"{other}: field `bundle_sha256` is ffffffffffff..." in status["error"]
+    with pytest.raises(jsonschema.ValidationError):  # an error status without its reason is not one
+        jsonschema.validate({k: v for k, v in status.items() if k != "error"}, load_schema("status"))
+
+
 @pytest.fixture()
 def restore_logging():
     """main() configures the root logger for the process; put pytest's handlers back afterwards."""

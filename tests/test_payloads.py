@@ -247,7 +247,8 @@ def test_schema_rejects_bad_status(mutate: Callable[[Dict[str, Any]], None]) -> 
 
 def test_states_in_code_match_schema_enums() -> None:
     schema = load_schema("status")
-    assert tuple(schema["properties"]["state"]["enum"]) == payloads.STATES
+    # the running states, and `error`, which only a refused start leaves (error_status_payload)
+    assert tuple(schema["properties"]["state"]["enum"]) == payloads.STATES + (payloads.STATE_ERROR,)
     assert tuple(schema["properties"]["camera_state"]["enum"]) == payloads.CAMERA_STATES
 
 
