@@ -18,7 +18,7 @@ from typing import Any, Deque, Dict, List, Optional, Set
 
 import numpy as np
 
-from calibration.thresholds import Thresholds, load_thresholds
+from engine.thresholds import Thresholds, load_thresholds
 from engine.backend import Backend, open_backend
 from engine.bundle import Bundle, describe, load_bundle
 from engine.errors import ConfigError, ImageError

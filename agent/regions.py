@@ -1,7 +1,7 @@
 """Defect regions and the verdict: pure functions of an anomaly map, a score and the thresholds.
 
 The anomaly map is at the model's input resolution (bundle.preprocess height x width). Components
-are found there and `min_area` is in map pixels (as calibration/thresholds.py defines it); each
+are found there and `min_area` is in map pixels (as engine/thresholds.py defines it); each
 region is then mapped back to the ORIGINAL frame by the inverse of the stretch resize that
 engine.preprocess applied: map pixel (i, j) covers frame pixels [j*sx, (j+1)*sx) x [i*sy, (i+1)*sy).
 """

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Tuple, Union
 
-from calibration.thresholds import Thresholds, load_thresholds
+from engine.thresholds import Thresholds, load_thresholds
 from engine.errors import ThresholdsError
 
 logger = logging.getLogger(__name__)

@@ -141,7 +141,7 @@ DATASET_GOOD_QUANTILE = 0.9  # real good parts have outliers: above the largest 
 def make_thresholds(bundle: Bundle, backend: Any, work: Path, good: List[np.ndarray], quantile: Optional[float]) -> Path:
     """Just above the bundle's scores of good frames as in the tests, or at their `quantile` (about that share of
     good frames pass) so that real defects produce events; a site passes its calibrated --thresholds instead."""
-    from calibration.thresholds import Thresholds, save_thresholds
+    from engine.thresholds import Thresholds, save_thresholds
 
     outs = [backend.infer(preprocess(frame, bundle.preprocess)[None]) for frame in good]
     scores = np.array([float(o.score[0]) for o in outs])
@@ -154,7 +154,7 @@ def make_thresholds(bundle: Bundle, backend: Any, work: Path, good: List[np.ndar
 
 def defective_flags(bundle: Bundle, backend: Any, frames: List[np.ndarray], thresholds: Path) -> List[bool]:
     """Each frame's verdict from the bare backend (score above the image threshold): what the agent must publish."""
-    from calibration.thresholds import load_thresholds
+    from engine.thresholds import load_thresholds
 
     limit = load_thresholds(thresholds, bundle).image_threshold
     return [float(backend.infer(preprocess(f, bundle.preprocess)[None]).score[0]) > limit for f in frames]

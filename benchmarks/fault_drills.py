@@ -87,7 +87,7 @@ def make_parts(folder: Path) -> List[Path]:
 def make_bundle_and_thresholds(work: Path) -> Dict[str, Path]:
     import numpy as np
 
-    from calibration.thresholds import Thresholds, save_thresholds
+    from engine.thresholds import Thresholds, save_thresholds
     from engine.onnxruntime_backend import OnnxRuntimeBackend
     from engine.preprocess import preprocess, read_image
     from tests.bundle_factory import make_template_bundle

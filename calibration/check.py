@@ -19,7 +19,7 @@ from engine.bundle import load_bundle
 from . import stats
 from .capture import image_folder, read_image_files, score_frames
 from .fit import pct
-from .thresholds import Thresholds, load_thresholds
+from engine.thresholds import Thresholds, load_thresholds
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from engine.preprocess import list_images
 
 from . import stats
 from .capture import Capture, read_image_files, score_frames, software_versions
-from .thresholds import Thresholds, save_thresholds
+from engine.thresholds import Thresholds, save_thresholds
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from agent.payloads import load_schema
 from agent.regions import bbox_overlap
 from agent.sdnotify import SystemdNotifier
 from agent.thresholds_watch import ThresholdsWatch
-from calibration.thresholds import Thresholds, save_thresholds
+from engine.thresholds import Thresholds, save_thresholds
 from engine.bundle import Bundle
 from tests.bundle_factory import make_template_bundle
 from engine.errors import ThresholdsError

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from agent.config import AgentConfig, FolderSource, VideoSource, dump_example_keys, load_config
-from calibration.thresholds import Thresholds, save_thresholds
+from engine.thresholds import Thresholds, save_thresholds
 from engine.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "agent.yaml"

@@ -33,7 +33,7 @@ from agent.drift import (
 from agent.metrics_http import render_prometheus
 from agent.payloads import drift_payload, load_schema
 from calibration import stats
-from calibration.thresholds import Thresholds, load_thresholds, parse_thresholds, save_thresholds
+from engine.thresholds import Thresholds, load_thresholds, parse_thresholds, save_thresholds
 from engine.errors import ThresholdsError
 from tests.test_agent_app import (
     STATION,

@@ -16,7 +16,7 @@ import yaml
 from onnx import TensorProto, helper
 
 from agent.cli import EXIT_CONFIG, EXIT_ERROR, exit_code, main
-from calibration.thresholds import Thresholds, save_thresholds
+from engine.thresholds import Thresholds, save_thresholds
 from engine.bundle import BUNDLE_YAML, Bundle, load_bundle, write_bundle, write_bundle_yaml
 from engine.errors import (BackendError, BundleError, CameraError, ConfigError, DaadError, EngineBuildError,
                            ThresholdsError)

@@ -1,5 +1,5 @@
 """Bundle integrity: the manifest over bundle.yaml and every graph, the graph checked against bundle.yaml at
-load, and thresholds bound to the manifest (engine.bundle, engine.onnx_io, calibration.thresholds)."""
+load, and thresholds bound to the manifest (engine.bundle, engine.onnx_io, engine.thresholds)."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +11,7 @@ import onnx
 import pytest
 import yaml
 
-from calibration.thresholds import Thresholds, load_thresholds, save_thresholds
+from engine.thresholds import Thresholds, load_thresholds, save_thresholds
 from engine.bundle import BUNDLE_YAML, MANIFEST_FIELD, Bundle, load_bundle, sha256_file, write_bundle_yaml
 from engine.errors import BundleError, ThresholdsError
 from engine.onnx_io import read_graph_io
@@ -161,7 +161,7 @@ def test_thresholds_from_before_manifests_still_load(bundle_copy: Path, tmp_path
                                                      caplog: pytest.LogCaptureFixture) -> None:
     bundle = load_bundle(bundle_copy)
     legacy = save_thresholds(tmp_path / "legacy.yaml", Thresholds(0.5, 0.4, 3, bundle.graph_sha256))
-    with caplog.at_level(logging.WARNING, logger="calibration.thresholds"):
+    with caplog.at_level(logging.WARNING, logger="engine.thresholds"):
         assert load_thresholds(legacy, bundle).image_threshold == 0.5
     assert "names the bundle's graph only" in caplog.text and "recalibrate" in caplog.text
     other = save_thresholds(tmp_path / "other.yaml", Thresholds(0.5, 0.4, 3, "e" * 64))

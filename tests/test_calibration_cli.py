@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from calibration.thresholds import load_thresholds
+from engine.thresholds import load_thresholds
 from engine.bundle import Bundle, load_bundle
 from tests.bundle_factory import make_template_bundle
 from train.synthetic import write_synthetic_dataset

@@ -17,7 +17,7 @@ from scipy.stats import binom
 from calibration import stats
 from calibration.capture import CaptureError, capture_from_images, load_capture, run_capture
 from calibration.fit import fit_thresholds, score_defect_dataset, write_thresholds
-from calibration.thresholds import load_thresholds
+from engine.thresholds import load_thresholds
 from engine.backend import open_backend
 from engine.bundle import Bundle, load_bundle, write_bundle_yaml
 from engine.errors import ThresholdsError

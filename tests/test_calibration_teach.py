@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from calibration.cli import main as calibrate_main
 from calibration.teach import drop_near_duplicates, half_sq_norms, merge_items, teach_bundle
-from calibration.thresholds import Thresholds, load_thresholds, save_thresholds
+from engine.thresholds import Thresholds, load_thresholds, save_thresholds
 from engine.backend import open_backend
 from engine.bundle import FEATURES_FILE, load_bundle
 from engine.check import check_bundle

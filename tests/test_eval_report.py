@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from calibration.thresholds import Thresholds, save_thresholds
+from engine.thresholds import Thresholds, save_thresholds
 from engine.errors import ThresholdsError
 from train.report import calibrated_threshold, caught_counts, per_type_rows
 

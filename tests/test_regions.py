@@ -9,7 +9,7 @@ import pytest
 
 from agent.frames_store import FramesStore, crop_box, encode_crop
 from agent.regions import Region, bbox_overlap, find_regions, map_bbox_to_frame, union_bbox, verdict
-from calibration.thresholds import Thresholds
+from engine.thresholds import Thresholds
 
 
 def blank(h: int = 64, w: int = 64) -> np.ndarray:

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import yaml
 
-from calibration.thresholds import Thresholds, save_thresholds
+from engine.thresholds import Thresholds, save_thresholds
 from engine.bundle import Bundle
 from engine.onnxruntime_backend import OnnxRuntimeBackend
 from engine.preprocess import preprocess

@@ -1,4 +1,5 @@
-"""thresholds.yaml: what calibration writes and the agent reads (design contract §4).
+"""thresholds.yaml: what calibration writes and the agent reads (design contract §4); its one owner, in engine/ with the
+other formats that travel to the Jetson (the bundle), so that neither calibration/ nor agent/ imports the other for it.
 
 Coordinates and areas refer to the anomaly map, i.e. the model's input resolution
 (bundle.preprocess height x width); the agent maps regions back to the frame itself.
