@@ -4,7 +4,7 @@
     start_publisher -> start_metrics -> start_capture -> loop() -> stop()
 
 The scoring loop runs in the thread that called run() (the main thread under the CLI): the
-backend is opened and used in that one thread, as TensorRT/pycuda need. Capture runs in its own
+backend is opened and used in that one thread, as TensorRT/pycuda need. CaptureLoop runs in its own
 thread; MQTT in paho's and the publisher's; metrics in http.server's. Camera, backend, publisher,
 notifier and clock are injectable, so tests drive the real loop with their own parts.
 """
@@ -24,7 +24,7 @@ from engine.bundle import Bundle, describe, load_bundle
 from engine.errors import ConfigError, ImageError
 
 from . import capture as cap
-from .capture import Capture
+from .capture import CaptureLoop
 from .config import AgentConfig, is_loopback
 from .drift import DRIFT_OFF, DRIFT_RECALIBRATE, DRIFT_WARNING, DriftMonitor, DriftReference, reference_from_dict
 from .frames_store import FramesStore, encode_crop
@@ -41,7 +41,7 @@ from .payloads import (
     new_boot_id,
     status_payload,
 )
-from .scoring import Scored, Scorer, channel_mismatch, frame_channels, frame_size_of, judge, self_test
+from .scoring import ScoredFrame, FrameScorer, channel_mismatch, frame_channels, frame_size_of, judge, self_test
 from .sdnotify import SystemdNotifier
 from .sources import SYSTEM_CLOCK, Clock, Frame, FrameSource, open_source
 from .thresholds_watch import ThresholdsWatch
@@ -54,7 +54,7 @@ CAPTURE_STOP_TIMEOUT_S = 2.0
 PUBLISHER_STOP_TIMEOUT_S = 3.0
 NO_REGION = "image score above the threshold, no region above the pixel threshold"  # why a regionless frame was flagged
 
-# Capture states that the status schema does not name (yet) -> the nearest it does.
+# CaptureLoop states that the status schema does not name (yet) -> the nearest it does.
 
 
 class App:
@@ -89,12 +89,12 @@ class App:
         self.watch: Optional[ThresholdsWatch] = None
         self.backend: Optional[Backend] = backend
         self._own_backend = backend is None
-        self.scorer: Optional[Scorer] = None
-        self.blank: Optional[Scored] = None  # the blank frame scored at init_backend
+        self.scorer: Optional[FrameScorer] = None
+        self.blank: Optional[ScoredFrame] = None  # the blank frame scored at init_backend
         self.frames: Optional[FramesStore] = None
         self.spool: Optional[Any] = None
         self.publisher: Optional[Any] = publisher
-        self.capture: Optional[Capture] = None
+        self.capture: Optional[CaptureLoop] = None
         self.metrics: Optional[MetricsServer] = None
         self._started: List[str] = []
         # counters (written by the loop thread only)
@@ -172,7 +172,7 @@ class App:
         if self.backend is None:
             m = self.config.model
             self.backend = open_backend(self.bundle, prefer=m.backend, precision=m.precision, plan_cache=m.plan_cache)
-        self.scorer = Scorer(self.backend, self.bundle.preprocess)
+        self.scorer = FrameScorer(self.backend, self.bundle.preprocess)
         # one blank frame before the camera opens: a bundle the backend cannot run stops the start here
         self.blank = self_test(self.scorer, str(self.bundle.root))
         logger.info("backend: %s scored a blank frame: %.6g", self.backend.name, self.blank.score)
@@ -209,7 +209,7 @@ class App:
     def init_capture(self) -> None:
         c = self.config.camera
         source = self._camera if self._camera is not None else open_source(c, clock=self.clock)
-        self.capture = Capture(
+        self.capture = CaptureLoop(
             source, mode=c.mode, queue_size=c.queue_size, stall_timeout_s=c.stall_timeout_s,
             reopen_min_s=c.reopen_min_s, reopen_max_s=c.reopen_max_s, clock=self.clock, on_state=self._on_camera_state,
         )

@@ -119,7 +119,7 @@ class BoundedQueue:
             return len(self._items)
 
 
-class Capture:
+class CaptureLoop:
     """Owns the source and the capture thread. start() / get() / stop(); state and stats() for status."""
 
     def __init__(
@@ -348,4 +348,4 @@ class Capture:
                 self._in_read_since = None
 
 
-__all__: List[str] = ["Capture", "Mailbox", "BoundedQueue", "STATES", "MODES"] + [s.upper() for s in STATES]
+__all__: List[str] = ["CaptureLoop", "Mailbox", "BoundedQueue", "STATES", "MODES"] + [s.upper() for s in STATES]

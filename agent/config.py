@@ -98,7 +98,7 @@ class CameraConfig(_Section):
     reopen_max_s: float = Field(10.0, gt=0, le=3600, description="the wait doubles up to this")
 
 
-class ModelConfig(_Section):
+class ModelSection(_Section):
     bundle: Path = Field(description="bundle directory (bundle.yaml + model.onnx)")
     backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
         "auto", description="auto: TensorRT where available, else ONNX Runtime"
@@ -160,7 +160,7 @@ class DriftConfig(_Section):
 class AgentConfig(_Section):
     version: Literal[1] = Field(CONFIG_VERSION, description="config format version")
     camera: CameraConfig
-    model: ModelConfig
+    model: ModelSection
     thresholds: ThresholdsConfig
     mqtt: MqttSettings
     spool: SpoolSettings

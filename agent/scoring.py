@@ -24,22 +24,22 @@ GRAY_TOLERANCE = 4
 CHANNEL_SAMPLE_STEP = 8  # every 8th row and column: enough to tell colour from gray, cheap per frame
 
 
-class Scored(NamedTuple):
+class ScoredFrame(NamedTuple):
     score: float
     anomaly_map: np.ndarray  # (H, W) at the model's input resolution
 
 
-class Scorer:
+class FrameScorer:
     """preprocess (bundle spec) + backend.infer for one frame at a time (batch 1)."""
 
     def __init__(self, backend: Backend, spec: PreprocessSpec) -> None:
         self.backend = backend
         self.spec = spec
 
-    def score(self, image: np.ndarray) -> Scored:
+    def score(self, image: np.ndarray) -> ScoredFrame:
         batch = preprocess(image, self.spec)[None]  # (1, C, H, W)
         out = self.backend.infer(batch)
-        return Scored(score=float(out.score[0]), anomaly_map=out.anomaly_map[0, 0])
+        return ScoredFrame(score=float(out.score[0]), anomaly_map=out.anomaly_map[0, 0])
 
 
 BLANK_LEVEL = 128  # mid-gray: a frame every preprocessing maps to finite, ordinary values
@@ -51,7 +51,7 @@ def blank_frame(spec: PreprocessSpec) -> np.ndarray:
     return np.full(shape, BLANK_LEVEL, dtype=np.uint8)
 
 
-def self_test(scorer: Scorer, where: str) -> Scored:
+def self_test(scorer: FrameScorer, where: str) -> ScoredFrame:
     """Score one blank frame through the real backend before any camera frame: a graph the runtime cannot run
     (or that returns NaN) is refused here, in one line, instead of failing on the first frame."""
     try:
@@ -69,7 +69,7 @@ def self_test(scorer: Scorer, where: str) -> Scored:
     return scored
 
 
-def judge(scored: Scored, thresholds: Any, frame_size: Any) -> Verdict:
+def judge(scored: ScoredFrame, thresholds: Any, frame_size: Any) -> Verdict:
     """The verdict for one scored frame, with its regions (frame coordinates) when it is defective;
     good frames skip the component search (most frames are good). frame_size is (w, h)."""
     result = verdict(scored.score, [], thresholds)

@@ -71,7 +71,7 @@ class CaptureError(DaadError):
 
 
 @dataclass
-class Scored:
+class ScoredCapture:
     """One frame through the model."""
 
     name: str  # where it came from: file name or camera id#sequence
@@ -104,7 +104,7 @@ class Capture:
         return int(self.scores.size)
 
 
-def score_frames(frames: Iterable[Tuple[str, np.ndarray]], bundle: Bundle, backend: Backend) -> Iterator[Scored]:
+def score_frames(frames: Iterable[Tuple[str, np.ndarray]], bundle: Bundle, backend: Backend) -> Iterator[ScoredCapture]:
     """Preprocess and score frames one at a time (batch 1, as the agent does)."""
     for name, image in frames:
         try:
@@ -112,7 +112,7 @@ def score_frames(frames: Iterable[Tuple[str, np.ndarray]], bundle: Bundle, backe
         except ImageError as exc:
             raise ImageError(f"{name}: {exc}") from exc
         result = backend.infer(batch)
-        yield Scored(name=name, image=image, score=float(result.score[0]), anomaly_map=result.anomaly_map[0, 0])
+        yield ScoredCapture(name=name, image=image, score=float(result.score[0]), anomaly_map=result.anomaly_map[0, 0])
 
 
 def read_image_files(paths: Iterable[Path], skipped: List[str]) -> Iterator[Tuple[str, np.ndarray]]:

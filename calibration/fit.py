@@ -48,7 +48,7 @@ class DefectSet:
 
 
 @dataclass
-class FitResult:
+class ThresholdsFit:
     thresholds: Thresholds
     image: stats.ImageThreshold  # the false-alarm-rate threshold (quantile or gpd) and its uncertainty
     at_chosen: stats.ImageThreshold  # false-alarm figures at the threshold actually written
@@ -116,7 +116,7 @@ def fit_thresholds(
     defects: Optional[DefectSet] = None,
     score_stats: Optional[Dict[str, Any]] = None,
     n_boot: int = stats.GPD_BOOTSTRAP,
-) -> FitResult:
+) -> ThresholdsFit:
     """Thresholds for a target false-alarm rate from a capture of good frames (no I/O)."""
     if strategy not in STRATEGY_CHOICES:
         raise stats.StatsError(f"--strategy must be one of {STRATEGY_CHOICES}, got {strategy!r}")
@@ -166,7 +166,7 @@ def fit_thresholds(
         provenance={},
         drift_reference=_drift_reference(scores, chosen.threshold, warnings),
     )
-    result = FitResult(thresholds=thresholds, image=image, at_chosen=chosen, pixel=pixel, best_f1=best,
+    result = ThresholdsFit(thresholds=thresholds, image=image, at_chosen=chosen, pixel=pixel, best_f1=best,
                        f1_at_chosen=f1_chosen, misses=misses, heldout_good=heldout, warnings=warnings)
     provenance = _provenance(result, capture, defects)
     result.thresholds = replace(thresholds, provenance=provenance)
@@ -211,7 +211,7 @@ def _threshold_dict(t: stats.ImageThreshold) -> Dict[str, Any]:
     return d
 
 
-def _provenance(result: FitResult, capture: Capture, defects: Optional[DefectSet]) -> Dict[str, Any]:
+def _provenance(result: ThresholdsFit, capture: Capture, defects: Optional[DefectSet]) -> Dict[str, Any]:
     meta = capture.meta
     prov: Dict[str, Any] = {
         "capture": {
@@ -247,7 +247,7 @@ def _provenance(result: FitResult, capture: Capture, defects: Optional[DefectSet
     return _plain(prov)
 
 
-def write_thresholds(result: FitResult, path: Union[str, Path]) -> Path:
+def write_thresholds(result: ThresholdsFit, path: Union[str, Path]) -> Path:
     """Atomic write of thresholds.yaml (the agent may be watching it)."""
     return save_thresholds(path, result.thresholds)
 
@@ -261,7 +261,7 @@ ESTIMATE_BASIS = {
 }
 
 
-def summary_lines(result: FitResult, capture: Capture) -> List[str]:
+def summary_lines(result: ThresholdsFit, capture: Capture) -> List[str]:
     """What a person needs to know, as plain lines (CLI output and report)."""
     t, img, chosen = result.thresholds, result.image, result.at_chosen
     lines = [

@@ -21,7 +21,7 @@ from engine.preprocess import read_image
 
 from . import stats
 from .capture import Capture
-from .fit import DefectSet, FitResult, summary_lines
+from .fit import DefectSet, ThresholdsFit, summary_lines
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +39,12 @@ FLAG_COLOUR = fg.VERMILLION  # a flagged frame's caption
 NO_REGION = "image score above the threshold;\nno pixel region above the pixel threshold"
 
 
-def calibrated_label(result: FitResult) -> str:
+def calibrated_label(result: ThresholdsFit) -> str:
     t = result.thresholds
     return f"calibrated threshold {t.image_threshold:.4g} ({t.strategy}; the agent uses it)"
 
 
-def plot_histogram(result: FitResult, good: np.ndarray, defects: Optional[DefectSet], path: Path) -> Any:
+def plot_histogram(result: ThresholdsFit, good: np.ndarray, defects: Optional[DefectSet], path: Path) -> Any:
     """Good (and defect) score histograms with the threshold lines and the expected rates."""
     fig = fg.new_figure(9.5, 4.5)
     ax = fig.add_subplot(1, 1, 1)
@@ -82,7 +82,7 @@ def plot_histogram(result: FitResult, good: np.ndarray, defects: Optional[Defect
     return fig
 
 
-def plot_tail(result: FitResult, good: np.ndarray, path: Path) -> Any:
+def plot_tail(result: ThresholdsFit, good: np.ndarray, path: Path) -> Any:
     """Exceedance curve of the good scores (log), the target, the threshold and the tail fit if any."""
     fig = fg.new_figure(9.5, 4.5)
     ax = fig.add_subplot(1, 1, 1)
@@ -124,7 +124,7 @@ def overlay_caption(label: str, score: float, n_regions: int, image_threshold: f
     return f"{label}\nscore {score:.4g}: FLAGGED, {n_regions} region{'s' if n_regions != 1 else ''}"
 
 
-def plot_overlays(items: Sequence[Tuple[str, np.ndarray, np.ndarray, float]], result: FitResult, title: str,
+def plot_overlays(items: Sequence[Tuple[str, np.ndarray, np.ndarray, float]], result: ThresholdsFit, title: str,
                   path: Path, vmin: float, vmax: float, defective: bool = False) -> Any:
     """A grid of frames with heat maps; outlines where the map is above the pixel threshold.
     defective: the frames show labelled defects (a frame below the threshold is a miss)."""
@@ -187,7 +187,7 @@ def _missed_items(defects: DefectSet, threshold: float, n: int) -> List[Tuple[st
     return items
 
 
-def write_report(result: FitResult, capture: Capture, out_dir: Union[str, Path],
+def write_report(result: ThresholdsFit, capture: Capture, out_dir: Union[str, Path],
                  defects: Optional[DefectSet] = None, thresholds_path: Optional[Path] = None) -> Path:
     """Write the plots, report.html and report.md into out_dir; returns the HTML path."""
     out = Path(out_dir)
@@ -219,7 +219,7 @@ def write_report(result: FitResult, capture: Capture, out_dir: Union[str, Path],
     return out / REPORT_HTML
 
 
-def _html(result: FitResult, lines: List[str], figures: List[Tuple[str, str]], thresholds_path: Optional[Path]) -> str:
+def _html(result: ThresholdsFit, lines: List[str], figures: List[Tuple[str, str]], thresholds_path: Optional[Path]) -> str:
     t = result.thresholds
     rows = [("image threshold", f"{t.image_threshold:.6g}"), ("strategy", t.strategy),
             ("target false-alarm rate", pct(result.image.target)),
@@ -241,7 +241,7 @@ of the same part taken in a burst are not, and make the interval look narrower t
     return rh.page(f"Calibration report: {t.bundle_name}", body)
 
 
-def _markdown(result: FitResult, lines: List[str], figures: List[Tuple[str, str]], thresholds_path: Optional[Path]) -> str:
+def _markdown(result: ThresholdsFit, lines: List[str], figures: List[Tuple[str, str]], thresholds_path: Optional[Path]) -> str:
     out = ["# Calibration report", ""]
     if thresholds_path:
         out += [f"Thresholds written to `{thresholds_path}`.", ""]

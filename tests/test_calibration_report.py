@@ -12,7 +12,7 @@ import pytest
 
 from calibration import report
 from calibration.capture import Capture, capture_from_images
-from calibration.fit import DefectSet, FitResult, fit_thresholds, score_defect_dataset
+from calibration.fit import DefectSet, ThresholdsFit, fit_thresholds, score_defect_dataset
 from engine.bundle import Bundle
 from train.synthetic import write_synthetic_dataset
 
@@ -40,7 +40,7 @@ def tick_labels(axis: Any) -> List[str]:
 
 
 def test_histogram_names_each_line_and_writes_plain_counts(site: Dict[str, Any], tmp_path: Path) -> None:
-    result: FitResult = site["result"]
+    result: ThresholdsFit = site["result"]
     defects: DefectSet = site["defects"]
     fig = report.plot_histogram(result, site["capture"].scores, defects, tmp_path / "h.png")
     assert (tmp_path / "h.png").read_bytes()[:8] == PNG
@@ -69,7 +69,7 @@ def test_tail_ticks_are_rates_in_percent(site: Dict[str, Any], tmp_path: Path) -
 
 def test_a_flagged_frame_without_a_region_says_why(site: Dict[str, Any], tmp_path: Path) -> None:
     """Every frame above a low image threshold, none with a map above an unreachable pixel threshold."""
-    result: FitResult = site["result"]
+    result: ThresholdsFit = site["result"]
     capture: Capture = site["capture"]
     odd = dataclasses.replace(result, thresholds=dataclasses.replace(
         result.thresholds, image_threshold=float(capture.scores.min()) - 1, pixel_threshold=float(capture.maps.max()) + 1))

@@ -45,3 +45,28 @@ def test_the_known_sideways_imports_are_still_needed() -> None:
     found = {(p, ".".join(m.split(".")[:2])) for p in {p for p, _ in SIDEWAYS}
              for m, _ in imports(ROOT / p)}
     assert SIDEWAYS <= found
+
+
+def public_names(package: str) -> Dict[str, str]:
+    """Public classes and module-level type aliases of a package -> the file that defines them."""
+    names: Dict[str, str] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.parse(path.read_text(), str(path)).body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                names[node.name] = path.relative_to(ROOT).as_posix()
+            elif (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                  and node.targets[0].id[:1].isupper() and not node.targets[0].id.isupper()
+                  and isinstance(node.value, ast.Subscript)):  # `Scorer = Union[...]`
+                names[node.targets[0].id] = path.relative_to(ROOT).as_posix()
+    return names
+
+
+def test_no_public_class_name_is_used_in_two_packages() -> None:
+    seen: Dict[str, str] = {}
+    twice = []
+    for package in PACKAGES:
+        for name, where in public_names(package).items():
+            if name in seen:
+                twice.append(f"{name}: {seen[name]} and {where}")
+            seen.setdefault(name, where)
+    assert twice == [], "\n".join(twice)

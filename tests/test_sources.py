@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from agent import capture as cap
-from agent.capture import Capture
+from agent.capture import CaptureLoop
 from agent.config import CameraConfig
 from agent.sources import (
     CameraSetupError,
@@ -232,7 +232,7 @@ def test_missing_folder_is_a_camera_error(tmp_path):
 
 
 # -- capture thread --------------------------------------------------------------------------------
-def drain(capture: Capture, delay: float = 0.0, timeout: float = 10.0) -> List[Frame]:
+def drain(capture: CaptureLoop, delay: float = 0.0, timeout: float = 10.0) -> List[Frame]:
     got = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -248,7 +248,7 @@ def drain(capture: Capture, delay: float = 0.0, timeout: float = 10.0) -> List[F
 def test_mode_every_applies_back_pressure_and_drops_nothing(tmp_path):
     path = write_video(tmp_path / "clip.avi", 12)
     source = OpenCVSource(str(path), cv2.CAP_ANY, "clip.avi", is_file=True)
-    capture = Capture(source, mode="every", queue_size=2)
+    capture = CaptureLoop(source, mode="every", queue_size=2)
     capture.start()
     got = drain(capture, delay=0.01)  # a slow scorer
     capture.stop()
@@ -259,7 +259,7 @@ def test_mode_every_applies_back_pressure_and_drops_nothing(tmp_path):
 def test_mode_latest_keeps_the_newest_and_counts_the_rest(tmp_path):
     path = write_video(tmp_path / "clip.avi", 30)
     source = OpenCVSource(str(path), cv2.CAP_ANY, "clip.avi", is_file=True)
-    capture = Capture(source, mode="latest")
+    capture = CaptureLoop(source, mode="latest")
     capture.start()
     got = drain(capture, delay=0.02)  # much slower than decoding
     capture.stop()
@@ -300,7 +300,7 @@ class SilentCamera(FrameSource):
 def test_stall_closes_and_reopens_with_backoff():
     camera = SilentCamera(frames=2)
     states: List[str] = []
-    capture = Capture(camera, stall_timeout_s=0.2, reopen_min_s=0.05, reopen_max_s=0.2, on_state=states.append)
+    capture = CaptureLoop(camera, stall_timeout_s=0.2, reopen_min_s=0.05, reopen_max_s=0.2, on_state=states.append)
     capture.start()
     deadline = time.monotonic() + 5
     while camera.opens < 3 and time.monotonic() < deadline:
@@ -313,7 +313,7 @@ def test_stall_closes_and_reopens_with_backoff():
 def test_failed_opens_back_off_exponentially_up_to_the_max():
     camera = SilentCamera(frames=1, fail_opens=4)
     states: List[str] = []
-    capture = Capture(camera, stall_timeout_s=5, reopen_min_s=0.05, reopen_max_s=0.2, on_state=states.append)
+    capture = CaptureLoop(camera, stall_timeout_s=5, reopen_min_s=0.05, reopen_max_s=0.2, on_state=states.append)
     capture.start()
     deadline = time.monotonic() + 5
     while camera.opens < 1 and time.monotonic() < deadline:
@@ -333,7 +333,7 @@ def test_setup_error_is_state_error_and_stop_is_prompt():
         def open(self) -> None:
             raise CameraSetupError("no GStreamer")
 
-    capture = Capture(NoGstreamer(0), reopen_min_s=0.05, reopen_max_s=30)
+    capture = CaptureLoop(NoGstreamer(0), reopen_min_s=0.05, reopen_max_s=30)
     capture.start()
     deadline = time.monotonic() + 2
     while capture.state != cap.ERROR and time.monotonic() < deadline:
@@ -363,7 +363,7 @@ def test_blocked_read_is_unblocked_by_the_stall_watchdog():
             self.released.set()
 
     camera = Frozen()
-    capture = Capture(camera, stall_timeout_s=0.2, reopen_min_s=0.05, reopen_max_s=0.1)
+    capture = CaptureLoop(camera, stall_timeout_s=0.2, reopen_min_s=0.05, reopen_max_s=0.1)
     capture.start()
     deadline = time.monotonic() + 5
     while camera.opens < 2 and time.monotonic() < deadline:
