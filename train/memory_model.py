@@ -16,9 +16,10 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from .anomaly_map import AnomalyOutput, MapScoring
 from .backbone import COARSE_CHANNELS, FEATURE_CHANNELS, EfficientNetLite0Features
 from .config import ModelConfig
-from .model import AnomalyOutput, MapScoring, assemble, divide, principal_components
+from .memory import assemble, divide, principal_components
 
 SEARCH_VALUES = 1 << 26  # distances per chunk in eager mode (256 MB of float32), whatever the memory's size
 
