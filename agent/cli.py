@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from engine.cli_types import positive_int
 from engine.errors import (BackendError, BundleError, ConfigError, DaadError, EngineBuildError, ImageError,
                            ThresholdsError)
 from engine.messages import error
@@ -92,18 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--check-config, and connect to the broker once (TLS, credentials) and say why "
                         "it refuses, if it does")
     parser.add_argument("--log-json", action="store_true", help="JSON log lines (overrides logging.json)")
-    parser.add_argument("--max-frames", type=_positive_int, metavar="N", help="exit 0 after scoring N frames")
+    parser.add_argument("--max-frames", type=positive_int, metavar="N", help="exit 0 after scoring N frames")
     return parser
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"got {text!r}, expected a positive integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"got {value}, expected a positive integer")
-    return value
 
 
 def check_config(config: Any, config_file: Optional[str] = None) -> List[str]:

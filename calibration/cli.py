@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from engine.cli_types import positive_int
 from engine.errors import DaadError
 from engine.messages import error, setup_tool_logging, warning
 
@@ -41,15 +42,6 @@ def parse_rate(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"got {text!r}, expected a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"got {value}, expected at least 1")
-    return value
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Set the thresholds of a bundle on site from good frames.")
@@ -64,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", type=Path, help="agent config: use its camera, bundle and backend")
     src.add_argument("--images", type=Path, help="folder of good-part images (needs --bundle)")
     cap.add_argument("--bundle", type=Path, help="bundle directory (with --images)")
-    cap.add_argument("--frames", type=_positive_int, default=None,
+    cap.add_argument("--frames", type=positive_int, default=None,
                      help=f"frames to capture (default: all images with --images, {DEFAULT_CAMERA_FRAMES} from a camera)")
     cap.add_argument("--interval", type=float, default=0.0,
                      help="camera: at least this many seconds between kept frames, so they show different parts")

@@ -16,6 +16,7 @@ import yaml
 
 from .backend import BACKEND_CHOICES, open_backend
 from .bundle import Bundle, atomic_write_text, load_bundle
+from .cli_types import positive_int
 from .errors import DaadError
 from .messages import error, setup_tool_logging, warning
 from .plan_cache import ENV_CACHE_DIR, PRECISIONS, PlanCache
@@ -50,15 +51,6 @@ def _bundle_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path, help="bundle directory (model.onnx + bundle.yaml) written by `daad-train export`")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
 
 def _non_negative_int(text: str) -> int:
     try:
@@ -88,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine precision; fp16 fails clearly where the GPU has no fast FP16 (no silent fallback)")
     p.add_argument("--calib-images", type=Path, metavar="DIR", help="good frames for INT8 calibration (int8 only)")
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help="plan cache directory (see below for the default)")
-    p.add_argument("--workspace-mb", type=_positive_int, default=DEFAULT_WORKSPACE_MB, metavar="N",
+    p.add_argument("--workspace-mb", type=positive_int, default=DEFAULT_WORKSPACE_MB, metavar="N",
                    help=f"TensorRT builder workspace limit in MiB (default: {DEFAULT_WORKSPACE_MB})")
-    p.add_argument("--batch", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--batch", type=positive_int, default=1, metavar="N",
                    help="batch size; the bundle must contain a graph exported at this batch (default: 1)")
     p.add_argument("--if-missing", action="store_true", help="exit 0 at once when a matching plan exists")
     p.add_argument("--allow-missing-tensorrt", action="store_true",
@@ -130,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     _bundle_arg(p)
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                    help="auto: TensorRT where a plan exists, else ONNX Runtime (default: auto)")
-    p.add_argument("--iterations", type=_positive_int, default=200, metavar="N", help="timed batches (default: 200)")
+    p.add_argument("--iterations", type=positive_int, default=200, metavar="N", help="timed batches (default: 200)")
     p.add_argument("--warmup", type=_non_negative_int, default=20, metavar="N", help="untimed batches first (default: 20)")
-    p.add_argument("--batch", type=_positive_int, default=1, metavar="N", help="batch size (default: 1)")
+    p.add_argument("--batch", type=positive_int, default=1, metavar="N", help="batch size (default: 1)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="TensorRT plan precision (default: fp32)")
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help="plan cache directory")
     p.add_argument("--build-if-missing", action="store_true", help="build the TensorRT plan when none is cached")
