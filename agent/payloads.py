@@ -150,9 +150,7 @@ def status_payload(
     if not isinstance(mqtt_connected, bool):
         raise ValueError(f"mqtt_connected must be a bool, got {mqtt_connected!r}")
     return {
-        "version": PAYLOAD_VERSION,
-        "station": _text(station, "station"),
-        "timestamp": utc_timestamp(timestamp),
+        **_header(station, timestamp),
         "state": state,
         "uptime_s": _float(uptime_s, "uptime_s", minimum=0.0),
         "fps": _float(fps, "fps", minimum=0.0),
@@ -203,9 +201,7 @@ def drift_payload(*, station: str, timestamp: datetime, previous_state: str, fig
     if previous_state not in DRIFT_STATES:
         raise ValueError(f"previous_state must be one of {DRIFT_STATES}, got {previous_state!r}")
     return {
-        "version": PAYLOAD_VERSION,
-        "station": _text(station, "station"),
-        "timestamp": utc_timestamp(timestamp),
+        **_header(station, timestamp),
         "previous_state": previous_state,
         **drift_figures(figures),
         "bundle": _bundle(bundle_name, bundle_sha256),
@@ -227,8 +223,12 @@ def load_schema(name: str) -> Dict[str, Any]:
 def error_status_payload(*, station: str, error: str, timestamp: datetime) -> Dict[str, Any]:
     """The retained status an agent leaves when it refuses to start (exit 78): consumers see why it is not
     running instead of its last `running` status (the schema's `state: error` case)."""
-    return {"version": PAYLOAD_VERSION, "station": _text(station, "station"), "timestamp": utc_timestamp(timestamp),
-            "state": STATE_ERROR, "error": _text(error, "error")}
+    return {**_header(station, timestamp), "state": STATE_ERROR, "error": _text(error, "error")}
+
+
+def _header(station: str, timestamp: datetime) -> Dict[str, Any]:
+    """What every retained station message starts with: the payload version, the station and the UTC time."""
+    return {"version": PAYLOAD_VERSION, "station": _text(station, "station"), "timestamp": utc_timestamp(timestamp)}
 
 
 def _text(value: Any, field: str) -> str:

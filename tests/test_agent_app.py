@@ -531,11 +531,16 @@ def test_agent_imports_no_torch():
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0, "agent/ imports torch"
 
 
-def test_thresholds_made_for_another_bundle_are_refused(tmp_path, template_bundle, calibrated, mosquitto):
+def thresholds_for_another_bundle(tmp_path: Path, calibrated: Path) -> Path:
     other = tmp_path / "other.yaml"
     data = yaml.safe_load(calibrated.read_text())
     data["bundle_sha256"] = "f" * 64
     other.write_text(yaml.safe_dump(data))
+    return other
+
+
+def test_thresholds_made_for_another_bundle_are_refused(tmp_path, template_bundle, calibrated, mosquitto):
+    other = thresholds_for_another_bundle(tmp_path, calibrated)
     folder = write_folder(tmp_path / "incoming", parts("g"))
     config = write_config(tmp_path, template_bundle, other, mosquitto.port, {"kind": "folder", "path": str(folder)})
     result = subprocess.run(agent_command() + ["--config", str(config), "--check-config"],
@@ -549,10 +554,7 @@ def test_thresholds_made_for_another_bundle_are_refused(tmp_path, template_bundl
 
 def test_a_refused_start_leaves_state_error_with_its_reason_as_the_retained_status(tmp_path, template_bundle,
                                                                                     calibrated, mosquitto):
-    other = tmp_path / "other.yaml"
-    data = yaml.safe_load(calibrated.read_text())
-    data["bundle_sha256"] = "f" * 64
-    other.write_text(yaml.safe_dump(data))
+    other = thresholds_for_another_bundle(tmp_path, calibrated)
     folder = write_folder(tmp_path / "incoming", parts("g"))
     config = write_config(tmp_path, template_bundle, other, mosquitto.port, {"kind": "folder", "path": str(folder)})
     result = subprocess.run(agent_command() + ["--config", str(config)], capture_output=True, text=True, timeout=60)
