@@ -121,7 +121,6 @@ def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_peer_") as tmp:
         for name in args.datasets:
