@@ -54,36 +54,36 @@ def _message(manifest: str) -> bytes:
     return SIGNED_PREFIX + manifest.encode("ascii")
 
 
-def load_private_key(path: Union[str, Path]) -> Any:
-    serialization, ed25519 = _crypto()
+MAKE_PRIVATE = "make one with `openssl genpkey -algorithm ed25519 -out release.key`"
+MAKE_PUBLIC = "make it from the release key with `openssl pkey -in release.key -pubout -out release.pub`"
+
+
+def _load_pem_key(path: Union[str, Path], what: str, not_pem: str, load: Any, expected: Any, expected_name: str,
+                  how: str) -> Any:
+    """A PEM key of the expected Ed25519 class, or ConfigError in one line naming the file and how to make one."""
     path = Path(path)
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = load(path.read_bytes())
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the private key ({exc.strerror or exc})") from None
+        raise ConfigError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: not an unencrypted PEM private key ({exc}); make one with "
-                          "`openssl genpkey -algorithm ed25519 -out release.key`") from None
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise ConfigError(f"{path}: a {type(key).__name__}, expected an Ed25519 key; make one with "
-                          "`openssl genpkey -algorithm ed25519 -out release.key`")
+        raise ConfigError(f"{path}: {not_pem} ({exc}); {how}") from None
+    if not isinstance(key, expected):
+        raise ConfigError(f"{path}: a {type(key).__name__}, expected an {expected_name}; {how}")
     return key
+
+
+def load_private_key(path: Union[str, Path]) -> Any:
+    serialization, ed25519 = _crypto()
+    return _load_pem_key(path, "private key", "not an unencrypted PEM private key",
+                         lambda data: serialization.load_pem_private_key(data, password=None),
+                         ed25519.Ed25519PrivateKey, "Ed25519 key", MAKE_PRIVATE)
 
 
 def load_public_key(path: Union[str, Path]) -> Any:
     serialization, ed25519 = _crypto()
-    path = Path(path)
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the public key ({exc.strerror or exc})") from None
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: not a PEM public key ({exc}); make it from the release key with "
-                          "`openssl pkey -in release.key -pubout -out release.pub`") from None
-    if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise ConfigError(f"{path}: a {type(key).__name__}, expected an Ed25519 public key; make it from the "
-                          "release key with `openssl pkey -in release.key -pubout -out release.pub`")
-    return key
+    return _load_pem_key(path, "public key", "not a PEM public key", serialization.load_pem_public_key,
+                         ed25519.Ed25519PublicKey, "Ed25519 public key", MAKE_PUBLIC)
 
 
 def sign_bundle(bundle: Bundle, private_key_path: Union[str, Path]) -> Path:
