@@ -297,6 +297,16 @@ class World:
         self.agent = Agent(config)
         return self.agent
 
+    def start_line(self, config: Path) -> Agent:
+        """Every drill's opening: the broker and a consumer up, the agent started on `config`, frames coming, and
+        the agent ready."""
+        self.broker.start()
+        self.consumer = Consumer(self.broker.port)
+        agent = self.start_agent(config)
+        self.feeder.start()
+        agent.wait_log("agent: ready")
+        return agent
+
     def retire_agent(self, how: str) -> None:
         """Kill (SIGKILL) or stop (SIGTERM) the running agent, keeping what it logged."""
         if self.agent is None:
@@ -349,11 +359,7 @@ def steady(world: World, seconds: float) -> None:
 
 # -- the drills ------------------------------------------------------------------------------------
 def drill_broker_down(world: World, d: Dict[str, float]) -> Dict[str, Any]:
-    world.broker.start()
-    world.consumer = Consumer(world.broker.port)
-    agent = world.start_agent(world.config())
-    world.feeder.start()
-    agent.wait_log("agent: ready")
+    world.start_line(world.config())
     steady(world, d["run_s"])
     world.broker.stop()
     time.sleep(d["broker_down_s"])
@@ -365,12 +371,8 @@ def drill_broker_down(world: World, d: Dict[str, float]) -> Dict[str, Any]:
 
 
 def drill_sigkill(world: World, d: Dict[str, float]) -> Dict[str, Any]:
-    world.broker.start()
-    world.consumer = Consumer(world.broker.port)
     config = world.config()
-    agent = world.start_agent(config)
-    world.feeder.start()
-    agent.wait_log("agent: ready")
+    world.start_line(config)
     recoveries = []
     for _ in range(3):
         steady(world, d["kill_every_s"])
@@ -390,11 +392,7 @@ def drill_sigkill(world: World, d: Dict[str, float]) -> Dict[str, Any]:
 
 
 def drill_camera(world: World, d: Dict[str, float]) -> Dict[str, Any]:
-    world.broker.start()
-    world.consumer = Consumer(world.broker.port)
-    agent = world.start_agent(world.config())
-    world.feeder.start()
-    agent.wait_log("agent: ready")
+    agent = world.start_line(world.config())
     steady(world, d["run_s"])
     away = world.dir / "away"
     world.feeder.pause()
@@ -415,11 +413,7 @@ def drill_camera(world: World, d: Dict[str, float]) -> Dict[str, Any]:
 
 def drill_disk_full(world: World, d: Dict[str, float], disk: TinyDisk) -> Dict[str, Any]:
     """The broker up, the spool without its reserve: events go out from memory while the disk is full."""
-    world.broker.start()
-    world.consumer = Consumer(world.broker.port)
-    agent = world.start_agent(world.config(spool={"reserve_mb": 0}))
-    world.feeder.start()
-    agent.wait_log("agent: ready")
+    agent = world.start_line(world.config(spool={"reserve_mb": 0}))
     steady(world, d["run_s"])
     disk.fill()
     time.sleep(d["disk_full_s"])
@@ -435,12 +429,8 @@ def drill_disk_full(world: World, d: Dict[str, float], disk: TinyDisk) -> Dict[s
 def drill_disk_full_kill(world: World, d: Dict[str, float], disk: TinyDisk, reserve: bool) -> Dict[str, Any]:
     """Disk full AND broker down, then a crash: with the spool's disk reserve (the default) the events are
     still on disk; without it (reserve_mb: 0) this measures what a restart in that window loses."""
-    world.broker.start()
-    world.consumer = Consumer(world.broker.port)
     config = world.config(spool=None if reserve else {"reserve_mb": 0})
-    agent = world.start_agent(config)
-    world.feeder.start()
-    agent.wait_log("agent: ready")
+    agent = world.start_line(config)
     steady(world, d["run_s"])
     world.broker.stop()
     disk.fill()
