@@ -41,7 +41,7 @@ from .payloads import (
     new_boot_id,
     status_payload,
 )
-from .scoring import ScoredFrame, FrameScorer, channel_mismatch, frame_channels, frame_size_of, judge, self_test
+from engine.scoring import ScoredFrame, FrameScorer, channel_mismatch, frame_channels, frame_size_of, judge, self_test
 from .sdnotify import SystemdNotifier
 from .sources import SYSTEM_CLOCK, Clock, Frame, FrameSource, open_source
 from .thresholds_watch import ThresholdsWatch

@@ -17,7 +17,7 @@ from typing import Deque, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .regions import Region, union_bbox
+from engine.regions import Region, union_bbox
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from engine.bundle import describe
 from engine.errors import ConfigError, ThresholdsError
 
 from .app import App
-from .scoring import judge
+from engine.scoring import judge
 from .sdnotify import SystemdNotifier
 
 

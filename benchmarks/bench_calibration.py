@@ -40,6 +40,7 @@ from engine.backend import open_backend  # noqa: E402
 from engine.bundle import Bundle, load_bundle  # noqa: E402
 from engine.errors import DaadError, DatasetError  # noqa: E402
 from engine.preprocess import list_images  # noqa: E402
+from engine.regions import count_regions  # noqa: E402
 
 TARGETS = (0.01, 0.005, 0.001)
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -58,10 +59,10 @@ def split_good(files: Sequence[Path]) -> Tuple[List[Path], List[Path]]:
 def score_files(files: Sequence[Path], bundle: Bundle, backend: Any) -> Tuple[np.ndarray, np.ndarray, List[str], List[str]]:
     skipped: List[str] = []
     scores, maps, names = [], [], []
-    for scored in score_frames(read_image_files(files, skipped), bundle, backend):
+    for name, _, scored in score_frames(read_image_files(files, skipped), bundle, backend):
         scores.append(scored.score)
         maps.append(scored.anomaly_map)
-        names.append(scored.name)
+        names.append(name)
     h, w = bundle.preprocess.height, bundle.preprocess.width
     return (np.asarray(scores, dtype=np.float64), np.stack(maps) if maps else np.zeros((0, h, w), np.float32),
             names, skipped)
@@ -117,7 +118,7 @@ def run(dataset: Path, bundle_path: Path, targets: Sequence[float], backend_name
         th = result.thresholds
         flagged = int(np.sum(held_scores > th.image_threshold))
         lo, hi = stats.clopper_pearson(flagged, held_scores.size) if held_scores.size else (0.0, 1.0)
-        with_regions = sum(stats.count_regions(m, th.pixel_threshold, th.min_defect_area) > 0 for m in held_maps)
+        with_regions = sum(count_regions(m, th.pixel_threshold, th.min_defect_area) > 0 for m in held_maps)
         c = result.at_chosen
         rows.append({
             "target": target,

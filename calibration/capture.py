@@ -26,7 +26,8 @@ import yaml
 from engine.backend import Backend, open_backend
 from engine.bundle import Bundle, atomic_write_bytes, atomic_write_text, load_bundle, read_yaml
 from engine.errors import CameraError, DaadError, ImageError
-from engine.preprocess import list_images, preprocess, read_image
+from engine.preprocess import list_images, read_image
+from engine.scoring import ScoredFrame, score_frame
 
 from . import stats
 
@@ -71,16 +72,6 @@ class CaptureError(DaadError):
 
 
 @dataclass
-class ScoredCapture:
-    """One frame through the model."""
-
-    name: str  # where it came from: file name or camera id#sequence
-    image: np.ndarray  # the decoded frame (OpenCV layout)
-    score: float
-    anomaly_map: np.ndarray  # (H, W) float32 at model resolution
-
-
-@dataclass
 class Capture:
     """A capture directory read back."""
 
@@ -104,15 +95,14 @@ class Capture:
         return int(self.scores.size)
 
 
-def score_frames(frames: Iterable[Tuple[str, np.ndarray]], bundle: Bundle, backend: Backend) -> Iterator[ScoredCapture]:
-    """Preprocess and score frames one at a time (batch 1, as the agent does)."""
+def score_frames(frames: Iterable[Tuple[str, np.ndarray]], bundle: Bundle,
+                 backend: Backend) -> Iterator[Tuple[str, np.ndarray, ScoredFrame]]:
+    """(name, image, scored) for each (name, image), scored one at a time as the agent does (engine.scoring)."""
     for name, image in frames:
         try:
-            batch = preprocess(image, bundle.preprocess)[None]
+            yield name, image, score_frame(image, bundle.preprocess, backend)
         except ImageError as exc:
             raise ImageError(f"{name}: {exc}") from exc
-        result = backend.infer(batch)
-        yield ScoredCapture(name=name, image=image, score=float(result.score[0]), anomaly_map=result.anomaly_map[0, 0])
 
 
 def read_image_files(paths: Iterable[Path], skipped: List[str]) -> Iterator[Tuple[str, np.ndarray]]:
@@ -197,13 +187,13 @@ def run_capture(
     bar = tqdm(total=n_frames, desc="capture", unit="frame", disable=None if progress else True)
     interrupted = False
     try:
-        for scored in score_frames(frames, bundle, backend):
+        for name, image, scored in score_frames(frames, bundle, backend):
             index = len(rows)
             frame_file = f"{FRAMES_DIR}/{index:06d}.png"
-            (out / frame_file).write_bytes(_encode_png(scored.image))
-            h, w = scored.image.shape[:2]
+            (out / frame_file).write_bytes(_encode_png(image))
+            h, w = image.shape[:2]
             sizes[f"{w}x{h}"] = sizes.get(f"{w}x{h}", 0) + 1
-            rows.append({"index": index, "frame": frame_file, "source": scored.name, "score": scored.score,
+            rows.append({"index": index, "frame": frame_file, "source": name, "score": scored.score,
                          **_map_summary(scored.anomaly_map)})
             maps.append(np.asarray(scored.anomaly_map, dtype=np.float32))
             bar.update(1)

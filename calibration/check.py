@@ -1,8 +1,8 @@
 """Check: a dry run of what the agent would flag with a thresholds file, on a folder of images.
 
-Same preprocessing, backend and rules as the agent: flagged when the image score is above the
-image threshold; regions are components of the anomaly map above the pixel threshold of at least
-the minimum area (calibration.stats.count_regions).
+Same preprocessing, backend and rules as the agent (engine.scoring, engine.regions): flagged when the
+image score is above the image threshold; regions are components of the anomaly map above the pixel
+threshold of at least the minimum area.
 """
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ import numpy as np
 
 from engine.backend import open_backend
 from engine.bundle import load_bundle
+from engine.regions import count_regions, verdict
+from engine.thresholds import Thresholds, load_thresholds
 
 from . import stats
 from .capture import image_folder, read_image_files, score_frames
 from .fit import pct
-from engine.thresholds import Thresholds, load_thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +58,13 @@ def run_check(thresholds_path: Union[str, Path], bundle_path: Union[str, Path], 
     skipped: List[str] = []
     frames: List[FrameCheck] = []
     with open_backend(bundle, prefer=backend, precision=precision) as be:
-        for scored in tqdm(score_frames(read_image_files(files, skipped), bundle, be), total=len(files),
-                           desc="check", unit="frame", disable=None if progress else True):
+        for name, _, scored in tqdm(score_frames(read_image_files(files, skipped), bundle, be), total=len(files),
+                                    desc="check", unit="frame", disable=None if progress else True):
             frames.append(FrameCheck(
-                name=Path(scored.name).name,
+                name=Path(name).name,
                 score=scored.score,
-                flagged=scored.score > thresholds.image_threshold,
-                regions=stats.count_regions(scored.anomaly_map, thresholds.pixel_threshold, thresholds.min_defect_area),
+                flagged=verdict(scored.score, [], thresholds).defective,
+                regions=count_regions(scored.anomaly_map, thresholds.pixel_threshold, thresholds.min_defect_area),
             ))
     if skipped:
         logger.warning("%d unreadable image(s) skipped in %s", len(skipped), images)

@@ -20,6 +20,7 @@ from engine.bundle import Bundle
 from engine.errors import DatasetError
 from engine.messages import pct
 from engine.preprocess import list_images
+from engine.regions import CONNECTIVITY
 
 from . import stats
 from .capture import Capture, read_image_files, score_frames, software_versions
@@ -85,9 +86,9 @@ def score_defect_dataset(root: Union[str, Path], bundle: Bundle, backend: str = 
                                                           disable=None if progress else True) as bar:
         for kind in groups:
             s, f, m = [], [], []
-            for scored in score_frames(read_image_files(list_images(test / kind), skipped), bundle, be):
+            for name, _, scored in score_frames(read_image_files(list_images(test / kind), skipped), bundle, be):
                 s.append(scored.score)
-                f.append(scored.name)
+                f.append(name)
                 m.append(scored.anomaly_map)
                 bar.update(1)
             if kind == GOOD_DIR:
@@ -227,7 +228,7 @@ def _provenance(result: ThresholdsFit, capture: Capture, defects: Optional[Defec
             "method": result.pixel.method,
             "good_frames_with_regions": result.pixel.frames_with_regions,
             "good_component_areas": list(result.pixel.good_component_areas[-20:]),
-            "connectivity": stats.CONNECTIVITY,
+            "connectivity": CONNECTIVITY,
             "map_size": meta.get("map_size"),
         },
         "warnings": list(result.warnings),

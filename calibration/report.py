@@ -18,6 +18,7 @@ from engine.bundle import atomic_write_text
 from engine.errors import ImageError
 from engine.messages import pct
 from engine.preprocess import read_image
+from engine.regions import count_regions
 
 from . import stats
 from .capture import Capture
@@ -141,7 +142,7 @@ def plot_overlays(items: Sequence[Tuple[str, np.ndarray, np.ndarray, float]], re
         above = cv2.resize((amap > t.pixel_threshold).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
         if above.any():
             ax.contour(above, levels=[0.5], colors=fg.REGION_OUTLINE, linewidths=1.5)
-        n_regions = stats.count_regions(amap, t.pixel_threshold, t.min_defect_area)
+        n_regions = count_regions(amap, t.pixel_threshold, t.min_defect_area)
         flagged = score > t.image_threshold
         ax.set_title(overlay_caption(label, score, n_regions, t.image_threshold, defective), fontsize=7,
                      color=FLAG_COLOUR if flagged else "black")

@@ -1,9 +1,9 @@
 """Pure statistics behind the thresholds: no I/O, no logging of results, numbers in, numbers out.
 
-Conventions shared with the agent (design contract §4):
-- a frame is flagged when its image score is strictly above the image threshold;
-- a region is an 8-connected component of anomaly-map pixels strictly above the pixel threshold
-  whose area (in anomaly-map pixels) is at least the minimum defect area.
+Conventions shared with the agent (design contract §4) are engine.regions': a frame is flagged when its
+image score is strictly above the image threshold; a region is an 8-connected component of anomaly-map
+pixels strictly above the pixel threshold whose area (in anomaly-map pixels) is at least the minimum
+defect area.
 
 The false-alarm statements assume the calibration frames are independent draws of what the line
 produces; consecutive camera frames of one part are not (capture with an interval between frames).
@@ -20,6 +20,7 @@ import numpy as np
 
 from engine.errors import DaadError
 from engine.messages import pct
+from engine.regions import component_areas, count_regions
 
 CONFIDENCE = 0.95  # two-sided level of every interval we state
 RULE_OF_THREE = 3.0  # N frames resolve a rate down to ~3/N (95% upper bound with no exceedance)
@@ -44,7 +45,6 @@ SHIFT_SIGMAS = 6.0  # median moved by more than this many training std devs
 SHIFT_P99_SHARE = 0.5  # or most frames above the training p99 (1% expected, a few times that for unseen parts)
 MIN_AREA_QUANTILE = 0.5  # min area = median size of the regions good frames show (see fit_pixel_thresholds)
 MAX_MIN_AREA_SHARE = 0.002  # but never above 0.2% of the map: a few odd good blobs must not hide small defects
-CONNECTIVITY = 8  # pixels touching by a corner belong to one region (agent/regions.py must match)
 
 
 class StatsError(DaadError):
@@ -386,25 +386,6 @@ def _miss(s: np.ndarray, threshold: float) -> Dict[str, float]:
 
 
 # ---------------------------------------------------------------- pixel threshold and regions
-
-
-def component_areas(map2d: np.ndarray, pixel_threshold: float) -> np.ndarray:
-    """Areas (pixels) of the 8-connected components of `map2d > pixel_threshold`."""
-    import cv2
-
-    m = np.asarray(map2d)
-    if m.ndim != 2:
-        raise StatsError(f"expected a 2-D anomaly map, got shape {m.shape}")
-    mask = (m > pixel_threshold).astype(np.uint8)
-    if not mask.any():
-        return np.zeros(0, dtype=np.int64)
-    n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=CONNECTIVITY)
-    return stats[1:n, cv2.CC_STAT_AREA].astype(np.int64)  # label 0 is the background
-
-
-def count_regions(map2d: np.ndarray, pixel_threshold: float, min_area: int) -> int:
-    """Regions the agent would report: components above the pixel threshold of at least min_area pixels."""
-    return int(np.sum(component_areas(map2d, pixel_threshold) >= min_area))
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from agent.cli import JsonFormatter, main
 from agent.config import load_config
 from agent.metrics_http import MetricsServer, render_prometheus
 from agent.payloads import load_schema
-from agent.regions import bbox_overlap
+from engine.regions import bbox_overlap
 from agent.sdnotify import SystemdNotifier
 from agent.thresholds_watch import ThresholdsWatch
 from engine.thresholds import Thresholds, save_thresholds

@@ -22,6 +22,7 @@ from engine.backend import open_backend
 from engine.bundle import Bundle, load_bundle, write_bundle_yaml
 from engine.errors import ThresholdsError
 from engine.preprocess import preprocess
+from engine.regions import count_regions
 from tests.bundle_factory import make_template_bundle
 from train.synthetic import make_defective, make_good
 
@@ -88,7 +89,7 @@ def test_low_rate_with_an_unsound_tail_falls_back_to_the_highest_score(calibrati
 def test_pixel_threshold_leaves_good_frames_almost_free_of_regions(calibration_capture) -> None:
     result = fit_thresholds(calibration_capture, 0.05)
     p = result.thresholds
-    regions = [stats.count_regions(m, p.pixel_threshold, p.min_defect_area) for m in calibration_capture.maps]
+    regions = [count_regions(m, p.pixel_threshold, p.min_defect_area) for m in calibration_capture.maps]
     with_regions = sum(r > 0 for r in regions)
     assert with_regions == result.pixel.frames_with_regions
     assert with_regions <= 0.05 * 301  # the conformal bound on the calibration frames themselves

@@ -149,19 +149,7 @@ def test_miss_rates_per_type_and_overall() -> None:
     assert m["all"]["ci_low"] < 0.6 < m["all"]["ci_high"]
 
 
-# ---------------------------------------------------------------- regions and pixel thresholds
-
-
-def test_count_regions_uses_strict_threshold_min_area_and_8_connectivity() -> None:
-    m = np.zeros((20, 20), np.float32)
-    m[2:4, 2:5] = 1.0  # 6 pixels
-    m[10:14, 10:13] = 1.0  # 12 pixels
-    m[14, 13] = 1.0  # touches the 12-pixel blob by a corner only: same region with 8-connectivity
-    m[18, 18] = 0.5  # exactly at the threshold: not above it
-    assert sorted(stats.component_areas(m, 0.5).tolist()) == [6, 13]
-    assert stats.count_regions(m, 0.5, min_area=7) == 1
-    assert stats.count_regions(m, 0.5, min_area=6) == 2
-    assert stats.count_regions(m, 0.49, min_area=1) == 3
+# ---------------------------------------------------------------- pixel thresholds (regions: tests/test_regions.py)
 
 
 def test_pixel_thresholds_keep_good_frames_free_of_regions_at_the_rate() -> None:

@@ -1,4 +1,5 @@
-"""agent.regions: components at map resolution, mapped back to the original frame; the verdict."""
+"""engine.regions: components at map resolution (the agent's and calibration's), mapped back to the original frame;
+the verdict."""
 from __future__ import annotations
 
 import base64
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from agent.frames_store import FramesStore, crop_box, encode_crop
-from agent.regions import Region, bbox_overlap, find_regions, map_bbox_to_frame, union_bbox, verdict
+from engine.regions import (Region, bbox_overlap, component_areas, count_regions, find_regions, map_bbox_to_frame,
+                            union_bbox, verdict)
 from engine.thresholds import Thresholds
 
 
@@ -141,3 +143,17 @@ def test_frames_store_keeps_its_bounds_and_takes_stock_after_restart(tmp_path):
     again = FramesStore(tmp_path / "frames", max_files=100, max_bytes=size - 1, jpeg_quality=90)
     again.open()
     assert again.count == 2 and not paths[2].exists() and paths[4].exists()
+
+
+def test_count_regions_uses_strict_threshold_min_area_and_8_connectivity() -> None:
+    m = np.zeros((20, 20), np.float32)
+    m[2:4, 2:5] = 1.0  # 6 pixels
+    m[10:14, 10:13] = 1.0  # 12 pixels
+    m[14, 13] = 1.0  # touches the 12-pixel blob by a corner only: same region with 8-connectivity
+    m[18, 18] = 0.5  # exactly at the threshold: not above it
+    assert sorted(component_areas(m, 0.5).tolist()) == [6, 13]
+    assert count_regions(m, 0.5, min_area=7) == 1
+    assert count_regions(m, 0.5, min_area=6) == 2
+    assert count_regions(m, 0.49, min_area=1) == 3
+    # what calibration counts is what the agent reports
+    assert len(find_regions(m, 0.5, min_area=6, frame_size=(20, 20))) == count_regions(m, 0.5, min_area=6)

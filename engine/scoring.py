@@ -1,7 +1,8 @@
 """Frame -> score -> verdict: the one preprocessing function, the backend, then pure functions.
 
-The backend is injected (ONNX Runtime, TensorRT, or anything with `infer`), so a frame is scored
-here exactly as calibration scored the frames its thresholds came from.
+The one place a frame is scored, for the agent and for calibration (capture, check, defects), so the
+service scores a frame exactly as calibration scored the frames its thresholds came from. The backend
+is injected (ONNX Runtime, TensorRT, or anything with `infer`).
 """
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import Any, List, NamedTuple, Optional
 
 import numpy as np
 
-from engine.backend import Backend
-from engine.errors import BackendError, DaadError
-from engine.preprocess import PreprocessSpec, preprocess
+from .backend import Backend
+from .errors import BackendError, DaadError
+from .preprocess import PreprocessSpec, preprocess
 
 from .regions import Verdict, find_regions, verdict
 
@@ -29,17 +30,22 @@ class ScoredFrame(NamedTuple):
     anomaly_map: np.ndarray  # (H, W) at the model's input resolution
 
 
+def score_frame(image: np.ndarray, spec: PreprocessSpec, backend: Backend) -> ScoredFrame:
+    """preprocess (bundle spec) + backend.infer for one frame (batch 1)."""
+    batch = preprocess(image, spec)[None]  # (1, C, H, W)
+    out = backend.infer(batch)
+    return ScoredFrame(score=float(out.score[0]), anomaly_map=out.anomaly_map[0, 0])
+
+
 class FrameScorer:
-    """preprocess (bundle spec) + backend.infer for one frame at a time (batch 1)."""
+    """score_frame with the backend and spec bound (the agent scores every frame through one)."""
 
     def __init__(self, backend: Backend, spec: PreprocessSpec) -> None:
         self.backend = backend
         self.spec = spec
 
     def score(self, image: np.ndarray) -> ScoredFrame:
-        batch = preprocess(image, self.spec)[None]  # (1, C, H, W)
-        out = self.backend.infer(batch)
-        return ScoredFrame(score=float(out.score[0]), anomaly_map=out.anomaly_map[0, 0])
+        return score_frame(image, self.spec, self.backend)
 
 
 BLANK_LEVEL = 128  # mid-gray: a frame every preprocessing maps to finite, ordinary values
