@@ -18,13 +18,15 @@ from typing import Any, Deque, Dict, List, Optional, Set
 
 import numpy as np
 
-from engine.thresholds import Thresholds, load_thresholds
+from camera import loop as cap
+from camera.loop import CaptureLoop
+from camera.sources import SYSTEM_CLOCK, Clock, Frame, FrameSource, open_source
 from engine.backend import Backend, open_backend
 from engine.bundle import Bundle, describe, load_bundle
 from engine.errors import ConfigError, ImageError
+from engine.scoring import FrameScorer, ScoredFrame, channel_mismatch, frame_channels, frame_size_of, judge, self_test
+from engine.thresholds import Thresholds, load_thresholds
 
-from . import capture as cap
-from .capture import CaptureLoop
 from .config import AgentConfig, is_loopback
 from .drift import DRIFT_OFF, DRIFT_RECALIBRATE, DRIFT_WARNING, DriftMonitor, DriftReference, reference_from_dict
 from .frames_store import FramesStore, encode_crop
@@ -41,9 +43,7 @@ from .payloads import (
     new_boot_id,
     status_payload,
 )
-from engine.scoring import ScoredFrame, FrameScorer, channel_mismatch, frame_channels, frame_size_of, judge, self_test
 from .sdnotify import SystemdNotifier
-from .sources import SYSTEM_CLOCK, Clock, Frame, FrameSource, open_source
 from .thresholds_watch import ThresholdsWatch
 
 logger = logging.getLogger(__name__)

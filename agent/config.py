@@ -2,7 +2,9 @@
 
 Pydantic models, one per concern, that forbid unknown keys; every field has a description and
 bounds. `load_config` reports ALL problems at once, one line each, as
-`agent.yaml: camera.mode: got 'fast', expected 'latest' or 'every'`.
+`agent.yaml: camera.mode: got 'fast', expected 'latest' or 'every'` (engine.config_file).
+The camera section is camera.config's and the model section engine.model_section's: calibration
+reads them too.
 
 Strings may use `${NAME}` to take a value from the environment (e.g. a station id set by the
 installer). Relative paths are resolved against the directory of the config file, so a config
@@ -11,112 +13,29 @@ and its bundle/thresholds can travel together.
 from __future__ import annotations
 
 import ipaddress
-import os
-import re
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple, Type, Union
+from typing import List, Literal, Optional, Type, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
-from typing_extensions import Annotated  # typing.Annotated is 3.9+; typing_extensions comes with pydantic
-
+from camera.config import CameraConfig, camera_file_problems, camera_problems
 from engine.bundle import BUNDLE_YAML
+from engine.config_file import ConfigSection, load_yaml_model, show, walk_paths
+from engine.config_file import dump_example_keys as _dump_keys
 from engine.errors import ConfigError
+from engine.model_section import ModelSection
 
 from .mqtt import MqttSettings, SpoolSettings
 
 CONFIG_VERSION = 1
-NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"  # used in MQTT topics, event ids and file names
-ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-MAX_SHOWN_CHARS = 60  # long values are cut in error messages
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-# -- camera sources (one of, chosen by `kind`) ----------------------------------------------------
-class V4l2Source(_Section):
-    kind: Literal["v4l2"] = Field(description="USB / V4L2 camera through OpenCV's V4L2 backend")
-    device: Union[int, str] = Field(0, description="device index (0) or path (/dev/video0)")
-    width: Optional[int] = Field(None, ge=16, le=16384, description="requested width; None keeps the driver's")
-    height: Optional[int] = Field(None, ge=16, le=16384, description="requested height; None keeps the driver's")
-    fps: Optional[float] = Field(None, gt=0, le=1000, description="requested frame rate; None keeps the driver's")
-
-
-class GstreamerSource(_Section):
-    kind: Literal["gstreamer"] = Field(description="any GStreamer pipeline ending in an appsink (needs JetPack's OpenCV)")
-    pipeline: str = Field(min_length=1, description="pipeline string; must end with `appsink`")
-
-
-class CsiSource(_Section):
-    kind: Literal["csi"] = Field(description="Jetson CSI camera through nvarguscamerasrc")
-    sensor_id: int = Field(0, ge=0, le=15, description="Argus sensor id")
-    width: int = Field(1920, ge=16, le=16384, description="capture width in pixels")
-    height: int = Field(1080, ge=16, le=16384, description="capture height in pixels")
-    fps: int = Field(30, ge=1, le=1000, description="capture frame rate")
-
-
-class RtspSource(_Section):
-    kind: Literal["rtsp"] = Field(description="H.264 RTSP stream decoded by the Jetson's hardware decoder")
-    uri: str = Field(pattern=r"^rtsps?://", description="rtsp://host:port/path")
-    latency_ms: int = Field(200, ge=0, le=10000, description="rtspsrc jitter buffer")
-
-
-class VideoSource(_Section):
-    kind: Literal["video"] = Field(description="a video file (demo, tests, replaying a recorded line)")
-    path: Path = Field(description="video file")
-    loop: bool = Field(False, description="start again at the end (the file is reopened each time)")
-    realtime: bool = Field(False, description="pace frames at the file's frame rate, like a camera")
-
-
-class FolderSource(_Section):
-    kind: Literal["folder"] = Field(description="image files in a folder, in name order")
-    path: Path = Field(description="folder of images")
-    watch: bool = Field(False, description="keep watching for new files instead of ending after the last one")
-    poll_s: float = Field(0.5, gt=0, le=60, description="seconds between scans for new files when watching")
-    pattern: str = Field("*", min_length=1, description="glob of file names to read (only image files are read)")
-    settle_s: float = Field(0.2, ge=0, le=60, description="a new file is read once its size is unchanged this long")
-
-
-SourceConfig = Annotated[
-    Union[V4l2Source, GstreamerSource, CsiSource, RtspSource, VideoSource, FolderSource], Field(discriminator="kind")
-]
-SOURCE_KINDS = ("v4l2", "gstreamer", "csi", "rtsp", "video", "folder")
-
-
-class CameraConfig(_Section):
-    name: str = Field("cam0", min_length=1, max_length=64, pattern=NAME_PATTERN, description="camera id in events")
-    source: SourceConfig = Field(description="where frames come from")
-    mode: Literal["latest", "every"] = Field(
-        "latest", description="latest: score the newest frame, drop stale ones (live cameras); every: score all (files)"
-    )
-    queue_size: int = Field(8, ge=1, le=1024, description="frames buffered between capture and scoring in mode every")
-    stall_timeout_s: float = Field(20.0, gt=0, le=3600, description="no frame for this long: close and reopen")
-    reopen_min_s: float = Field(1.0, gt=0, le=3600, description="first wait before reopening a failed camera")
-    reopen_max_s: float = Field(10.0, gt=0, le=3600, description="the wait doubles up to this")
-
-
-class ModelSection(_Section):
-    bundle: Path = Field(description="bundle directory (bundle.yaml + model.onnx)")
-    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
-        "auto", description="auto: TensorRT where available, else ONNX Runtime"
-    )
-    precision: Literal["fp32", "fp16"] = Field("fp32", description="TensorRT precision (recalibrate after changing)")
-    plan_cache: Optional[Path] = Field(None, description="TensorRT plan cache directory; None: engine's default")
-    public_key: Optional[Path] = Field(
-        None, description="Ed25519 public key (PEM) of the release key: the bundle must carry a bundle.sig made "
-                          "with it (`daad-engine sign`); None: signatures are not checked"
-    )
-
-
-class ThresholdsConfig(_Section):
+class ThresholdsConfig(ConfigSection):
     path: Path = Field(description="thresholds.yaml written by daad-calibrate for this bundle")
     poll_s: float = Field(2.0, ge=0, le=3600, description="seconds between checks of the file for changes; 0: SIGHUP only")
 
 
-class FramesConfig(_Section):
+class FramesConfig(ConfigSection):
     dir: Optional[Path] = Field(None, description="save defective frames here as JPEG; None: do not save")
     max_files: int = Field(1000, ge=1, le=10_000_000, description="keep at most this many frames (oldest deleted)")
     max_bytes: int = Field(500_000_000, ge=1_000_000, description="keep at most this many bytes of frames")
@@ -125,12 +44,12 @@ class FramesConfig(_Section):
     crop_max_px: int = Field(256, ge=16, le=4096, description="longest side of the crop in the event")
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(ConfigSection):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     json_lines: bool = Field(False, alias="json", description="one JSON object per line (for log shippers)")
 
 
-class MetricsConfig(_Section):
+class MetricsConfig(ConfigSection):
     prometheus_port: Optional[int] = Field(None, ge=1, le=65535, description="serve /metrics here; None: off")
     bind: str = Field("127.0.0.1", min_length=1, description="address of the metrics endpoint")
     allow_remote: bool = Field(
@@ -141,7 +60,7 @@ class MetricsConfig(_Section):
     )
 
 
-class DriftConfig(_Section):
+class DriftConfig(ConfigSection):
     """The drift alarm (agent/drift.py): good frames' scores against the calibration's."""
 
     enabled: bool = Field(True, description="watch the good frames' scores; off also when thresholds.yaml has no drift_reference")
@@ -157,7 +76,7 @@ class DriftConfig(_Section):
     )
 
 
-class AgentConfig(_Section):
+class AgentConfig(ConfigSection):
     version: Literal[1] = Field(CONFIG_VERSION, description="config format version")
     camera: CameraConfig
     model: ModelSection
@@ -173,44 +92,16 @@ class AgentConfig(_Section):
 # -- loading ---------------------------------------------------------------------------------------
 def load_config(path: Union[str, Path], check_files: bool = True) -> AgentConfig:
     """Read, expand, validate and resolve agent.yaml; ConfigError with every problem, one per line."""
-    path = Path(path)
-    name = str(path)
-    if not path.is_file():
-        raise ConfigError(f"{name}: config file not found; pass --config /etc/daad-inspect/agent.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
-        raise ConfigError(f"{name}: {where}: not valid YAML ({exc.problem}); fix the syntax") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{name}: not valid YAML ({exc.__class__.__name__})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{name}: got {_show(raw)}, expected a mapping with camera, model, thresholds, mqtt, spool")
-    errors: List[str] = []
-    data = _expand_env(raw, (), errors)
-    if errors:
-        raise ConfigError("\n".join(f"{name}: {e}" for e in errors))
-    try:
-        config = AgentConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError("\n".join(f"{name}: {line}" for line in format_errors(exc, data))) from None
-    config = _resolve_paths(config, path.resolve().parent)
+    config = load_yaml_model(path, AgentConfig, "pass --config /etc/daad-inspect/agent.yaml")
     problems = check_rules(config, check_files=check_files)
     if problems:
-        raise ConfigError("\n".join(f"{name}: {p}" for p in problems))
+        raise ConfigError("\n".join(f"{path}: {p}" for p in problems))
     return config
 
 
 def check_rules(config: AgentConfig, check_files: bool = True) -> List[str]:
     """Cross-field rules and files that must exist; one `key.path: got X, expected Y` per problem."""
-    problems: List[str] = []
-    cam = config.camera
-    if cam.reopen_min_s > cam.reopen_max_s:
-        problems.append(
-            f"camera.reopen_min_s: got {cam.reopen_min_s:g} > reopen_max_s {cam.reopen_max_s:g}, "
-            "expected reopen_min_s <= reopen_max_s"
-        )
+    problems: List[str] = camera_problems(config.camera, check_files=False)
     drift = config.drift
     if drift.interval > drift.window:
         problems.append(f"drift.interval: got {drift.interval} > drift.window {drift.window}, expected interval <= window")
@@ -220,13 +111,10 @@ def check_rules(config: AgentConfig, check_files: bool = True) -> List[str]:
     if drift.interval > drift.warning_per_frames:
         problems.append(f"drift.interval: got {drift.interval} > drift.warning_per_frames {drift.warning_per_frames}, "
                         "expected interval <= warning_per_frames")
-    src = cam.source
-    if isinstance(src, GstreamerSource) and "appsink" not in src.pipeline:
-        problems.append(f"camera.source.pipeline: got {_show(src.pipeline)}, expected a pipeline ending in appsink")
     metrics = config.metrics
     if metrics.prometheus_port is not None and not metrics.allow_remote and not is_loopback(metrics.bind):
         problems.append(
-            f"metrics.bind: got {_show(metrics.bind)}, expected a loopback address (127.0.0.1, ::1 or localhost); "
+            f"metrics.bind: got {show(metrics.bind)}, expected a loopback address (127.0.0.1, ::1 or localhost); "
             "set metrics.allow_remote: true to serve /metrics on the network, with metrics.token_file to require a token"
         )
     if not check_files:
@@ -245,14 +133,11 @@ def check_rules(config: AgentConfig, check_files: bool = True) -> List[str]:
             f"thresholds.path: got '{config.thresholds.path}' (not a file), expected thresholds.yaml "
             "written by `daad-calibrate fit`"
         )
-    if isinstance(src, VideoSource) and not src.path.is_file():
-        problems.append(f"camera.source.path: got '{src.path}' (not a file), expected a video file")
-    if isinstance(src, FolderSource) and not src.path.is_dir():
-        problems.append(f"camera.source.path: got '{src.path}' (not a directory), expected a folder of images")
+    problems += camera_file_problems(config.camera)
     token = metrics.token_file
     if metrics.prometheus_port is not None and token is not None and not token.is_file():
         problems.append(f"metrics.token_file: got '{token}' (not a file), expected a file holding the bearer token")
-    for key, value in _walk_paths(config.mqtt, "mqtt"):
+    for key, value in walk_paths(config.mqtt, "mqtt"):
         if key.endswith("_file") or ".tls." in f".{key}.":
             if not value.is_file():
                 problems.append(f"{key}: got '{value}' (not a file), expected a readable file")
@@ -269,231 +154,6 @@ def is_loopback(address: str) -> bool:
         return False  # another host name: it may resolve to any interface
 
 
-def _expand_env(value: Any, loc: Tuple[Any, ...], errors: List[str]) -> Any:
-    """${NAME} in strings -> the environment's value; an unset variable is an error naming the key."""
-    if isinstance(value, dict):
-        return {k: _expand_env(v, loc + (k,), errors) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand_env(v, loc + (i,), errors) for i, v in enumerate(value)]
-    if isinstance(value, str) and "${" in value:
-
-        def sub(match: "re.Match[str]") -> str:
-            var = match.group(1)
-            if var not in os.environ:
-                errors.append(f"{_dotted(loc)}: got {_show(value)}, expected environment variable {var} to be set")
-                return match.group(0)
-            return os.environ[var]
-
-        return ENV_PATTERN.sub(sub, value)
-    return value
-
-
-def _resolve_paths(model: BaseModel, base: Path) -> Any:
-    """Every relative Path field -> absolute against the config file's directory (~ expanded)."""
-    updates: Dict[str, Any] = {}
-    for field_name in type(model).model_fields:
-        value = getattr(model, field_name)
-        if isinstance(value, Path):
-            value = value.expanduser()
-            updates[field_name] = value if value.is_absolute() else (base / value)
-        elif isinstance(value, BaseModel):
-            updates[field_name] = _resolve_paths(value, base)
-    return model.model_copy(update=updates)
-
-
-def _walk_paths(model: BaseModel, prefix: str) -> List[Tuple[str, Path]]:
-    found: List[Tuple[str, Path]] = []
-    for field_name, info in type(model).model_fields.items():
-        key = f"{prefix}.{info.alias or field_name}"
-        value = getattr(model, field_name)
-        if isinstance(value, Path):
-            found.append((key, value))
-        elif isinstance(value, BaseModel):
-            found.extend(_walk_paths(value, key))
-    return found
-
-
-# -- error formatting ------------------------------------------------------------------------------
-_EXPECTED_BY_TYPE = {
-    "int_parsing": "an integer",
-    "int_type": "an integer",
-    "int_from_float": "a whole number",
-    "float_parsing": "a number",
-    "float_type": "a number",
-    "bool_parsing": "true or false",
-    "bool_type": "true or false",
-    "string_type": "a string",
-    "path_type": "a path",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-    "list_type": "a list",
-    "finite_number": "a finite number",
-    "none_required": "nothing",
-}
-
-
-def format_errors(exc: ValidationError, data: Any) -> List[str]:
-    """Pydantic errors -> `key.path: got X, expected Y`, one per key (alternatives of a union merged)."""
-    merged: Dict[Tuple[Any, ...], Tuple[str, List[str]]] = {}
-    lines_by_loc: Dict[Tuple[Any, ...], str] = {}
-    for err in exc.errors():
-        loc = _user_loc(tuple(err["loc"]), data)
-        kind = err["type"]
-        ctx = err.get("ctx") or {}
-        if kind == "missing":
-            got, expected = "nothing", "a value (this key is required)"
-        elif kind == "extra_forbidden":
-            allowed = _allowed_keys(loc[:-1], data)
-            got, expected = f"unknown key {_show(loc[-1])}", (f"one of {', '.join(allowed)}" if allowed else "no such key")
-        elif kind in ("union_tag_invalid", "union_tag_not_found"):
-            loc = loc + ("kind",)
-            got = _show(ctx["tag"]) if "tag" in ctx else "nothing"
-            expected = f"one of {ctx.get('expected_tags') or ', '.join(repr(k) for k in SOURCE_KINDS)}"
-        elif kind in ("value_error", "assertion_error"):
-            # a validator's own sentence: "mqtt: give either password_file or password_env, not both"
-            msg = str(err["msg"])
-            for lead in ("Value error, ", "Assertion failed, "):
-                msg = msg[len(lead):] if msg.startswith(lead) else msg
-            value = err.get("input")
-            text = msg if isinstance(value, dict) else f"got {_show(value)}; {msg}"
-            lines_by_loc.setdefault(loc, text)
-            continue
-        else:
-            got, expected = _show(err.get("input")), _expected(kind, ctx, err["msg"])
-        if loc in merged:
-            if expected not in merged[loc][1]:
-                merged[loc][1].append(expected)
-        else:
-            merged[loc] = (got, [expected])
-    lines = [f"{_dotted(loc)}: got {got}, expected {' or '.join(exp)}" for loc, (got, exp) in merged.items()]
-    return lines + [f"{_dotted(loc)}: {text}" for loc, text in lines_by_loc.items()]
-
-
-def _expected(kind: str, ctx: Dict[str, Any], msg: str) -> str:
-    if kind == "literal_error":
-        return str(ctx["expected"])
-    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-    if kind in bounds:
-        limit = next(iter(ctx.values()))
-        return f"a number {bounds[kind]} {limit:g}" if isinstance(limit, float) else f"a number {bounds[kind]} {limit}"
-    if kind == "string_too_short":
-        return f"at least {ctx.get('min_length')} character(s)"
-    if kind == "string_too_long":
-        return f"at most {ctx.get('max_length')} characters"
-    if kind == "string_pattern_mismatch":
-        return f"a string matching {ctx.get('pattern')}"
-    if kind in _EXPECTED_BY_TYPE:
-        return _EXPECTED_BY_TYPE[kind]
-    return msg[0].lower() + msg[1:] if msg else kind
-
-
-def _user_loc(loc: Tuple[Any, ...], data: Any) -> Tuple[Any, ...]:
-    """Drop the tag pydantic inserts for discriminated unions (camera.source.video.path -> camera.source.path)
-    and the type names it inserts for plain unions (int, str)."""
-    out: List[Any] = []
-    node = data
-    for part in loc:
-        if isinstance(node, dict):
-            if part in node:
-                out.append(part)
-                node = node[part]
-                continue
-            if node.get("kind") == part:  # the discriminator's tag
-                continue
-            if isinstance(part, str) and ("[" in part or part in ("int", "str", "float", "bool")):
-                continue
-            out.append(part)
-            node = None
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            out.append(part)
-            node = node[part]
-        else:
-            if isinstance(part, str) and ("[" in part or part in ("int", "str", "float", "bool")):
-                continue
-            out.append(part)
-            node = None
-    return tuple(out)
-
-
-def _allowed_keys(loc: Tuple[Any, ...], data: Any) -> List[str]:
-    model = _model_at(AgentConfig, loc, data)
-    if model is None:
-        return []
-    return [info.alias or name for name, info in model.model_fields.items()]
-
-
-def _model_at(model: Type[BaseModel], loc: Tuple[Any, ...], data: Any) -> Optional[Type[BaseModel]]:
-    node = data
-    for part in loc:
-        info = model.model_fields.get(part) if isinstance(part, str) else None
-        if info is None:
-            info = next((f for f in model.model_fields.values() if f.alias == part), None)
-        if info is None:
-            return None
-        node = node.get(part) if isinstance(node, dict) else None
-        candidates = _models_in(info.annotation)
-        if not candidates:
-            return None
-        chosen = candidates[0]
-        if len(candidates) > 1 and isinstance(node, dict):
-            for cand in candidates:
-                kind_field = cand.model_fields.get("kind")
-                if kind_field is not None and node.get("kind") in _literal_values(kind_field.annotation):
-                    chosen = cand
-        model = chosen
-    return model
-
-
-def _models_in(annotation: Any) -> List[Type[BaseModel]]:
-    import typing
-
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    found: List[Type[BaseModel]] = []
-    for arg in typing.get_args(annotation):
-        found.extend(_models_in(arg))
-    return found
-
-
-def _literal_values(annotation: Any) -> Tuple[Any, ...]:
-    import typing
-
-    return tuple(typing.get_args(annotation))
-
-
-def _dotted(loc: Tuple[Any, ...]) -> str:
-    if not loc:
-        return "(top level)"
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        text = "a mapping {" + ", ".join(map(str, value)) + "}"
-    elif isinstance(value, list):
-        text = f"a list of {len(value)}"
-    elif isinstance(value, str):
-        text = repr(value)
-    else:
-        text = repr(value)
-    return text if len(text) <= MAX_SHOWN_CHARS else text[: MAX_SHOWN_CHARS - 3] + "..."
-
-
 def dump_example_keys(model: Type[BaseModel] = AgentConfig, prefix: str = "") -> List[str]:
-    """Every key path of the config (for the documentation test of examples/agent.yaml)."""
-    keys: List[str] = []
-    for name, info in model.model_fields.items():
-        key = f"{prefix}{info.alias or name}"
-        keys.append(key)
-        for sub in _models_in(info.annotation):
-            if sub is not model:
-                keys.extend(k for k in dump_example_keys(sub, key + ".") if k not in keys)
-    return keys
+    """Every key path of agent.yaml (for the documentation test of examples/agent.yaml)."""
+    return _dump_keys(model, prefix)

@@ -16,9 +16,9 @@ from typing import Any, List, Optional
 from engine.backend import Backend, open_backend
 from engine.bundle import describe
 from engine.errors import ConfigError, ThresholdsError
+from engine.scoring import judge
 
 from .app import App
-from engine.scoring import judge
 from .sdnotify import SystemdNotifier
 
 
@@ -33,8 +33,9 @@ def check_thresholds_fit_map(thresholds: Any, map_shape: tuple, path: Any) -> No
 
 def preflight(config: Any, config_file: Optional[str] = None) -> List[str]:
     """Lines describing what was checked; raises the DaadError a real start would raise."""
+    from camera.sources import open_source
+
     from .mqtt import resolve_password
-    from .sources import open_source
 
     app = App(config, config_file=config_file, notifier=SystemdNotifier(environ={}))
     backend: Optional[Backend] = None

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from agent.app import App  # noqa: E402
 from agent.config import AgentConfig  # noqa: E402
 from agent.sdnotify import SystemdNotifier  # noqa: E402
-from agent.sources import Frame, FrameSource  # noqa: E402
+from camera.sources import Frame, FrameSource  # noqa: E402
 from engine.backend import open_backend  # noqa: E402
 from engine.bundle import Bundle, load_bundle  # noqa: E402
 from engine.preprocess import preprocess  # noqa: E402

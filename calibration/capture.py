@@ -5,8 +5,9 @@ A capture directory holds
     scores.csv              one row per frame: image score and map summary (for people and spreadsheets)
     maps.npz                compressed: scores (N,), maps (N, H, W) float32 at model resolution, frame names
     capture.yaml            bundle identity, source, time, frame sizes, skipped files, warnings
-Frames come from an image folder (`--images`) or from the agent's camera (`--config`); both go
-through engine.preprocess and the same backend the agent uses, so scores match the service.
+Frames come from an image folder (`--images`) or from the agent's camera (`--config`: its agent.yaml's camera
+and model sections, the camera opened and kept by camera.loop as the agent does); both are scored by
+engine.scoring with the backend the agent uses, so scores match the service.
 """
 from __future__ import annotations
 
@@ -14,19 +15,24 @@ import csv
 import io
 import logging
 import math
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import yaml
+from pydantic import BaseModel, ConfigDict
 
+from camera.config import CameraConfig, camera_problems
+from camera.loop import CaptureLoop
+from camera.sources import open_source
 from engine.backend import Backend, open_backend
 from engine.bundle import Bundle, atomic_write_bytes, atomic_write_text, load_bundle, read_yaml
-from engine.errors import CameraError, DaadError, ImageError
-from engine.preprocess import list_images, read_image
+from engine.config_file import load_yaml_model
+from engine.errors import CameraError, ConfigError, DaadError, ImageError
+from engine.model_section import ModelSection
+from engine.preprocess import images_in, read_image
 from engine.scoring import ScoredFrame, score_frame
 
 from . import stats
@@ -41,7 +47,7 @@ FRAMES_DIR = "frames"
 CAPTURE_FILES = (CAPTURE_YAML, SCORES_CSV, MAPS_NPZ)
 MAX_LISTED_SKIPPED = 50  # capture.yaml names this many unreadable files, then counts the rest
 CAMERA_STALL_S = 10.0  # a camera silent this long ends the capture
-CAMERA_POLL_S = 0.01  # pause between empty reads of a live source
+CAMERA_POLL_S = 0.1  # how long to wait for a frame before checking whether the camera ended or failed
 MAP_SUMMARY_QUANTILES = (0.5, 0.99, 0.999)  # per-frame map quantiles written to scores.csv
 
 
@@ -117,15 +123,7 @@ def read_image_files(paths: Iterable[Path], skipped: List[str]) -> Iterator[Tupl
 
 def image_folder(folder: Union[str, Path]) -> List[Path]:
     """The images of a folder, or CaptureError saying why there are none."""
-    p = Path(folder)
-    if not p.exists():
-        raise CaptureError(f"{p}: image folder not found; pass a folder of good-part images with --images")
-    if not p.is_dir():
-        raise CaptureError(f"{p}: not a folder; pass a folder of good-part images with --images")
-    files = list_images(p)
-    if not files:
-        raise CaptureError(f"{p}: no images (.png, .jpg, .bmp, .tif) in this folder; pass a folder of good-part images")
-    return files
+    return images_in(folder, CaptureError, "image", "; pass a folder of good-part images with --images")
 
 
 def prepare_out_dir(out: Union[str, Path], force: bool) -> Path:
@@ -286,44 +284,42 @@ def capture_from_images(
         return run_capture(read_image_files(files, skipped), bundle, be, n, out_dir, source, skipped, progress)
 
 
-def camera_frames(source: Any, interval_s: float = 0.0, stall_s: float = CAMERA_STALL_S,
-                  clock: Callable[[], float] = time.monotonic,
-                  sleep: Callable[[float], None] = time.sleep) -> Iterator[Tuple[str, np.ndarray]]:
-    """Frames of an opened agent FrameSource, at least `interval_s` apart.
+def camera_frames(loop: CaptureLoop, interval_s: float = 0.0) -> Iterator[Tuple[str, np.ndarray]]:
+    """Frames of a started capture loop (camera.loop, the agent's), at least `interval_s` apart by grab time.
 
-    Ends when the source ends (a folder or file read through), after `stall_s` without a frame,
-    or when the camera breaks after some frames (what was captured is kept). Consecutive frames of
-    one part are nearly identical; spacing them makes the calibration set a sample of many parts,
-    which the false-alarm statements assume.
+    Ends when the source ends (a folder or file read through), or when the loop has failed (a stall, a read
+    error, a failed open) and no frame is waiting: a capture keeps what it has rather than wait for a reopen.
+    A failure before the first frame is a CameraError naming its cause. Consecutive frames of one part are
+    nearly identical; spacing them makes the calibration set a sample of many parts, which the false-alarm
+    statements assume.
     """
-    last_frame = clock()
     last_kept = -math.inf
     received = 0
     while True:
-        try:
-            frame = source.read()
-        except CameraError as exc:
-            if received == 0:
-                raise
-            logger.warning("camera failed after %d frames (%s): capture ends early", received, exc)
-            return
-        now = clock()
+        frame = loop.get(CAMERA_POLL_S)
         if frame is None:
-            if getattr(source, "ended", False):
-                return
-            if now - last_frame > stall_s:
+            if loop.failures:
+                why = loop.last_error or loop.state
                 if received == 0:
-                    raise CameraError(f"camera gave no frame in {stall_s:.0f} s; check the `camera` section of the agent config")
-                logger.warning("camera silent for %.0f s after %d frames: capture ends early", stall_s, received)
+                    raise CameraError(f"camera {loop.source.source_id}: {why}; check the `camera` section of the agent config")
+                logger.warning("camera failed after %d frames (%s): capture ends early", received, why)
                 return
-            sleep(CAMERA_POLL_S)
+            if loop.finished:
+                return
             continue
         received += 1
-        last_frame = now
-        if now - last_kept < interval_s:
+        if frame.grabbed - last_kept < interval_s:
             continue
-        last_kept = now
-        yield f"{getattr(frame, 'source_id', 'camera')}#{getattr(frame, 'seq', received)}", frame.image
+        last_kept = frame.grabbed
+        yield f"{frame.source_id}#{frame.seq}", frame.image
+
+
+class _AgentYamlView(BaseModel):
+    """The sections of agent.yaml a capture uses (validated as the agent does); the rest is the agent's."""
+
+    model_config = ConfigDict(extra="ignore")
+    camera: CameraConfig
+    model: ModelSection
 
 
 def capture_from_config(
@@ -335,32 +331,32 @@ def capture_from_config(
     progress: bool = True,
 ) -> Capture:
     """`daad-calibrate capture --config AGENT.yaml`: the agent's own camera, bundle and backend."""
-    try:  # lazily: agent/ is another package; calibration from an image folder must not need it
-        from agent.config import load_config
-        from agent.sources import open_source
-    except ImportError as exc:
-        raise CaptureError(f"--config needs the agent package (agent.config, agent.sources), which is not importable here ({exc}); "
-                           f"capture from an image folder with --images DIR --bundle BUNDLE instead") from exc
     config_path = Path(config_path)
     if n_frames < 1:
         raise CaptureError(f"--frames must be at least 1, got {n_frames}")
-    # check_files=False: thresholds.path need not exist yet, calibration is what creates it;
-    # the bundle is checked by load_bundle below and the camera by opening it
-    config = load_config(config_path, check_files=False)
+    config = load_yaml_model(config_path, _AgentYamlView, "pass --config /etc/daad-inspect/agent.yaml")
+    # files are not checked: the bundle is checked by load_bundle below and the camera by opening it
+    problems = camera_problems(config.camera, check_files=False)
+    if problems:
+        raise ConfigError("\n".join(f"{config_path}: {p}" for p in problems))
     bundle = load_bundle(config.model.bundle)
     out_dir = prepare_out_dir(out, force)
-    source = open_source(config.camera)
-    source_meta = {"kind": "camera", "config": str(config_path.resolve()), "camera": str(config.camera.name),
+    cam = config.camera
+    source = open_source(cam)
+    source_meta = {"kind": "camera", "config": str(config_path.resolve()), "camera": str(cam.name),
                    "source": source.describe(), "interval_s": float(interval_s)}
-    source.open()
-    try:
-        # the agent's backend and precision: fp16 TensorRT scores differ slightly from fp32
-        with open_backend(bundle, prefer=config.model.backend, precision=getattr(config.model, "precision", "fp32"),
-                          plan_cache=getattr(config.model, "plan_cache", None)) as be:
-            return run_capture(camera_frames(source, interval_s), bundle, be, n_frames, out_dir, source_meta,
+    # mode every: nothing is dropped, scoring paces reading, as a file or folder is read by the agent
+    loop = CaptureLoop(source, mode="every", queue_size=cam.queue_size, stall_timeout_s=CAMERA_STALL_S,
+                       reopen_min_s=cam.reopen_min_s, reopen_max_s=cam.reopen_max_s)
+    # the agent's backend and precision: fp16 TensorRT scores differ slightly from fp32
+    with open_backend(bundle, prefer=config.model.backend, precision=config.model.precision,
+                      plan_cache=config.model.plan_cache) as be:
+        loop.start()
+        try:
+            return run_capture(camera_frames(loop, interval_s), bundle, be, n_frames, out_dir, source_meta,
                                progress=progress)
-    finally:
-        source.close()
+        finally:
+            loop.stop()
 
 
 # ---------------------------------------------------------------- reading a capture back

@@ -5,6 +5,10 @@ Command-line entry points catch `DaadError` and print `str(err)` with a non-zero
 """
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+from typing import Type
+
 
 class DaadError(Exception):
     """Base class of every error a user should see as one clear line, not a traceback."""
@@ -40,3 +44,11 @@ class ThresholdsError(DaadError):
 
 class CameraError(DaadError):
     """A frame source cannot be opened or read."""
+
+
+def require_module(name: str, error: Type[DaadError], message: str) -> ModuleType:
+    """import `name`, or raise `error(message)` (what to install) when an optional dependency is missing."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise error(message) from exc

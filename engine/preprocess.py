@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Type, Union
 
 import numpy as np
 
-from .errors import ImageError
+from .errors import DaadError, ImageError, require_module
 
 RESIZE_MODES = ("stretch",)
 CHANNEL_ORDERS = ("gray", "rgb")
@@ -69,14 +69,9 @@ class PreprocessSpec:
 
 
 def _cv2() -> Any:
-    try:
-        import cv2  # JetPack's system OpenCV on a Jetson, opencv-python-headless elsewhere
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ImageError(
-            "OpenCV is not importable: install the `cv` extra (pip install 'daad-inspect[cv]') "
-            "or, on a Jetson, use a venv with --system-site-packages to see JetPack's OpenCV"
-        ) from exc
-    return cv2
+    # JetPack's system OpenCV on a Jetson, opencv-python-headless elsewhere
+    return require_module("cv2", ImageError, "OpenCV is not importable: install the `cv` extra (pip install "
+                          "'daad-inspect[cv]') or, on a Jetson, use a venv with --system-site-packages to see JetPack's OpenCV")
 
 
 def to_unit_float(image: np.ndarray) -> np.ndarray:
@@ -153,3 +148,17 @@ def list_images(folder: Union[str, Path]) -> list:
     """Image files directly inside a folder, sorted by name."""
     p = Path(folder)
     return sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def images_in(folder: Union[str, Path], error: Type[DaadError], what: str, fix: str = "") -> List[Path]:
+    """list_images of a folder that must hold some, else `error` naming the folder: `{folder}: {what} folder not
+    found{fix}`, `not a folder{fix}` or `no images (...) in the {what} folder{fix}`."""
+    p = Path(folder)
+    if not p.exists():
+        raise error(f"{p}: {what} folder not found{fix}")
+    if not p.is_dir():
+        raise error(f"{p}: not a folder{fix}")
+    images = list_images(p)
+    if not images:
+        raise error(f"{p}: no images (.png, .jpg, .bmp, .tif) in the {what} folder{fix}")
+    return images

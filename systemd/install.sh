@@ -10,7 +10,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SRC=$(cd "$HERE/.." && pwd) # the project checkout (pyproject.toml, examples/)
 
 USER_NAME=daad
-NAME_RE='^[A-Za-z0-9_.-]+$' # station ids: MQTT topic level, file names (agent/config.py NAME_PATTERN)
+NAME_RE='^[A-Za-z0-9_.-]+$' # station ids: MQTT topic level, file names (camera/config.py NAME_PATTERN)
 MIN_L4T_MAJOR=35            # JetPack 5 (L4T 35) and later: TensorRT >= 8.5, Python >= 3.8
 CREDENTIALS_MIN_SYSTEMD=247 # LoadCredential= appeared in systemd 247 (JetPack 5 ships 245)
 # Device nodes of the GPU, codecs and NvSci that differ between JetPack releases; the unit allows

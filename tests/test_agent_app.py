@@ -526,7 +526,7 @@ def test_unwritable_state_folders_are_config_errors(tmp_path, template_bundle, c
 
 def test_agent_imports_no_torch():
     """(Python 3.8 compatibility of agent/ is checked with the other runtime packages in test_runtime_packages.)"""
-    code = ("import sys, agent.app, agent.cli, agent.config, agent.sources, agent.capture, agent.scoring; "
+    code = ("import sys, agent.app, agent.cli, agent.config, camera.sources, camera.loop, engine.scoring; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0, "agent/ imports torch"
 
@@ -835,7 +835,7 @@ def test_v4l2_device_missing_at_start_is_named_once_and_in_status(
     finally:
         if run.thread.is_alive():
             run.stop()
-    named = [r for r in caplog.records if r.name == "agent.capture" and device in r.getMessage()]
+    named = [r for r in caplog.records if r.name == "camera.loop" and device in r.getMessage()]
     assert len(named) == 1 and named[0].levelname == "WARNING", [r.getMessage() for r in named]
     assert "does not exist" in named[0].getMessage() and "camera.source.device" in named[0].getMessage()
     status = next(p for p in subscriber.payloads("status") if p["camera_error"])

@@ -9,7 +9,8 @@ from typing import Any, Callable, Dict
 import pytest
 import yaml
 
-from agent.config import AgentConfig, FolderSource, VideoSource, dump_example_keys, load_config
+from agent.config import AgentConfig, dump_example_keys, load_config
+from camera.config import FolderConfig, VideoConfig
 from engine.thresholds import Thresholds, save_thresholds
 from engine.errors import ConfigError
 
@@ -169,7 +170,7 @@ def test_relative_paths_resolve_against_the_config_directory(files, monkeypatch,
     assert config.model.bundle == files / "bundle"
     assert config.thresholds.path == files / "thresholds.yaml"
     assert config.spool.path == files / "state" / "spool.db"
-    assert isinstance(config.camera.source, FolderSource) and config.camera.source.path == files / "incoming"
+    assert isinstance(config.camera.source, FolderConfig) and config.camera.source.path == files / "incoming"
     assert config.mqtt.station == "line7"
     assert config.frames.dir is None and config.logging.json_lines is False  # defaults
 
@@ -178,7 +179,7 @@ def test_video_source_and_json_alias(files):
     data = edit(lambda d: (d["camera"].update(source={"kind": "video", "path": "clip.avi", "loop": True}),
                            d.update(logging={"json": True}, frames={"dir": "frames"})))
     config = load_config(write(files, data))
-    assert isinstance(config.camera.source, VideoSource) and config.camera.source.loop
+    assert isinstance(config.camera.source, VideoConfig) and config.camera.source.loop
     assert config.logging.json_lines is True and config.frames.dir == files / "frames"
 
 
@@ -210,7 +211,7 @@ def test_example_config_is_valid_and_documents_every_key(monkeypatch):
 
 
 def test_model_fields_all_have_descriptions():
-    from agent.config import _models_in
+    from engine.config_file import models_in
 
     seen = set()
 
@@ -221,7 +222,7 @@ def test_model_fields_all_have_descriptions():
         for name, info in model.model_fields.items():
             if model is not AgentConfig:
                 assert info.description, f"{model.__name__}.{name} has no description"
-            for sub in _models_in(info.annotation):
+            for sub in models_in(info.annotation):
                 walk(sub)
 
     walk(AgentConfig)

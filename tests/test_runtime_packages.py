@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIME_PACKAGES = ("engine", "agent", "calibration")
+RUNTIME_PACKAGES = ("engine", "camera", "agent", "calibration")
 
 
 def runtime_modules() -> list:

@@ -1,4 +1,4 @@
-"""agent.sources and agent.capture with real files: OpenCV video (MJPG .avi), image folders, threads."""
+"""camera.sources and camera.loop with real files: OpenCV video (MJPG .avi), image folders, threads."""
 from __future__ import annotations
 
 import os
@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
-from agent import capture as cap
-from agent.capture import CaptureLoop
-from agent.config import CameraConfig
-from agent.sources import (
+from camera import loop as cap
+from camera.loop import CaptureLoop
+from camera.config import CameraConfig
+from camera.sources import (
     CameraSetupError,
     FolderSource,
     Frame,
@@ -343,6 +343,28 @@ def test_setup_error_is_state_error_and_stop_is_prompt():
     assert capture.state == cap.ERROR and time.monotonic() - t0 < 1.0  # the 30 s wait is interrupted
 
 
+def test_calibration_capture_keeps_what_came_before_a_stall_and_names_a_failure_before_any():
+    """calibration's camera capture reads through the same loop: it ends at the first failure (no reopen) with the
+    frames it has, and a camera that never gave a frame is an error naming the cause."""
+    from calibration.capture import camera_frames
+
+    loop = CaptureLoop(SilentCamera(frames=3), mode="every", stall_timeout_s=0.2, reopen_min_s=0.5)
+    loop.start()
+    try:
+        names = [name for name, _ in camera_frames(loop)]
+    finally:
+        loop.stop()
+    assert names == ["silent#0", "silent#1", "silent#2"] and loop.stalls == 1 and loop.reconnects == 0
+
+    loop = CaptureLoop(SilentCamera(frames=3, fail_opens=100), mode="every", reopen_min_s=0.5)
+    loop.start()
+    try:
+        with pytest.raises(CameraError, match="camera silent: silent: cannot open; check the `camera` section"):
+            next(camera_frames(loop))
+    finally:
+        loop.stop()
+
+
 def test_blocked_read_is_unblocked_by_the_stall_watchdog():
     class Frozen(SilentCamera):
         """read() blocks until close(), like a driver waiting for a camera that stopped sending."""
@@ -373,7 +395,7 @@ def test_blocked_read_is_unblocked_by_the_stall_watchdog():
 
 
 def test_v4l2_failure_cause_names_the_device_and_the_fix(tmp_path):
-    from agent.sources import v4l2_failure_cause
+    from camera.sources import v4l2_failure_cause
 
     assert v4l2_failure_cause(str(tmp_path / "video9")).startswith("does not exist (camera unplugged")
     plain = tmp_path / "video0"

@@ -441,7 +441,7 @@ def test_install_builds_the_virtualenv_offline(tmp_path, template_bundle):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    for package in ("agent", "engine", "train", "calibration"):  # [tool.setuptools] packages
+    for package in ("agent", "camera", "engine", "train", "calibration"):  # [tool.setuptools] packages
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
@@ -454,7 +454,7 @@ def test_install_builds_the_virtualenv_offline(tmp_path, template_bundle):
     assert done.returncode == 0, done.stdout + done.stderr
     venv = root / "opt/daad-inspect/venv"
     assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
-    where = subprocess.run([str(venv / "bin/python"), "-c", "import agent, engine; print(agent.__file__)"],
+    where = subprocess.run([str(venv / "bin/python"), "-c", "import agent.app, calibration.capture; print(agent.__file__)"],
                            capture_output=True, text=True, check=True, cwd=tmp_path,
                            env={**os.environ, **system}).stdout
     assert where.startswith(str(venv))  # the venv's copy, not the checkout's editable install

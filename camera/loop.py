@@ -31,6 +31,7 @@ ERROR = "error"  # cannot work as configured (or an unexpected failure); retried
 STATES = (CONNECTING, STREAMING, STALLED, RECONNECTING, ENDED, ERROR)
 
 MODES = ("latest", "every")
+COUNTERS = ("captured", "dropped", "reconnects", "read_errors", "open_failures", "stalls")  # in stats(), in this order
 PUT_TICK_S = 0.1  # a blocked put in mode every re-checks stop this often
 WAIT_TICK_S = 0.25  # backoff waits re-check stop and refresh the heartbeat this often
 STOP_GRACE_S = 1.0  # a healthy read returns well within this
@@ -176,6 +177,12 @@ class CaptureLoop:
         alive = self._thread is not None and self._thread.is_alive()
         return not alive and self._slot.empty()
 
+    @property
+    def failures(self) -> int:
+        """Stalls, read errors and failed opens so far, plus one while in state error: a consumer that must not wait
+        for a reopen (a calibration capture) stops at the first."""
+        return self.stalls + self.read_errors + self.open_failures + int(self.state == ERROR)
+
     def wedged(self) -> bool:
         """The capture thread has not turned its loop for far longer than any wait it makes."""
         alive = self._thread is not None and self._thread.is_alive()
@@ -183,16 +190,7 @@ class CaptureLoop:
         return alive and self.clock.monotonic() - self.heartbeat > limit
 
     def stats(self) -> Dict[str, object]:
-        return {
-            "state": self.state,
-            "captured": self.captured,
-            "dropped": self.dropped,
-            "reconnects": self.reconnects,
-            "read_errors": self.read_errors,
-            "open_failures": self.open_failures,
-            "stalls": self.stalls,
-            "queued": self._slot.qsize(),
-        }
+        return {"state": self.state, **{name: getattr(self, name) for name in COUNTERS}, "queued": self._slot.qsize()}
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
