@@ -18,8 +18,9 @@ import shutil
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, List, NamedTuple, Optional, Tuple, Union
+from typing import Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 from engine.errors import DaadError
 
@@ -47,6 +48,20 @@ _DDL = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
 )
 
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception; a body that rolled back itself commits nothing."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 class SpoolError(DaadError):
     """The spool file cannot be opened, is corrupt, or was used after close()."""
@@ -154,8 +169,7 @@ class Spool:
         with self._lock:
             conn = self._require()
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _transaction(conn):
                     cur = conn.execute(
                         "INSERT OR IGNORE INTO events(event_id, topic, payload, created) VALUES (?, ?, ?, ?)",
                         (event_id, topic, bytes(payload), time.time()),
@@ -170,11 +184,6 @@ class Spool:
                             "DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY seq LIMIT ?)", (excess,)
                         )
                         conn.execute("UPDATE meta SET value = value + ? WHERE key = ?", (excess, _META_DROPPED))
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
             except sqlite3.Error as err:
                 raise SpoolError(f"{self.path}: cannot store event {event_id} ({err}); is the disk full?") from None
             self._depth += 1
@@ -207,16 +216,10 @@ class Spool:
         with self._lock:
             conn = self._require()
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    removed = 0
+                removed = 0
+                with _transaction(conn):
                     for row in ids:
                         removed += conn.execute("DELETE FROM events WHERE event_id = ?", row).rowcount
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
             except sqlite3.Error as err:
                 raise SpoolError(f"{self.path}: cannot remove delivered events ({err})") from None
             self._depth -= removed

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from engine.cli_types import positive_int
-from engine.errors import DaadError
-from engine.messages import error, setup_tool_logging, warning
+from engine.messages import run_tool, setup_tool_logging, warning
 
 logger = logging.getLogger(__name__)
 PROG = "daad-calibrate"
@@ -182,14 +181,7 @@ COMMANDS = {"capture": cmd_capture, "fit": cmd_fit, "check": cmd_check, "teach":
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_tool_logging(PROG, logging.INFO if args.verbose else logging.WARNING)
-    try:
-        return COMMANDS[args.command](args)
-    except DaadError as err:
-        error(PROG, err)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_tool(PROG, lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":  # pragma: no cover

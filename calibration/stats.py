@@ -13,12 +13,12 @@ importing this module costs nothing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from engine.errors import DaadError
+from engine.errors import DaadError, require_module
 from engine.messages import pct
 from engine.regions import component_areas, count_regions
 
@@ -52,14 +52,8 @@ class StatsError(DaadError):
 
 
 def _scipy_stats() -> Any:
-    try:
-        from scipy import stats
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise StatsError(
-            "scipy is needed for the confidence intervals and tail fit: pip install 'daad-inspect[jetson]' "
-            "(or pip install scipy)"
-        ) from exc
-    return stats
+    return require_module("scipy.stats", StatsError, "scipy is needed for the confidence intervals and tail fit: "
+                          "pip install 'daad-inspect[jetson]' (or pip install scipy)")
 
 
 def as_scores(values: Sequence[float], what: str = "scores") -> np.ndarray:
@@ -206,15 +200,7 @@ class GpdFit:
         return float(self.u + stats.genpareto.isf(tail_prob, self.shape, loc=0.0, scale=self.scale))
 
     def to_dict(self) -> Dict[str, Any]:
-        return {
-            "u": self.u,
-            "zeta": self.zeta,
-            "shape": self.shape,
-            "scale": self.scale,
-            "n_exceed": self.n_exceed,
-            "gof_pvalue": self.gof_pvalue,
-            "problems": list(self.problems),
-        }
+        return {**asdict(self), "problems": list(self.problems)}  # a list: YAML and JSON have no tuples
 
 
 def fit_gpd_tail(scores: Sequence[float]) -> GpdFit:

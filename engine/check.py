@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from . import trt_support
 from .bundle import Bundle
-from .errors import BundleError, DaadError
+from .errors import BundleError, DaadError, require_module
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +36,8 @@ class Problem:
 
 
 def _import_onnx() -> Any:
-    try:
-        import onnx
-    except ImportError as exc:
-        raise DaadError(
-            "`daad-engine check` needs the onnx package, which is not installed here: "
-            "pip install 'onnx>=1.14' (or install daad-inspect with the `train` extra)"
-        ) from exc
-    return onnx
+    return require_module("onnx", DaadError, "`daad-engine check` needs the onnx package, which is not installed "
+                          "here: pip install 'onnx>=1.14' (or install daad-inspect with the `train` extra)")
 
 
 def _walk_nodes(graph: Any) -> Iterator[Any]:

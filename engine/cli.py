@@ -18,7 +18,7 @@ from .backend import BACKEND_CHOICES, open_backend
 from .bundle import Bundle, atomic_write_text, load_bundle
 from .cli_types import positive_int
 from .errors import DaadError
-from .messages import error, setup_tool_logging, warning
+from .messages import EXIT_ERROR, error, run_tool, setup_tool_logging, warning
 from .plan_cache import ENV_CACHE_DIR, PRECISIONS, PlanCache
 from .trt_build import DEFAULT_WORKSPACE_MB
 
@@ -26,8 +26,6 @@ logger = logging.getLogger(__name__)
 
 PROG = "daad-engine"
 EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_INTERRUPTED = 130
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 BUILD_EPILOG = f"""\
@@ -257,14 +255,7 @@ COMMANDS = {"build": cmd_build, "check": cmd_check, "bench": cmd_bench, "info": 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_tool_logging(PROG, getattr(logging, args.log_level.upper()))
-    try:
-        return COMMANDS[args.command](args)
-    except DaadError as err:
-        error(PROG, err)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    return run_tool(PROG, lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

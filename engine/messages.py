@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Optional, TextIO
+from typing import Callable, Optional, TextIO
+
+from .errors import DaadError
 
 ERROR = "error"
 WARNING = "warning"
+EXIT_ERROR = 1  # a DaadError: one line naming the file, the field and the fix
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 
 def tagged(prog: str, kind: str, message: str) -> str:
@@ -49,6 +53,19 @@ def setup_tool_logging(prog: str, level: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(ToolFormatter(prog))
     logging.basicConfig(level=level, handlers=[handler])
+
+
+def run_tool(prog: str, command: Callable[[], int]) -> int:
+    """A tool's command with the tools' exits: a DaadError is `prog: error: ...` and 1, Ctrl-C `prog: interrupted`
+    and 130; anything else is a bug and keeps its traceback."""
+    try:
+        return int(command())
+    except DaadError as err:
+        error(prog, err)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def pct(rate: float) -> str:

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from engine.errors import ConfigError, DaadError, DatasetError
-from engine.messages import error, setup_tool_logging
+from engine.errors import ConfigError, DatasetError
+from engine.messages import run_tool, setup_tool_logging
 
 from .config import (INSPECT_DAAD_PLUS_NAME, INSPECT_NAME, ModelConfig, TrainConfig, from_dict, preset, preset_names,
                      schedule, to_dict)
@@ -292,14 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_tool_logging(PROG, logging.DEBUG if args.verbose else logging.WARNING)
-    try:
-        return int(args.func(args))
-    except DaadError as err:
-        error(PROG, err)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_tool(PROG, lambda: args.func(args))
 
 
 if __name__ == "__main__":

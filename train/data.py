@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from engine.errors import DatasetError, ImageError
-from engine.preprocess import PreprocessSpec, list_images, preprocess, read_image
+from engine.preprocess import PreprocessSpec, images_in, list_images, preprocess, read_image
 
 GOOD = "good"
 COLOUR_SAMPLE = 16  # images read (spread over the set) to tell colour data from gray
@@ -27,15 +27,6 @@ class Sample:
     mask: Optional[Path] = None  # None for good images (all-zero mask)
 
 
-def _images_or_error(folder: Path, what: str) -> List[Path]:
-    if not folder.is_dir():
-        raise DatasetError(f"{folder}: {what} folder not found")
-    images = list_images(folder)
-    if not images:
-        raise DatasetError(f"{folder}: no images (.png/.jpg/.bmp/.tif) in the {what} folder")
-    return images
-
-
 def is_mvtec_layout(root: Path) -> bool:
     return (root / "train" / GOOD).is_dir()
 
@@ -46,7 +37,7 @@ def train_samples(root: Path) -> List[Sample]:
     if not root.exists():
         raise DatasetError(f"{root}: dataset directory not found")
     if is_mvtec_layout(root):
-        return [Sample(p, 0, GOOD) for p in _images_or_error(root / "train" / GOOD, "train/good")]
+        return [Sample(p, 0, GOOD) for p in images_in(root / "train" / GOOD, DatasetError, "train/good")]
     images = list_images(root) if root.is_dir() else []
     if not images:
         raise DatasetError(
@@ -67,7 +58,7 @@ def eval_samples(root: Path) -> List[Sample]:
         raise DatasetError(f"{test_dir / GOOD}: missing; evaluation needs good test images to measure false alarms")
     samples: List[Sample] = []
     for defect_type in types:
-        for image in _images_or_error(test_dir / defect_type, f"test/{defect_type}"):
+        for image in images_in(test_dir / defect_type, DatasetError, f"test/{defect_type}"):
             if defect_type == GOOD:
                 samples.append(Sample(image, 0, GOOD))
                 continue
