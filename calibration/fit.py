@@ -31,7 +31,7 @@ STRATEGY_CHOICES = ("auto", "quantile", "gpd", "best_f1")
 # The agent's drift alarm (agent/drift.py, its limits set from the reference's size) needs >= 100 good frames to run
 # and this many to reach its target; measured by benchmarks/bench_drift.py (docs/research/drift_alarm.md).
 DRIFT_MIN_FRAMES = 100
-DRIFT_ADVISED_FRAMES = 1000
+DRIFT_ADVISED_FRAMES = 3000
 DRIFT_DELAY_NOTE = ("a doubling of a 1% false-alarm rate is caught within 500 frames after 62% of calibrations of 300 "
                     "good frames, 91% of 1000, 97% of 3000")
 GOOD_DIR = "good"  # MVTec: test/good holds defect-free test images, every other test/<type> is a defect type
