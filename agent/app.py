@@ -14,7 +14,7 @@ import logging
 import signal
 import threading
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Set
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -26,9 +26,10 @@ from engine.bundle import Bundle, describe, load_bundle
 from engine.errors import ConfigError, ImageError
 from engine.scoring import FrameScorer, ScoredFrame, channel_mismatch, frame_channels, frame_size_of, judge, self_test
 from engine.thresholds import Thresholds, load_thresholds
+from engine.messages import pct
 
 from .config import AgentConfig, is_loopback
-from .drift import DRIFT_OFF, DRIFT_RECALIBRATE, DRIFT_WARNING, DriftMonitor, DriftReference, reference_from_dict
+from .drift import DRIFT_OFF, DRIFT_RECALIBRATE, DRIFT_WARNING, DriftMonitor, DriftReference, reference_or_reason
 from .frames_store import FramesStore, encode_crop
 from .metrics_http import MetricsServer, read_token
 from .payloads import (
@@ -147,26 +148,37 @@ class App:
             thresholds.strategy, cfg.path,
         )
         d = self.config.drift
-        self.drift = DriftMonitor(d.window, d.interval, d.alarm_per_frames, d.warning_per_frames,
-                                  self._drift_reference(thresholds))
+        if d.interval is not None:
+            logger.warning("drift: drift.interval in the config is ignored (the drift alarm evaluates every good frame); "
+                           "remove it")
+        self.drift = DriftMonitor(d.window, d.alarm_per_frames, d.warning_per_frames, None, d.detect_false_alarm_ratio)
+        self.drift.reset(*self._drift_reference(thresholds))
+        self._log_drift_design()
 
-    def _drift_reference(self, thresholds: Thresholds) -> Optional[DriftReference]:
-        """The reference of these thresholds, or None (drift off), said once per thresholds file loaded."""
+    def _drift_reference(self, thresholds: Thresholds) -> Tuple[Optional[DriftReference], Optional[str]]:
+        """The reference of these thresholds, or None and why (drift off), said once per thresholds file loaded."""
         d = self.config.drift
         path = self.config.thresholds.path
         if not d.enabled:
-            logger.info("drift: monitoring off (drift.enabled is false in the config)")
-            return None
-        if thresholds.drift_reference is None:
-            logger.warning("drift: monitoring off: %s has no field `drift_reference` (written before drift "
-                           "monitoring); recalibrate with `daad-calibrate fit` to turn it on", path)
-            return None
-        ref = reference_from_dict(thresholds.drift_reference)
-        logger.info("drift: monitoring on: window %d good frames, a test every %d; reference: %d of %d calibration "
-                    "frames above %.6g (p%g); spurious alarms <= 1 per %d frames, warnings <= 1 per %d",
-                    d.window, d.interval, ref.above, ref.n_frames, ref.score, ref.level * 100, d.alarm_per_frames,
-                    d.warning_per_frames)
-        return ref
+            reason = "drift.enabled is false in the config"
+            logger.info("drift: monitoring off: %s", reason)
+            return None, reason
+        ref, reason = reference_or_reason(thresholds.drift_reference)
+        if ref is None:
+            logger.warning("drift: monitoring off: %s: %s", path, reason)
+            return None, reason
+        return ref, None
+
+    def _log_drift_design(self) -> None:
+        f = self.drift.figures()
+        if f.limit is None:
+            return
+        logger.info("drift: monitoring on: CUSUM of good frames' normal scores, k %.3f, recalibrate above %.1f "
+                    "(spurious <= 1 per %d unchanged frames, averaged over calibrations of %d good frames), warning above "
+                    "%.1f (<= 1 per %d); a %gx false-alarm rate (%s -> %s) is caught after ~%.0f good frames",
+                    f.k, f.limit, f.alarm_per_frames, f.reference_frames, f.warning_limit, f.warning_per_frames,
+                    f.detect_false_alarm_ratio, pct(f.reference_false_alarm_rate),
+                    pct(f.detect_false_alarm_ratio * f.reference_false_alarm_rate), f.expected_delay)
 
     def init_backend(self) -> None:
         if self.backend is None:
@@ -409,14 +421,18 @@ class App:
                                 figures=figures.to_dict(), bundle_name=self.bundle.name,
                                 bundle_sha256=self.bundle.sha256)
         self.publisher.publish_drift(payload)
-        p = "-" if figures.p_value is None else f"{figures.p_value:.3g}"
-        share = "-" if figures.share_above is None else f"{figures.share_above:.1%}"
-        expected = "-" if figures.expected_share is None else f"{figures.expected_share:.1%}"
         log = logger.warning if figures.state in (DRIFT_WARNING, DRIFT_RECALIBRATE) else logger.info
-        log("drift: %s -> %s: %d of the last %d good frames above the calibration's p%g (%s, expected %s), "
-            "p-value %s (recalibrate at <= %.3g, warning at <= %.3g)%s",
-            previous, figures.state, figures.above, figures.window,
-            (figures.reference_level or 0) * 100, share, expected, p, figures.alarm_level, figures.warning_level,
+        if figures.limit is None:
+            log("drift: %s -> %s: %s", previous, figures.state, figures.reason)
+            return
+        if figures.mean_z is None:
+            log("drift: %s -> %s", previous, figures.state)
+            return
+        mean = "-" if figures.mean_z is None else f"{figures.mean_z:+.3f}"
+        log("drift: %s -> %s: mean normal score %s over the last %d good frames (0 at calibration, %+.3f is a %gx "
+            "false-alarm rate); CUSUM crossings since the thresholds loaded: %d above %.1f (recalibrate), %d above %.1f "
+            "(warning)%s", previous, figures.state, mean, figures.window, figures.shift,
+            figures.detect_false_alarm_ratio, figures.alarms, figures.limit, figures.warnings, figures.warning_limit,
             "; good parts score higher than at calibration: check the lamp, lens and parts, then recalibrate "
             "(`daad-calibrate capture` + `fit`), teach (`daad-calibrate teach`) or retrain"
             if figures.state == DRIFT_RECALIBRATE else "")
@@ -427,7 +443,8 @@ class App:
         if reloaded is not None:
             self._status_due = True
             previous = self.drift.state
-            self.drift.reset(self._drift_reference(reloaded))  # new thresholds: a new reference, an empty window
+            self.drift.reset(*self._drift_reference(reloaded))  # new thresholds: a new reference, restarted
+            self._log_drift_design()
             if self.drift.state != previous:
                 self._publish_drift(previous)
         now = self.clock.monotonic()
@@ -525,8 +542,9 @@ class App:
             "thresholds_rejected_total": self.watch.rejected if self.watch else 0,
             "uptime_seconds": self.clock.monotonic() - self._started_at,
             "drift_state": None if self.drift is None else self.drift.state,
-            "drift_p_value": None if self.drift is None else self.drift.p_value,
-            "drift_share_above": None if self.drift is None else self.drift.figures().share_above,
+            "drift_cusum": None if self.drift is None or self.drift.design is None else self.drift.cusum,
+            "drift_cusum_limit": None if self.drift is None or self.drift.design is None else self.drift.design.limit,
+            "drift_mean_z": None if self.drift is None else self.drift.mean_z,
             "drift_changes_total": self.drift_changes,
             "drift_warnings_total": self.drift_warnings,
             "drift_alarms_total": self.drift_alarms,

@@ -1,195 +1,224 @@
 """Drift alarm: do the line's good parts still score like the calibration's good parts?
 
-The test (pure functions, below): the agent keeps the last `window` image scores of frames it judged good
-and counts how many lie above the calibration's reference score (thresholds.yaml `drift_reference`, by
-default the median of the calibration frames at or below the image threshold: k of its n frames above).
-Unchanged, a good frame lies above it with the calibration's probability p, which the calibration only
-estimates: so the count X in the window is compared with its predictive distribution given the calibration,
-beta-binomial(window, k+1, n-k+1) (binomial with p ~ Beta(k+1, n-k+1), the uniform prior's posterior). It
-tends to Binomial(window, k/n) for large n, and it keeps the level for a calibration of a few hundred frames,
-where the plain binomial test with p = k/n raised the spurious alarms (benchmarks/bench_drift.py).
+The reference (thresholds.yaml `drift_reference`, engine/drift_reference.py) is the calibration's good frames'
+score distribution (those at or below the image threshold): n_frames of them, as quantiles. The agent maps each
+frame it judged good to its calibration percentile u (the interpolated empirical CDF, clamped to
+[1/(2n), 1 - 1/(2n)]) and to the normal score z = Phi^-1(u): N(0, 1) while nothing changed, whatever the scores'
+distribution. A one-sided CUSUM (agent/cusum.py) accumulates S = max(0, S + z - k) on every good frame, O(1).
 
-Every `interval` good frames the one-sided p-value P(X >= count) is computed. A run of F unchanged frames
-holds F / interval tests; with each at level alpha = interval / alarm_per_frames, the expected number of
-rejecting tests in alarm_per_frames unchanged frames is at most 1 (Bonferroni: the sum of the levels bounds
-the expected number of rejections whatever the overlap between windows), so spurious `recalibrate` alarms are
-<= 1 per alarm_per_frames frames by design (default: per test 50 / 100 000 = 5e-4). `warning` uses the same
-rule with warning_per_frames (default 5e-3). The state follows the last test (no stickiness): it returns to
-ok once a window no longer warns.
+Sensitivity: `detect_false_alarm_ratio` (default 2): detect a drift that multiplies the calibrated false-alarm
+rate a by it; that is a shift of z's mean (cusum.good_frame_shift: 0.26 for a = 1 %). Level by design: the
+limit h makes the in-control average run length ARL0 >= alarm_per_frames, averaged over calibrations of the
+reference's n frames (cusum.spurious_rate); S restarts after each alarm, so a run of F unchanged frames holds
+F / ARL0 <= F / alarm_per_frames spurious alarms on average: <= 1 per 100 000 frames by default. `warning` is a
+second copy of S with its own limit (warning_per_frames, default 1 per 10 000) and its own restarts.
+
+States follow the data: `recalibrate` while the alarm's CUSUM crossed its limit within the last `window` good
+frames, else `warning` while the warning's did, else `collecting` until `window` good frames were seen since the
+reference was set, else `ok`. A drift that persists keeps crossing (one crossing per ~200 frames at the detected
+shift), so the state holds; once `window` frames pass without a crossing it returns to warning or ok. An alarm
+never waits for `collecting` to end.
+
+Measured (benchmarks/bench_drift.py, docs/research/drift_alarm.md): with a = 1 % and the defaults, a doubling is
+caught within 500 frames after 99.5 % of shifts with the reference known, 97 % with calibrations of 3000 good
+frames, 91 % with 1000, 62 % with 300 (the calibration's own noise has to be covered), which `daad-calibrate fit`
+says.
 
 Assumptions stated rather than hidden: frames are independent given the line's state (the same part filmed
-twice counts twice); the level is averaged over calibrations (one calibration's frames are one draw).
+twice counts twice); scores are continuous (ties get the mid-rank); the level is averaged over calibrations (one
+calibration's frames are one draw: an unlucky small one alarms more often, a lucky one less).
 """
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, Mapping, NamedTuple, Optional
+from statistics import NormalDist
+from typing import Any, Deque, Dict, Mapping, NamedTuple, Optional, Tuple
 
-DRIFT_OFF = "off"  # the thresholds file holds no drift reference (written before drift monitoring), or disabled
+from engine import drift_reference as fmt
+
+from .cusum import CusumDesign, design
+
+DRIFT_OFF = "off"  # no usable drift reference in thresholds.yaml (see `reason`), or drift.enabled is false
 DRIFT_COLLECTING = "collecting"  # fewer than `window` good frames since start or since the thresholds changed
 DRIFT_OK = "ok"
 DRIFT_WARNING = "warning"  # good parts score higher than at calibration: watch the line
 DRIFT_RECALIBRATE = "recalibrate"  # they clearly do: recalibrate (or teach / retrain), the false-alarm rate is off
 DRIFT_STATES = (DRIFT_OFF, DRIFT_COLLECTING, DRIFT_OK, DRIFT_WARNING, DRIFT_RECALIBRATE)
 
+MIN_REFERENCE_FRAMES = 100  # below this the calibration's noise is too coarse to model (and the alarm too slow)
+ADVISED_REFERENCE_FRAMES = 3000  # what the target (a doubling caught within 500 frames, 97 %) needs, measured
+ENABLE_FIX = "recalibrate with `daad-calibrate fit` to enable the drift alarm"
+_NORMAL = NormalDist()
+
 
 @dataclass(frozen=True)
 class DriftReference:
-    """What calibration saw: `share_above` of its `n_frames` good frames (those at or below the image
-    threshold) scored above `score`, the `level` quantile of them."""
+    """The calibration's good frames: n_frames of them, their scores at levels (i + 0.5) / m (`quantiles`),
+    and the false-alarm rate their image threshold was set for."""
 
-    level: float
-    score: float
-    above: int
     n_frames: int
+    false_alarm_rate: float
+    quantiles: Tuple[float, ...]
 
-    @property
-    def p0(self) -> float:
-        """The expected share above score, (k+1)/(n+2): the mean of Beta(k+1, n-k+1)."""
-        return (self.above + 1) / (self.n_frames + 2)
+    def percentile(self, score: float) -> float:
+        """u: the interpolated empirical CDF at score, mid-rank at ties, clamped to [1/(2n), 1 - 1/(2n)]."""
+        q, m = self.quantiles, len(self.quantiles)
+        lo, hi = bisect_left(q, score), bisect_right(q, score)
+        if lo < hi:  # equal to stored values: the middle of their levels
+            u = (lo + hi) / (2.0 * m)
+        elif lo == 0:
+            u = 0.5 / m
+        elif lo == m:
+            u = 1.0 - 0.5 / m
+        else:
+            left, right = q[lo - 1], q[lo]
+            u = (lo - 0.5 + (score - left) / (right - left)) / m
+        edge = 0.5 / self.n_frames
+        return min(max(u, edge), 1.0 - edge)
 
-    def p_value(self, count: int, window: int) -> float:
-        """P(X >= count) for the window's count under the calibration's predictive distribution."""
-        return beta_binomial_upper_tail(count, window, self.above + 1, self.n_frames - self.above + 1)
+    def z(self, score: float) -> float:
+        """The normal score of a good frame: N(0, 1) while the line is as at calibration."""
+        return _NORMAL.inv_cdf(self.percentile(score))
 
 
 def reference_from_dict(data: Mapping[str, Any]) -> DriftReference:
-    """thresholds.yaml `drift_reference` -> DriftReference; ValueError naming the key when wrong."""
+    """thresholds.yaml `drift_reference` (current format) -> DriftReference; ValueError naming the key."""
+    checked = fmt.parse_drift_reference(dict(data))
+    return DriftReference(n_frames=checked["n_frames"], false_alarm_rate=checked["false_alarm_rate"],
+                          quantiles=tuple(checked["quantiles"]))
+
+
+def reference_or_reason(data: Optional[Mapping[str, Any]]) -> Tuple[Optional[DriftReference], Optional[str]]:
+    """The reference of a thresholds file, or None and the one-line reason drift monitoring is off."""
+    if data is None:
+        return None, f"the thresholds file has no field `drift_reference` (written before drift monitoring); {ENABLE_FIX}"
+    if fmt.is_legacy(data):
+        return None, (f"the thresholds file's `drift_reference` is in the format before the CUSUM drift alarm "
+                      f"(level, score, above); {ENABLE_FIX}")
     try:
-        level, score = float(data["level"]), float(data["score"])
-        above, n = data["above"], data["n_frames"]
-    except KeyError as exc:
-        raise ValueError(f"missing key {exc.args[0]!r}") from None
-    except (TypeError, ValueError):
-        raise ValueError("`level` and `score` must be numbers") from None
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (above, n)):
-        raise ValueError(f"`above` and `n_frames` must be integers, got {above!r} and {n!r}")
-    if not (0.0 < level < 1.0) or not math.isfinite(score):
-        raise ValueError(f"`level` must be in (0, 1) and `score` finite, got {level!r} and {score!r}")
-    if not (0 <= above <= n) or n < 1:
-        raise ValueError(f"expected 0 <= above <= n_frames and n_frames >= 1, got above {above} of {n}")
-    return DriftReference(level=level, score=score, above=int(above), n_frames=int(n))
-
-
-def binomial_upper_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), summed in log space (exact; n up to a few 10 000 is cheap)."""
-    if k <= 0:
-        return 1.0
-    if k > n:
-        return 0.0
-    if p <= 0.0:
-        return 0.0
-    if p >= 1.0:
-        return 1.0
-    lp, lq = math.log(p), math.log1p(-p)
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
-            for i in range(k, n + 1)]
-    top = max(logs)
-    return min(1.0, math.exp(top) * math.fsum(math.exp(v - top) for v in logs))
-
-
-def beta_binomial_upper_tail(k: int, n: int, a: float, b: float) -> float:
-    """P(X >= k) for X ~ BetaBinomial(n, a, b), summed in log space (exact)."""
-    if k <= 0:
-        return 1.0
-    if k > n:
-        return 0.0
-    log_norm = _log_beta(a, b)
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + _log_beta(i + a, n - i + b) - log_norm
-            for i in range(k, n + 1)]
-    top = max(logs)
-    return min(1.0, math.exp(top) * math.fsum(math.exp(v - top) for v in logs))
-
-
-def _log_beta(a: float, b: float) -> float:
-    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
-
-
-def per_test_level(interval: int, per_frames: int) -> float:
-    """Bonferroni: per_frames / interval tests in per_frames frames, each at this level, expect <= 1 rejection."""
-    return interval / per_frames
-
-
-def classify(p_value: float, alarm_level: float, warning_level: float) -> str:
-    if p_value <= alarm_level:
-        return DRIFT_RECALIBRATE
-    if p_value <= warning_level:
-        return DRIFT_WARNING
-    return DRIFT_OK
+        ref = reference_from_dict(data)
+    except ValueError as exc:
+        return None, f"the thresholds file's `drift_reference` {exc}; {ENABLE_FIX}"
+    if ref.n_frames < MIN_REFERENCE_FRAMES:
+        return None, (f"the calibration holds {ref.n_frames} good frames, the drift alarm needs at least "
+                      f"{MIN_REFERENCE_FRAMES} ({ADVISED_REFERENCE_FRAMES} for its target): capture more good frames "
+                      "and recalibrate with `daad-calibrate fit`")
+    return ref, None
 
 
 class DriftFigures(NamedTuple):
-    """One evaluation, as published."""
+    """One evaluation, as published (status.drift, the drift topic)."""
 
     state: str
-    window: int  # good frames in the window
-    above: int  # of them above the reference score
-    share_above: Optional[float]
-    expected_share: Optional[float]  # p0
-    p_value: Optional[float]
-    alarm_level: float
-    warning_level: float
-    reference_score: Optional[float]
-    reference_level: Optional[float]
+    reason: Optional[str]  # why the state is off; None otherwise
     frames_seen: int  # good frames offered since the reference was set
+    alarms: int  # crossings of the alarm limit since then (each restarts its CUSUM)
+    warnings: int  # crossings of the warning limit
+    window: int  # good frames in the window mean_z is taken over
+    mean_z: Optional[float]  # their mean normal score: ~0 as at calibration, the shift once drifted
+    cusum: Optional[float]  # S of the alarm
+    limit: Optional[float]  # h: S above it is `recalibrate`
+    warning_cusum: Optional[float]  # S of the warning (restarts at its own crossings)
+    warning_limit: Optional[float]
+    k: Optional[float]  # allowance subtracted from each z
+    shift: Optional[float]  # mean z the alarm is designed to detect
+    expected_delay: Optional[float]  # frames to detect that shift, from a restart, for a typical calibration
+    detect_false_alarm_ratio: float
+    alarm_per_frames: int
+    warning_per_frames: int
+    reference_frames: Optional[int]  # the calibration's good frames
+    reference_false_alarm_rate: Optional[float]
 
     def to_dict(self) -> Dict[str, Any]:
         return self._asdict()
 
 
 class DriftMonitor:
-    """The window and its test; fed one good frame's score at a time (scoring loop only, no locking)."""
+    """Two CUSUMs over the good frames' normal scores; fed one score at a time (scoring loop only, no locking)."""
 
-    def __init__(self, window: int, interval: int, alarm_per_frames: int, warning_per_frames: int,
-                 reference: Optional[DriftReference]) -> None:
-        if not (1 <= interval <= window) or not (interval <= warning_per_frames <= alarm_per_frames):
-            raise ValueError("expected 1 <= interval <= window and interval <= warning_per_frames <= alarm_per_frames")
+    def __init__(self, window: int, alarm_per_frames: int, warning_per_frames: int,
+                 reference: Optional[DriftReference], detect_false_alarm_ratio: float = 2.0,
+                 reason: Optional[str] = None) -> None:
+        if window < 1 or not (1 <= warning_per_frames <= alarm_per_frames) or detect_false_alarm_ratio <= 1.0:
+            raise ValueError("expected window >= 1, 1 <= warning_per_frames <= alarm_per_frames and "
+                             "detect_false_alarm_ratio > 1")
         self.window = window
-        self.interval = interval
-        self.alarm_level = per_test_level(interval, alarm_per_frames)
-        self.warning_level = per_test_level(interval, warning_per_frames)
-        self._above: Deque[bool] = deque(maxlen=window)
-        self._count = 0
-        self.reference = reference
-        self.frames_seen = 0
-        self.tests = 0
-        self.state = DRIFT_OFF if reference is None else DRIFT_COLLECTING
-        self.p_value: Optional[float] = None
+        self.alarm_per_frames = alarm_per_frames
+        self.warning_per_frames = warning_per_frames
+        self.ratio = detect_false_alarm_ratio
+        self._z: Deque[float] = deque(maxlen=window)
+        self.reset(reference, reason)
 
-    def reset(self, reference: Optional[DriftReference]) -> None:
-        """New thresholds: a new reference, an empty window."""
-        self._above.clear()
-        self._count = 0
+    def reset(self, reference: Optional[DriftReference], reason: Optional[str] = None) -> None:
+        """New thresholds: a new reference (its design), empty statistics."""
         self.reference = reference
+        self.reason = None if reference is not None else (reason or "drift monitoring is off")
+        self.design: Optional[CusumDesign] = None
+        if reference is not None:
+            self.design = design(reference.false_alarm_rate, self.ratio, reference.n_frames,
+                                 self.alarm_per_frames, self.warning_per_frames)
+        self._z.clear()
+        self._sum = 0.0
+        self.cusum = 0.0
+        self.warning_cusum = 0.0
         self.frames_seen = 0
+        self.alarms = 0  # crossings of the alarm limit since the reference was set
+        self.warnings = 0
+        self._last_alarm: Optional[int] = None  # frames_seen at the last crossing
+        self._last_warning: Optional[int] = None
         self.state = DRIFT_OFF if reference is None else DRIFT_COLLECTING
-        self.p_value = None
 
     def add(self, score: float) -> bool:
-        """Offer one good frame's score; True when the state changed (evaluated every `interval` frames)."""
-        if self.reference is None:
+        """Offer one good frame's score; True when the state changed."""
+        if self.reference is None or self.design is None:
             return False
-        above = score > self.reference.score
-        if len(self._above) == self.window and self._above[0]:
-            self._count -= 1
-        self._above.append(above)
-        self._count += int(above)
+        z = self.reference.z(score)
+        if len(self._z) == self.window:
+            self._sum -= self._z[0]
+        self._z.append(z)
+        self._sum += z
         self.frames_seen += 1
-        if len(self._above) < self.window or self.frames_seen % self.interval:
-            return False
-        self.tests += 1
-        self.p_value = self.reference.p_value(self._count, self.window)
-        old, self.state = self.state, classify(self.p_value, self.alarm_level, self.warning_level)
+        if self.frames_seen % self.window == 0:
+            self._sum = math.fsum(self._z)  # no rounding creep over millions of frames
+        d = self.design
+        self.cusum = max(0.0, self.cusum + z - d.k)
+        self.warning_cusum = max(0.0, self.warning_cusum + z - d.k)
+        if self.cusum > d.limit:
+            self.cusum = 0.0
+            self.alarms += 1
+            self._last_alarm = self.frames_seen
+        if self.warning_cusum > d.warning_limit:
+            self.warning_cusum = 0.0
+            self.warnings += 1
+            self._last_warning = self.frames_seen
+        old, self.state = self.state, self._state()
         return old != self.state
 
+    def _state(self) -> str:
+        if self._last_alarm is not None and self.frames_seen - self._last_alarm < self.window:
+            return DRIFT_RECALIBRATE
+        if self._last_warning is not None and self.frames_seen - self._last_warning < self.window:
+            return DRIFT_WARNING
+        return DRIFT_COLLECTING if self.frames_seen < self.window else DRIFT_OK
+
+    @property
+    def mean_z(self) -> Optional[float]:
+        return self._sum / len(self._z) if self._z else None
+
     def figures(self) -> DriftFigures:
-        ref = self.reference
-        n = len(self._above)
+        ref, d = self.reference, self.design
+        on = d is not None
         return DriftFigures(
-            state=self.state, window=n, above=self._count, share_above=(self._count / n) if n else None,
-            expected_share=None if ref is None else ref.p0, p_value=self.p_value, alarm_level=self.alarm_level,
-            warning_level=self.warning_level, reference_score=None if ref is None else ref.score,
-            reference_level=None if ref is None else ref.level, frames_seen=self.frames_seen,
+            state=self.state, reason=self.reason, frames_seen=self.frames_seen, alarms=self.alarms,
+            warnings=self.warnings, window=len(self._z),
+            mean_z=self.mean_z, cusum=self.cusum if on else None, limit=d.limit if on else None,
+            warning_cusum=self.warning_cusum if on else None, warning_limit=d.warning_limit if on else None,
+            k=d.k if on else None, shift=d.shift if on else None, expected_delay=d.delay if on else None,
+            detect_false_alarm_ratio=self.ratio, alarm_per_frames=self.alarm_per_frames,
+            warning_per_frames=self.warning_per_frames,
+            reference_frames=None if ref is None else ref.n_frames,
+            reference_false_alarm_rate=None if ref is None else ref.false_alarm_rate,
         )

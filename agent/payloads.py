@@ -176,22 +176,33 @@ def status_payload(
 
 
 DRIFT_STATES = ("off", "collecting", "ok", "warning", "recalibrate")  # agent/drift.py's, in the schemas
-_DRIFT_OPTIONAL_FLOATS = ("share_above", "expected_share", "p_value", "reference_score", "reference_level")
+_DRIFT_INTS = ("frames_seen", "alarms", "warnings", "window")
+_DRIFT_OPTIONAL_FLOATS = ("mean_z", "shift")
+_DRIFT_OPTIONAL_NON_NEGATIVE = ("cusum", "limit", "warning_cusum", "warning_limit", "k", "expected_delay",
+                                "reference_false_alarm_rate")
 
 
 def drift_figures(figures: Mapping[str, Any]) -> Dict[str, Any]:
-    """The drift test's figures (agent.drift.DriftFigures.to_dict()), checked; in status and the drift message."""
+    """The drift alarm's figures (agent.drift.DriftFigures.to_dict()), checked; in status and the drift message."""
     state = figures.get("state")
     if state not in DRIFT_STATES:
         raise ValueError(f"drift.state must be one of {DRIFT_STATES}, got {state!r}")
-    out: Dict[str, Any] = {"state": state}
-    for key in ("window", "above", "frames_seen"):
+    reason = figures.get("reason")
+    out: Dict[str, Any] = {"state": state, "reason": None if reason is None else _text(reason, "drift.reason")}
+    for key in _DRIFT_INTS:
         out[key] = _int(figures.get(key), f"drift.{key}", minimum=0)
-    for key in ("alarm_level", "warning_level"):
-        out[key] = _float(figures.get(key), f"drift.{key}", minimum=0.0)
-    for key in _DRIFT_OPTIONAL_FLOATS:
+    for key in _DRIFT_OPTIONAL_FLOATS + _DRIFT_OPTIONAL_NON_NEGATIVE:
         value = figures.get(key)
-        out[key] = None if value is None else _float(value, f"drift.{key}")
+        minimum = 0.0 if key in _DRIFT_OPTIONAL_NON_NEGATIVE else None
+        out[key] = None if value is None else _float(value, f"drift.{key}", minimum=minimum)
+    ratio = _float(figures.get("detect_false_alarm_ratio"), "drift.detect_false_alarm_ratio")
+    if ratio <= 1.0:
+        raise ValueError(f"drift.detect_false_alarm_ratio must be above 1, got {ratio}")
+    out["detect_false_alarm_ratio"] = ratio
+    for key in ("alarm_per_frames", "warning_per_frames"):
+        out[key] = _int(figures.get(key), f"drift.{key}", minimum=1)
+    n = figures.get("reference_frames")
+    out["reference_frames"] = None if n is None else _int(n, "drift.reference_frames", minimum=0)
     return out
 
 

@@ -43,7 +43,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from agent.config import DriftConfig  # noqa: E402
-from agent.drift import DRIFT_RECALIBRATE, DriftMonitor, DriftReference  # noqa: E402
+from agent.drift import DRIFT_RECALIBRATE, DriftMonitor, reference_from_dict  # noqa: E402
 from calibration import stats  # noqa: E402
 from calibration.teach import teach_bundle  # noqa: E402
 from engine.backend import open_backend  # noqa: E402
@@ -104,15 +104,17 @@ def rate(scores: np.ndarray, threshold: float) -> Dict[str, Any]:
 def drift_runs(cal: np.ndarray, new: np.ndarray, threshold: float, unchanged: int, trials: int,
                rng: np.random.Generator) -> Dict[str, Any]:
     cfg = DriftConfig()
-    ref = DriftReference(**stats.drift_reference(cal, threshold))
-    mon = DriftMonitor(cfg.window, cfg.interval, cfg.alarm_per_frames, cfg.warning_per_frames, ref)
+    fa_rate = max(float(np.mean(cal > threshold)), 0.5 / cal.size)  # the rate the threshold was set for, as fit states it
+    reference = stats.drift_reference(cal, threshold, fa_rate)
+    ref = reference_from_dict(reference)
+    mon = DriftMonitor(cfg.window, cfg.alarm_per_frames, cfg.warning_per_frames, ref, cfg.detect_false_alarm_ratio)
     alarms = 0
     for s in rng.choice(cal, unchanged).tolist():
         if s <= threshold and mon.add(s) and mon.state == DRIFT_RECALIBRATE:
             alarms += 1
     delays: List[int] = []
     for _ in range(trials):
-        mon = DriftMonitor(cfg.window, cfg.interval, cfg.alarm_per_frames, cfg.warning_per_frames, ref)
+        mon = DriftMonitor(cfg.window, cfg.alarm_per_frames, cfg.warning_per_frames, ref, cfg.detect_false_alarm_ratio)
         for s in rng.choice(cal, 2 * cfg.window).tolist():
             if s <= threshold:
                 mon.add(s)
@@ -123,7 +125,7 @@ def drift_runs(cal: np.ndarray, new: np.ndarray, threshold: float, unchanged: in
                 break
         delays.append(delay)
     found = np.array([d for d in delays if d > 0])
-    return {"reference": stats.drift_reference(cal, threshold), "unchanged_frames": unchanged,
+    return {"reference": {k: reference[k] for k in ("n_frames", "false_alarm_rate")}, "unchanged_frames": unchanged,
             "spurious_recalibrate": alarms, "per_100k": alarms * 1e5 / unchanged, "trials": trials,
             "fired_within_5000": int(found.size), "delay_median": float(np.median(found)) if found.size else None,
             "delay_p95": float(np.quantile(found, 0.95)) if found.size else None}

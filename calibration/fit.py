@@ -29,6 +29,12 @@ from engine.thresholds import Thresholds, save_thresholds
 logger = logging.getLogger(__name__)
 
 STRATEGY_CHOICES = ("auto", "quantile", "gpd", "best_f1")
+# The agent's drift alarm (agent/drift.py, its limits set from the reference's size) needs >= 100 good frames to run
+# and this many to reach its target; measured by benchmarks/bench_drift.py (docs/research/drift_alarm.md).
+DRIFT_MIN_FRAMES = 100
+DRIFT_ADVISED_FRAMES = 3000
+DRIFT_DELAY_NOTE = ("a doubling of a 1% false-alarm rate is caught within 500 frames after 62% of calibrations of 300 "
+                    "good frames, 91% of 1000, 97% of 3000")
 GOOD_DIR = "good"  # MVTec: test/good holds defect-free test images, every other test/<type> is a defect type
 
 
@@ -165,7 +171,7 @@ def fit_thresholds(
         bundle_name=capture.bundle_name,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         provenance={},
-        drift_reference=_drift_reference(scores, chosen.threshold, warnings),
+        drift_reference=_drift_reference(scores, chosen, rate, warnings),
     )
     result = ThresholdsFit(thresholds=thresholds, image=image, at_chosen=chosen, pixel=pixel, best_f1=best,
                        f1_at_chosen=f1_chosen, misses=misses, heldout_good=heldout, warnings=warnings)
@@ -174,12 +180,22 @@ def fit_thresholds(
     return result
 
 
-def _drift_reference(scores: np.ndarray, threshold: float, warnings: List[str]) -> Optional[Dict[str, Any]]:
+def _drift_reference(scores: np.ndarray, chosen: stats.ImageThreshold, rate: float,
+                     warnings: List[str]) -> Optional[Dict[str, Any]]:
+    """The agent's drift reference; its sensitivity is a multiple of the false-alarm rate the threshold was set for:
+    the target, or for best F1 the share of calibration frames above it."""
+    if chosen.strategy == "best_f1":
+        rate = min(max(chosen.exceedances, 0.5) / chosen.n, 0.49)
     try:
-        return stats.drift_reference(scores, threshold)
+        ref = stats.drift_reference(scores, chosen.threshold, rate)
     except stats.StatsError as exc:
         warnings.append(f"drift monitoring off for these thresholds: {exc}")
         return None
+    if ref["n_frames"] < DRIFT_ADVISED_FRAMES:
+        warnings.append(f"the drift alarm's reference holds {ref['n_frames']} good frames: with fewer than "
+                        f"{DRIFT_ADVISED_FRAMES} it is slower to see a doubling of the false-alarm rate "
+                        f"({DRIFT_DELAY_NOTE}); capture more good frames for a quicker drift alarm")
+    return ref
 
 
 def _plain(value: Any) -> Any:
@@ -283,6 +299,11 @@ def summary_lines(result: ThresholdsFit, capture: Capture) -> List[str]:
     lines.append(f"pixel threshold   {t.pixel_threshold:.6g}; min defect area {t.min_defect_area} px of the "
                  f"{'x'.join(str(v) for v in capture.maps.shape[1:])} anomaly map; "
                  f"{result.pixel.frames_with_regions} of {t.n_frames} good frames show a region")
+    ref = t.drift_reference
+    if ref is not None:
+        lines.append(f"drift reference   {ref['n_frames']} good frames (at or below the image threshold) for the agent's "
+                     f"drift alarm: it runs from {DRIFT_MIN_FRAMES}, reaches its target from {DRIFT_ADVISED_FRAMES} "
+                     f"({DRIFT_DELAY_NOTE})")
     if result.best_f1 is not None and result.f1_at_chosen is not None:
         b, c = result.best_f1, result.f1_at_chosen
         lines.append(f"defects           best F1 {b.f1:.3f} at threshold {b.threshold:.6g} "

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from engine import drift_reference as drift_format
 from engine.errors import DaadError, require_module
 from engine.messages import pct
 from engine.regions import component_areas, count_regions
@@ -26,11 +27,6 @@ CONFIDENCE = 0.95  # two-sided level of every interval we state
 RULE_OF_THREE = 3.0  # N frames resolve a rate down to ~3/N (95% upper bound with no exceedance)
 MIN_FRAMES = 20  # below this no threshold is worth stating
 QUANTILE_REPORT_LEVELS = (0.5, 0.9, 0.95, 0.99, 0.999)
-# The agent's drift alarm counts good frames above this quantile of the calibration's good frames (those
-# at or below the image threshold). The median: a shift that doubles a 1% false-alarm rate moves the share
-# above it from 50% to 60% (log-normal scores), which a window of 500 resolves in ~400 frames; p90 (10% -> 15%)
-# needed ~500-1250 (benchmarks/bench_drift.py; p70, p80 in between).
-DRIFT_REFERENCE_LEVEL = 0.5
 # Generalised Pareto tail fit: exceedances over a high empirical quantile.
 GPD_TAIL_FRACTION = 0.1  # fit the top 10% of the scores ...
 GPD_MIN_EXCEEDANCES = 20  # ... but never fewer than 20 points (MLE is erratic below that)
@@ -440,18 +436,25 @@ def score_quantiles(scores: Sequence[float]) -> Dict[str, float]:
     return out
 
 
-def drift_reference(scores: Sequence[float], image_threshold: float,
-                    level: float = DRIFT_REFERENCE_LEVEL) -> Dict[str, Any]:
-    """thresholds.yaml `drift_reference`: the `level` quantile of the good frames the agent would judge good
-    (score <= image_threshold) and how many of them lie above it; the agent's drift test compares its window
-    of good frames with this share (agent/drift.py)."""
+def drift_reference(scores: Sequence[float], image_threshold: float, false_alarm_rate: float) -> Dict[str, Any]:
+    """thresholds.yaml `drift_reference` (engine/drift_reference.py): the score distribution of the frames the agent
+    would judge good (score <= image_threshold), as their sorted scores, or MAX_QUANTILES Hazen quantiles
+    ((i - 0.5) / m) when there are more; the agent's drift alarm maps its good frames' scores through it
+    (agent/drift.py). false_alarm_rate: the rate the image threshold was set for (the alarm's sensitivity is a
+    multiple of it)."""
     s = as_scores(scores)
-    good = s[s <= image_threshold]
-    if good.size == 0:
-        raise StatsError(f"no good frame scores at or below the image threshold {image_threshold:.6g}: "
+    good = np.sort(s[s <= image_threshold])
+    if good.size < drift_format.MIN_FRAMES:
+        raise StatsError(f"{good.size} good frame scores at or below the image threshold {image_threshold:.6g}: "
                          "no drift reference can be stated")
-    score = float(np.quantile(good, level))
-    return {"level": float(level), "score": score, "above": int(np.sum(good > score)), "n_frames": int(good.size)}
+    if not (0.0 < false_alarm_rate < 0.5):
+        raise StatsError(f"false-alarm rate {false_alarm_rate!r} outside (0, 0.5): no drift reference can be stated")
+    if good.size > drift_format.MAX_QUANTILES:
+        # Hazen quantiles (the empirical CDF through (i - 0.5) / n, interpolated), by hand: numpy >= 1.21 lacks `method`
+        at = np.asarray(drift_format.levels(drift_format.MAX_QUANTILES)) * good.size - 0.5
+        good = np.interp(at, np.arange(good.size), good)
+    return {"n_frames": int(np.sum(s <= image_threshold)), "false_alarm_rate": float(false_alarm_rate),
+            "quantiles": [float(v) for v in good]}
 
 
 def _quantile_key(q: float) -> str:

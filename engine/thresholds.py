@@ -105,22 +105,26 @@ def parse_thresholds(data: Any, path: Union[str, Path] = "<thresholds>") -> Thre
     )
 
 
-DRIFT_KEYS = ("level", "score", "above", "n_frames")
+DRIFT_KEYS = ("n_frames", "false_alarm_rate", "quantiles")  # engine.drift_reference.KEYS; the older format: LEGACY_KEYS
 
 
 def _drift_reference(value: Any, path: Path) -> Optional[Dict[str, Any]]:
+    from engine import drift_reference as drift_ref  # its format, validated in its own module
+
     if value is None:
         return None
     fix = "regenerate it with `daad-calibrate fit`, or delete the field to run without drift monitoring"
-    if not isinstance(value, dict) or any(k not in value for k in DRIFT_KEYS):
-        raise ThresholdsError(f"{path}: field `drift_reference` must be a mapping with {', '.join(DRIFT_KEYS)}, "
-                              f"got {value!r}; {fix}")
-    level, score = _field(value, "level", path, float), _field(value, "score", path, float)
-    above, n = _field(value, "above", path, int), _field(value, "n_frames", path, int)
-    if not (0.0 < level < 1.0) or not (0 <= above <= n) or n < 1:
-        raise ThresholdsError(f"{path}: field `drift_reference` expects 0 < level < 1 and 0 <= above <= n_frames, got "
-                              f"level {level}, above {above} of {n}; {fix}")
-    return {"level": level, "score": score, "above": above, "n_frames": n}
+    if isinstance(value, dict) and drift_ref.is_legacy(value):  # loads; the agent runs with the drift alarm off
+        level, score = _field(value, "level", path, float), _field(value, "score", path, float)
+        above, n = _field(value, "above", path, int), _field(value, "n_frames", path, int)
+        if not (0.0 < level < 1.0) or not (0 <= above <= n) or n < 1:
+            raise ThresholdsError(f"{path}: field `drift_reference` expects 0 < level < 1 and 0 <= above <= n_frames, "
+                                  f"got level {level}, above {above} of {n}; {fix}")
+        return {"level": level, "score": score, "above": above, "n_frames": n}
+    try:
+        return drift_ref.parse_drift_reference(value)
+    except ValueError as exc:
+        raise ThresholdsError(f"{path}: field `drift_reference` {exc}; {fix}") from None
 
 
 def load_thresholds(path: Union[str, Path], bundle: Optional[Bundle] = None) -> Thresholds:

@@ -16,7 +16,7 @@ from scipy.stats import binom
 
 from calibration import stats
 from calibration.capture import CaptureError, capture_from_images, load_capture, run_capture
-from calibration.fit import fit_thresholds, score_defect_dataset, write_thresholds
+from calibration.fit import fit_thresholds, score_defect_dataset, summary_lines, write_thresholds
 from engine.thresholds import load_thresholds
 from engine.backend import open_backend
 from engine.bundle import Bundle, load_bundle, write_bundle_yaml
@@ -101,10 +101,12 @@ def test_thresholds_file_round_trips_and_refuses_another_bundle(calibration_capt
     loaded = load_thresholds(path, template_bundle)
     assert loaded == result.thresholds
     assert loaded.bundle_sha256 == template_bundle.sha256 and loaded.n_frames == 300
-    ref = loaded.drift_reference  # the agent's drift alarm: the median of the frames at or below the threshold
+    ref = loaded.drift_reference  # the agent's drift alarm: the frames at or below the threshold, sorted
     judged_good = calibration_capture.scores[calibration_capture.scores <= loaded.image_threshold]
-    assert ref["n_frames"] == judged_good.size and ref["above"] == int(np.sum(judged_good > ref["score"]))
-    assert ref["level"] == 0.5 and abs(ref["above"] - ref["n_frames"] / 2) <= 1
+    assert ref["n_frames"] == judged_good.size and ref["quantiles"] == sorted(float(v) for v in judged_good)
+    assert ref["false_alarm_rate"] == 0.05
+    assert any(line.startswith(f"drift reference   {judged_good.size} good frames") for line in summary_lines(result, calibration_capture))
+    assert any("the drift alarm's reference holds" in w for w in result.warnings)  # < 1000 frames: slower, said
     prov = loaded.provenance["image_threshold"]
     assert prov["false_alarm_rate_ci95"] == list(result.at_chosen.ci)
     other = make_template_bundle(tmp_path / "other", size=64, seed=1)  # another template: another model hash
