@@ -318,7 +318,8 @@ def summary_lines(result: TeachResult) -> List[str]:
         lines.append(f"  {len(result.skipped)} unreadable image(s) skipped")
     parent = b.metadata["taught"][-1]["parent"]
     lines.append(f"the bundle taught from is unchanged: {parent['path']} ({parent['sha256'][:12]}); point the agent "
-                 "back at it to undo")
+                 "back at it to undo: "
+                 f"daad-calibrate undo --bundle {b.root} --config AGENT_YAML")
     lines.append(f"next: recalibrate for the new bundle (thresholds bind to it): daad-calibrate capture --bundle {b.root} "
                  "... then daad-calibrate fit")
     return lines
