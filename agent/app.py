@@ -378,9 +378,10 @@ class App:
         cam = self.config.camera.name
         station = self.config.mqtt.station
         fcfg = self.config.frames
+        event_id = make_event_id(station, cam, self.boot_id, frame.seq)
         frame_path = None
         if self.frames is not None:
-            saved = self.frames.save(frame.image, frame.timestamp, cam, frame.seq)
+            saved = self.frames.save(frame.image, frame.timestamp, cam, frame.seq, event_id)
             frame_path = None if saved is None else str(saved)
         crop = None
         if fcfg.crop_in_event and result.regions:
@@ -388,7 +389,6 @@ class App:
                 crop = encode_crop(frame.image, result.regions, fcfg.crop_max_px, fcfg.jpeg_quality)
             except ValueError as exc:
                 logger.warning("frame %s seq %d: no crop: %s", frame.source_id, frame.seq, exc)
-        event_id = make_event_id(station, cam, self.boot_id, frame.seq)
         payload = defect_event(
             event_id=event_id, station=station, camera=cam, seq=frame.seq, timestamp=frame.timestamp,
             image_score=result.score, image_threshold=result.image_threshold,

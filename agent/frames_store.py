@@ -1,8 +1,10 @@
 """Defective frames saved as JPEG in a bounded folder, and the optional crop sent in an event.
 
 The folder never grows past max_files or max_bytes: after each save the oldest files go. Names
-start with the UTC time, so name order is age order, also across restarts. A failed write (disk
-full, read-only) is logged and counted; it never stops scoring.
+start with the UTC time, so name order is age order, also across restarts, and end with the frame's defect
+event id (`<time>_<camera>_<seq>_<event_id>.jpg`), so `daad-calibrate teach --events ID` finds a false alarm's
+frame by the id its event carried. A failed write (disk full, read-only) is logged and counted; it never
+stops scoring.
 """
 from __future__ import annotations
 
@@ -64,9 +66,10 @@ def encode_crop(image: np.ndarray, regions: Sequence[Region], max_px: int, quali
     return base64.b64encode(encode_jpeg(crop, quality)).decode("ascii")
 
 
-def frame_file_name(timestamp: datetime, camera: str, seq: int) -> str:
+def frame_file_name(timestamp: datetime, camera: str, seq: int, event_id: Optional[str] = None) -> str:
     stamp = timestamp.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    return f"{stamp}_{camera}_{seq:08d}{SUFFIX}"
+    tail = "" if event_id is None else f"_{event_id}"
+    return f"{stamp}_{camera}_{seq:08d}{tail}{SUFFIX}"
 
 
 class FramesStore:
@@ -101,9 +104,11 @@ class FramesStore:
     def total_bytes(self) -> int:
         return self._bytes
 
-    def save(self, image: np.ndarray, timestamp: datetime, camera: str, seq: int) -> Optional[Path]:
-        """Write one frame; its path, or None when it could not be written (logged)."""
-        path = self.folder / frame_file_name(timestamp, camera, seq)
+    def save(self, image: np.ndarray, timestamp: datetime, camera: str, seq: int,
+             event_id: Optional[str] = None) -> Optional[Path]:
+        """Write one frame (named after its defect event where given); its path, or None when it could not be
+        written (logged)."""
+        path = self.folder / frame_file_name(timestamp, camera, seq, event_id)
         try:
             data = encode_jpeg(image, self.jpeg_quality)
             fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=str(self.folder))

@@ -5,6 +5,8 @@
     daad-calibrate fit cal/ --false-alarm-rate 1% [--defects mvtec_dir/] [--out thresholds.yaml]
     daad-calibrate check thresholds.yaml --bundle bundle/ --images more_good/ [--list]
     daad-calibrate teach --bundle bundle/ --images new_normal/ --out bundle-taught/   (then capture + fit again)
+    daad-calibrate teach --bundle bundle/ --events ID [ID ...] --frames-dir /var/lib/daad-inspect/frames --out bundle-taught/
+    daad-calibrate undo --bundle bundle-taught/ [--config /etc/daad-inspect/agent.yaml]
 
 Every error is one line naming the file, the field and the fix, with exit status 1.
 """
@@ -45,7 +47,7 @@ def parse_rate(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Set the thresholds of a bundle on site from good frames.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (backend choice, files)")
-    sub = parser.add_subparsers(dest="command", metavar="{capture,fit,check,teach}")
+    sub = parser.add_subparsers(dest="command", metavar="{capture,fit,check,teach,undo}")
     sub.required = True
 
     cap = sub.add_parser("capture", help="score good frames and keep them with their scores and anomaly maps",
@@ -98,8 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
                                        "taught from is kept unchanged (to undo, point the agent back at it). The new "
                                        "bundle needs new thresholds: capture and fit again.")
     teach.add_argument("--bundle", type=Path, required=True, help="bundle directory to teach (left unchanged)")
-    teach.add_argument("--images", type=Path, required=True, help="folder of good frames to teach")
+    what = teach.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", type=Path, help="folder of good frames to teach")
+    what.add_argument("--events", nargs="+", metavar="ID", help="defect event ids (false alarms) whose frames the "
+                      "agent saved: teach those frames (needs --frames-dir)")
+    teach.add_argument("--frames-dir", type=Path, help="with --events: the agent's frames.dir (agent.yaml)")
     teach.add_argument("--out", type=Path, required=True, help="new bundle directory (must not exist, or be empty)")
+
+    und = sub.add_parser("undo", help="go back to the bundle a taught bundle was taught from",
+                         description="Check that the bundle a taught bundle was taught from is still there, unchanged "
+                                     "(its recorded digest), and print it; with --config, point the agent config's "
+                                     "model.bundle back at it (the file's other lines kept). The agent then needs "
+                                     "that bundle's own thresholds.yaml again, or a new calibration.")
+    und.add_argument("--bundle", type=Path, required=True, help="the taught bundle (bundle.yaml has `taught`)")
+    und.add_argument("--config", type=Path, help="agent config whose model.bundle is the taught bundle: rewritten")
     return parser
 
 
@@ -168,14 +182,31 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_teach(args: argparse.Namespace) -> int:
-    from .teach import summary_lines, teach_bundle
+    from .teach import TeachError, frames_for_events, summary_lines, teach_bundle
 
-    for line in summary_lines(teach_bundle(args.bundle, args.images, args.out)):
+    if args.events is not None:
+        if args.frames_dir is None:
+            raise TeachError("--events needs --frames-dir DIR: the agent's frames.dir (agent.yaml), where it saved "
+                             "the flagged frames")
+        result = teach_bundle(args.bundle, frames_for_events(args.frames_dir, args.events), args.out, events=args.events)
+    else:
+        if args.frames_dir is not None:
+            raise TeachError("--frames-dir goes with --events; with --images the folder is the frames")
+        result = teach_bundle(args.bundle, args.images, args.out)
+    for line in summary_lines(result):
         print(line)
     return 0
 
 
-COMMANDS = {"capture": cmd_capture, "fit": cmd_fit, "check": cmd_check, "teach": cmd_teach}
+def cmd_undo(args: argparse.Namespace) -> int:
+    from .undo import summary_lines, undo
+
+    for line in summary_lines(undo(args.bundle, args.config)):
+        print(line)
+    return 0
+
+
+COMMANDS = {"capture": cmd_capture, "fit": cmd_fit, "check": cmd_check, "teach": cmd_teach, "undo": cmd_undo}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

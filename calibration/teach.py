@@ -1,6 +1,10 @@
 """Teach as good, on site: add the normal feature blocks of new frames to a bundle's memory (no torch).
 
     daad-calibrate teach --bundle B --images DIR --out B2
+    daad-calibrate teach --bundle B --events ID [ID ...] --frames-dir /var/lib/daad-inspect/frames --out B2
+
+A false alarm is taught by its event id: the agent names each saved frame `<time>_<camera>_<seq>_<event_id>.jpg`
+(agent/frames_store.py), and the taught bundle's provenance records the ids.
 
 The bundle's features graph (bundle.yaml `features`, written by `daad-train export` for generator-free models)
 turns each frame into the query vectors of each memory: (Q, D) rows, in the memory's own layout. They are
@@ -22,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +47,7 @@ NORMS_SUFFIX = ".half_sq_norms"  # (N,) initializer: |m|^2 / 2 per item
 CAP_KEYS = {"block_memory": "memory_items", "coarse_memory": "coarse_memory_items"}  # model config key of each cap
 DISTANCE_CHUNK = 1024  # rows per distance block: 1024 x 10 000 items x 4 B = 40 MB
 MAX_TAUGHT_FRAMES = 10_000  # a folder larger than this is a training set: retrain on the desktop instead
+FRAME_SUFFIX = ".jpg"  # the agent's saved frames: <time>_<camera>_<seq>_<event_id>.jpg (agent/frames_store.py)
 
 
 class TeachError(DaadError):
@@ -132,6 +138,35 @@ def half_sq_norms(items: np.ndarray) -> np.ndarray:
     return (0.5 * (x * x).sum(axis=1)).astype(np.float32)
 
 
+def frames_for_events(frames_dir: Union[str, Path], event_ids: Sequence[str]) -> List[Path]:
+    """The agent's saved frame of each defect event id (a file `*_<event_id>.jpg` in `frames_dir`), in the ids'
+    order; TeachError naming every id that is malformed or has no frame."""
+    folder = Path(frames_dir)
+    if not folder.is_dir():
+        raise TeachError(f"{folder}: --frames-dir is not a folder; give the agent's frames.dir (agent.yaml)")
+    wanted: List[str] = []
+    for raw in event_ids:
+        try:
+            eid = str(uuid.UUID(raw.strip()))
+        except ValueError:
+            raise TeachError(f"{raw}: not an event id; copy `event_id` of the defect event (a UUID like "
+                             "1b4e28ba-2fa1-11d2-883f-0016d3cca427)") from None
+        if eid not in wanted:
+            wanted.append(eid)
+    by_id: Dict[str, List[Path]] = {}
+    for p in folder.iterdir():
+        stem = p.stem.lower()
+        if p.suffix.lower() == FRAME_SUFFIX and len(stem) > 37 and stem[-37] == "_" and p.is_file():
+            by_id.setdefault(stem[-36:], []).append(p)
+    missing = [e for e in wanted if e not in by_id]
+    if missing:
+        raise TeachError(f"{folder}: no saved frame for {len(missing)} of {len(wanted)} event id(s) "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); the agent keeps its last "
+                         "frames.max_files defective frames, so older ones are gone: teach those from an image folder "
+                         "(--images), or check frames.dir")
+    return [f for e in wanted for f in sorted(by_id[e])]
+
+
 # -- graphs --------------------------------------------------------------------------------------
 def memory_queries(bundle: Bundle, frames: Sequence[Tuple[str, np.ndarray]]) -> Dict[str, np.ndarray]:
     """Run the features graph on each frame: memory name -> (frames x Q, D) query rows."""
@@ -189,8 +224,10 @@ def replace_memories(src: Path, dst: Path, items: Dict[str, np.ndarray]) -> None
 
 
 # -- the command ---------------------------------------------------------------------------------
-def teach_bundle(bundle_dir: Union[str, Path], images: Union[str, Path], out: Union[str, Path]) -> TeachResult:
-    """Teach the frames of `images` to the bundle at `bundle_dir`; the taught bundle is written to `out` (new)."""
+def teach_bundle(bundle_dir: Union[str, Path], images: Union[str, Path, Sequence[Path]], out: Union[str, Path],
+                 events: Optional[Sequence[str]] = None) -> TeachResult:
+    """Teach the frames of `images` (a folder, or a list of image files) to the bundle at `bundle_dir`; the taught
+    bundle is written to `out` (new). `events`: the defect event ids the frames were found by (provenance)."""
     t0 = time.perf_counter()
     parent = load_bundle(bundle_dir)
     out = Path(out)
@@ -200,14 +237,15 @@ def teach_bundle(bundle_dir: Union[str, Path], images: Union[str, Path], out: Un
     if out.exists() and (out.resolve() == parent.root.resolve() or any(out.iterdir())):
         raise TeachError(f"{out}: --out exists and is not empty; give a new folder (the bundle taught from is kept "
                          "unchanged, so the agent can go back to it)")
-    files = image_folder(images)
+    files = image_folder(images) if isinstance(images, (str, Path)) else list(images)
+    where = str(images) if isinstance(images, (str, Path)) else str(Path(files[0]).parent) if files else "--events"
     if len(files) > MAX_TAUGHT_FRAMES:
-        raise TeachError(f"{images}: {len(files)} images; teach at most {MAX_TAUGHT_FRAMES} frames, or retrain on "
+        raise TeachError(f"{where}: {len(files)} images; teach at most {MAX_TAUGHT_FRAMES} frames, or retrain on "
                          "the desktop with `daad-train fit`")
     skipped: List[str] = []
     frames = list(read_image_files(files, skipped))
     if not frames:
-        raise TeachError(f"{images}: none of the {len(files)} images could be read")
+        raise TeachError(f"{where}: none of the {len(files)} images could be read")
     queries = memory_queries(parent, frames)
     config = (parent.metadata.get("model") or {}).get("config") or {}
     merged: Dict[str, np.ndarray] = {}
@@ -222,7 +260,7 @@ def teach_bundle(bundle_dir: Union[str, Path], images: Union[str, Path], out: Un
         try:
             merged[name], dropped = merge_items(old, new, cap)
         except ValueError as exc:
-            raise TeachError(f"{images}: {exc} (bundle.yaml model.config.{CAP_KEYS.get(name)}); teach fewer "
+            raise TeachError(f"{where}: {exc} (bundle.yaml model.config.{CAP_KEYS.get(name)}); teach fewer "
                              "frames, or retrain on the desktop with `daad-train fit`") from None
         changes.append(MemoryChange(name=name, before=len(old), offered=len(new), dropped=dropped,
                                     after=len(merged[name]), cap=cap))
@@ -238,7 +276,8 @@ def teach_bundle(bundle_dir: Union[str, Path], images: Union[str, Path], out: Un
             graphs.append({"file": g.file, "batch": g.batch, "sha256": sha256_file(staging / g.file)})
         shutil.copy2(parent.root / parent.features.file, staging / parent.features.file)
         meta["graphs"] = graphs
-        meta["taught"] = list(parent.metadata.get("taught") or []) + [_provenance(parent, frames, changes, skipped)]
+        meta["taught"] = list(parent.metadata.get("taught") or []) + [_provenance(parent, frames, changes, skipped,
+                                                                                   events)]
         meta["software"] = software_versions()
         meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         meta.pop("parity", None)  # measured against the parent's PyTorch model; not this memory's
@@ -254,8 +293,8 @@ def teach_bundle(bundle_dir: Union[str, Path], images: Union[str, Path], out: Un
 
 
 def _provenance(parent: Bundle, frames: Sequence[Tuple[str, np.ndarray]], changes: List[MemoryChange],
-                skipped: List[str]) -> Dict[str, Any]:
-    return {
+                skipped: List[str], events: Optional[Sequence[str]]) -> Dict[str, Any]:
+    record: Dict[str, Any] = {
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "parent": {"name": parent.name, "sha256": parent.sha256, "path": str(parent.root.resolve())},
         "frames": [{"file": str(Path(n).resolve()), "sha256": sha256_file(n)} for n, _ in frames],
@@ -264,6 +303,9 @@ def _provenance(parent: Bundle, frames: Sequence[Tuple[str, np.ndarray]], change
                               "cap": c.cap} for c in changes},
         "cap_rule": "over the cap, the old items with the nearest duplicate are dropped; taught blocks are kept",
     }
+    if events is not None:
+        record["events"] = list(events)
+    return record
 
 
 def summary_lines(result: TeachResult) -> List[str]:
@@ -276,7 +318,8 @@ def summary_lines(result: TeachResult) -> List[str]:
         lines.append(f"  {len(result.skipped)} unreadable image(s) skipped")
     parent = b.metadata["taught"][-1]["parent"]
     lines.append(f"the bundle taught from is unchanged: {parent['path']} ({parent['sha256'][:12]}); point the agent "
-                 "back at it to undo")
+                 "back at it to undo: "
+                 f"daad-calibrate undo --bundle {b.root} --config AGENT_YAML")
     lines.append(f"next: recalibrate for the new bundle (thresholds bind to it): daad-calibrate capture --bundle {b.root} "
                  "... then daad-calibrate fit")
     return lines

@@ -337,6 +337,10 @@ def test_video_every_defect_one_event_with_regions_in_frame_coordinates(
     assert len(saved) == 2  # bounded folder: the oldest defective frame was deleted
     latest = max(events.values(), key=lambda e: e["seq"])
     assert latest["frame_path"] == str(saved[-1])
+    # a saved frame is named after its event (daad-calibrate teach --events ID finds it)
+    assert {p.name for p in saved} == {Path(e["frame_path"]).name for e in events.values() if Path(e["frame_path"]).exists()}
+    for e in events.values():
+        assert Path(e["frame_path"]).stem.endswith("_" + e["event_id"])
     statuses = subscriber.payloads("status")
     for status in statuses:
         jsonschema.validate(status, load_schema("status"))

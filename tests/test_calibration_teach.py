@@ -168,3 +168,144 @@ def test_the_agent_runs_the_taught_bundle_with_its_own_thresholds(taught: Path, 
     config = load_config(write_config(tmp_path, bundle, thresholds, mosquitto.port, {"kind": "folder", "path": str(folder)}))
     app = App(config, notifier=quiet_notifier())
     assert app.run() == 0 and app.frames_scored == 3 and app.defects == 0
+
+
+# -- teach by event id: the agent's own saved frames -------------------------------------------------
+def test_a_false_alarm_is_taught_by_its_event_id_from_the_agents_saved_frames(parent: Path, dataset: Path,
+                                                                              tmp_path: Path, mosquitto,
+                                                                              capsys) -> None:
+    from agent.app import App
+    from agent.config import load_config
+    from tests.test_agent_app import Subscriber, quiet_notifier, write_config
+
+    bundle = load_bundle(parent / "bundle")
+    # thresholds below every score: each good frame is a false alarm, saved under frames.dir with its event
+    thresholds = save_thresholds(tmp_path / "thresholds.yaml",
+                                 Thresholds(-1e6, -1e6, 1, bundle.sha256, strategy="manual", bundle_name=bundle.name))
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for f in list_images(dataset / "test" / "good")[:3]:
+        shutil.copy2(f, folder / f.name)
+    sub = Subscriber(mosquitto.port)
+    try:
+        config = load_config(write_config(tmp_path, bundle, thresholds, mosquitto.port,
+                                          {"kind": "folder", "path": str(folder)}, frames={"dir": "frames"}))
+        app = App(config, notifier=quiet_notifier())
+        assert app.run() == 0 and app.defects == 3
+        assert sub.wait(lambda s: len(s.events()) == 3)
+        events = sub.events()
+    finally:
+        sub.close()
+    ids = sorted(events, key=lambda e: events[e]["seq"])[:2]
+    frames = tmp_path / "frames"
+    out = tmp_path / "taught-by-id"
+    assert calibrate_main(["teach", "--bundle", str(parent / "bundle"), "--events", *ids, "--frames-dir", str(frames),
+                           "--out", str(out)]) == 0
+    assert "taught 2 frame(s)" in capsys.readouterr().out
+    record = load_bundle(out).metadata["taught"][-1]
+    assert record["events"] == ids
+    assert [Path(f["file"]).name for f in record["frames"]] == [Path(events[e]["frame_path"]).name for e in ids]
+    # the taught false alarms now score low with the taught bundle
+    assert scores(out, [events[e]["frame_path"] for e in ids]).max() < scores(parent / "bundle", [
+        events[e]["frame_path"] for e in ids]).min()
+    missing = "0b5e0d8c-0000-5000-8000-000000000000"
+    cases = [
+        (["--events", ids[0], missing, "--frames-dir", str(frames)], "no saved frame for 1 of 2 event id(s) (" + missing),
+        (["--events", "seq-7", "--frames-dir", str(frames)], "seq-7: not an event id"),
+        (["--events", ids[0]], "--events needs --frames-dir"),
+        (["--events", ids[0], "--frames-dir", str(tmp_path / "nowhere")], "--frames-dir is not a folder"),
+        (["--images", str(frames), "--frames-dir", str(frames)], "--frames-dir goes with --events"),
+    ]
+    for args, words in cases:
+        assert calibrate_main(["teach", "--bundle", str(parent / "bundle"), *args, "--out", str(tmp_path / "b5")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("daad-calibrate: error: ") and words in err and "\n" not in err, err
+    assert not (tmp_path / "b5").exists()
+
+
+# -- undo ----------------------------------------------------------------------------------------------
+AGENT_YAML = """# the site's agent config: comments and layout must survive an undo
+version: 1
+camera:
+  name: cam0
+  source: {{kind: folder, path: {incoming}}}
+model:
+  # taught on 2026-12-07 (the new lamp)
+  bundle: {bundle}   # keep this comment
+  backend: onnxruntime
+thresholds:
+  path: {thresholds}
+mqtt:
+  host: 127.0.0.1
+  port: 1883
+  station: line1
+spool:
+  path: state/spool.db
+"""
+
+
+def test_undo_names_the_parent_and_points_the_agent_config_back_keeping_its_other_lines(
+        parent: Path, taught: Path, tmp_path: Path, capsys) -> None:
+    from agent.config import load_config
+
+    old = load_bundle(parent / "bundle")
+    assert calibrate_main(["undo", "--bundle", str(taught)]) == 0
+    out = capsys.readouterr().out
+    assert str(old.root) in out and old.sha256[:12] in out and "--config" in out
+    # the parent's own thresholds are still there: the agent can run it again at once
+    thresholds = save_thresholds(tmp_path / "thresholds.yaml",
+                                 Thresholds(1.0, 1.0, 4, old.sha256, strategy="manual", bundle_name=old.name))
+    (tmp_path / "incoming").mkdir()
+    config = tmp_path / "agent.yaml"
+    text = AGENT_YAML.format(incoming=tmp_path / "incoming", bundle=taught, thresholds=thresholds)
+    config.write_text(text)
+    config.chmod(0o640)
+    assert load_config(config).model.bundle == taught
+    assert calibrate_main(["undo", "--bundle", str(taught), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"model.bundle {taught} -> {old.root}" in out and "are made for" in out
+    new = config.read_text()
+    changed = [(a, b) for a, b in zip(text.splitlines(), new.splitlines()) if a != b]
+    assert len(new.splitlines()) == len(text.splitlines()) and len(changed) == 1
+    assert changed[0][1] == f"  bundle: {old.root}   # keep this comment"
+    assert (config.stat().st_mode & 0o777) == 0o640
+    assert load_config(config).model.bundle == old.root  # the agent reads it back
+    # run again: the config already points at the parent
+    assert calibrate_main(["undo", "--bundle", str(taught), "--config", str(config)]) == 1
+    assert "already points at the bundle taught from" in capsys.readouterr().err
+    # thresholds made for the taught bundle: said that they must be put back or recalibrated
+    config.write_text(AGENT_YAML.format(incoming=tmp_path / "incoming", bundle=taught,
+                                        thresholds=save_thresholds(tmp_path / "t2.yaml", Thresholds(
+                                            1.0, 1.0, 4, load_bundle(taught).sha256, strategy="manual"))))
+    assert calibrate_main(["undo", "--bundle", str(taught), "--config", str(config)]) == 0
+    assert "made for the taught bundle" in capsys.readouterr().out
+
+
+def test_undo_refuses_in_one_line_what_it_cannot_go_back_to(parent: Path, taught: Path, dataset: Path,
+                                                            tmp_path: Path, capsys) -> None:
+    # a parent that moved, and one replaced by another bundle
+    moved = tmp_path / "moved"
+    shutil.copytree(parent / "bundle", moved)
+    child = tmp_path / "child"
+    teach_bundle(moved, list_images(dataset / "test" / "good")[:1], child)
+    other = tmp_path / "other"
+    config = tmp_path / "agent.yaml"
+    config.write_text(AGENT_YAML.format(incoming=tmp_path, bundle=other, thresholds=tmp_path / "t.yaml"))
+    cases = [
+        (["--bundle", str(parent / "bundle")], "no field `taught`"),
+        (["--bundle", str(taught), "--config", str(config)], "not the taught bundle"),
+        (["--bundle", str(taught), "--config", str(tmp_path / "none.yaml")], "no such agent config"),
+    ]
+    for args, words in cases:
+        assert calibrate_main(["undo", *args]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("daad-calibrate: error: ") and words in err and "\n" not in err, err
+    assert str(other) in config.read_text()  # left unchanged
+    shutil.rmtree(moved)
+    shutil.copytree(taught, moved)  # another bundle where the parent was
+    assert calibrate_main(["undo", "--bundle", str(child)]) == 1
+    err = capsys.readouterr().err
+    assert "was replaced or changed since" in err and "\n" not in err.strip()
+    shutil.rmtree(moved)
+    assert calibrate_main(["undo", "--bundle", str(child)]) == 1
+    assert "is not there any more" in capsys.readouterr().err
