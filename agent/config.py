@@ -2,7 +2,8 @@
 
 Pydantic models, one per concern, that forbid unknown keys; every field has a description and
 bounds. `load_config` reports ALL problems at once, one line each, as
-`agent.yaml: camera.mode: got 'fast', expected 'latest' or 'every'`.
+`agent.yaml: camera.mode: got 'fast', expected 'latest' or 'every'` (engine/validation.py, the style of every
+file the product reads).
 
 Strings may use `${NAME}` to take a value from the environment (e.g. a station id set by the
 installer). Relative paths are resolved against the directory of the config file, so a config
@@ -23,13 +24,16 @@ from typing_extensions import Annotated  # typing.Annotated is 3.9+; typing_exte
 
 from engine.bundle import BUNDLE_YAML
 from engine.errors import ConfigError
+from engine.validation import dotted as _dotted
+from engine.validation import format_errors
+from engine.validation import models_in as _models_in
+from engine.validation import show as _show
 
 from .mqtt import MqttSettings, SpoolSettings
 
 CONFIG_VERSION = 1
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"  # used in MQTT topics, event ids and file names
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-MAX_SHOWN_CHARS = 60  # long values are cut in error messages
 
 
 class _Section(BaseModel):
@@ -194,7 +198,7 @@ def load_config(path: Union[str, Path], check_files: bool = True) -> AgentConfig
     try:
         config = AgentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError("\n".join(f"{name}: {line}" for line in format_errors(exc, data))) from None
+        raise ConfigError("\n".join(f"{name}: {line}" for line in format_errors(exc, data, AgentConfig))) from None
     config = _resolve_paths(config, path.resolve().parent)
     problems = check_rules(config, check_files=check_files)
     if problems:
@@ -311,180 +315,6 @@ def _walk_paths(model: BaseModel, prefix: str) -> List[Tuple[str, Path]]:
         elif isinstance(value, BaseModel):
             found.extend(_walk_paths(value, key))
     return found
-
-
-# -- error formatting ------------------------------------------------------------------------------
-_EXPECTED_BY_TYPE = {
-    "int_parsing": "an integer",
-    "int_type": "an integer",
-    "int_from_float": "a whole number",
-    "float_parsing": "a number",
-    "float_type": "a number",
-    "bool_parsing": "true or false",
-    "bool_type": "true or false",
-    "string_type": "a string",
-    "path_type": "a path",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-    "list_type": "a list",
-    "finite_number": "a finite number",
-    "none_required": "nothing",
-}
-
-
-def format_errors(exc: ValidationError, data: Any) -> List[str]:
-    """Pydantic errors -> `key.path: got X, expected Y`, one per key (alternatives of a union merged)."""
-    merged: Dict[Tuple[Any, ...], Tuple[str, List[str]]] = {}
-    lines_by_loc: Dict[Tuple[Any, ...], str] = {}
-    for err in exc.errors():
-        loc = _user_loc(tuple(err["loc"]), data)
-        kind = err["type"]
-        ctx = err.get("ctx") or {}
-        if kind == "missing":
-            got, expected = "nothing", "a value (this key is required)"
-        elif kind == "extra_forbidden":
-            allowed = _allowed_keys(loc[:-1], data)
-            got, expected = f"unknown key {_show(loc[-1])}", (f"one of {', '.join(allowed)}" if allowed else "no such key")
-        elif kind in ("union_tag_invalid", "union_tag_not_found"):
-            loc = loc + ("kind",)
-            got = _show(ctx["tag"]) if "tag" in ctx else "nothing"
-            expected = f"one of {ctx.get('expected_tags') or ', '.join(repr(k) for k in SOURCE_KINDS)}"
-        elif kind in ("value_error", "assertion_error"):
-            # a validator's own sentence: "mqtt: give either password_file or password_env, not both"
-            msg = str(err["msg"])
-            for lead in ("Value error, ", "Assertion failed, "):
-                msg = msg[len(lead):] if msg.startswith(lead) else msg
-            value = err.get("input")
-            text = msg if isinstance(value, dict) else f"got {_show(value)}; {msg}"
-            lines_by_loc.setdefault(loc, text)
-            continue
-        else:
-            got, expected = _show(err.get("input")), _expected(kind, ctx, err["msg"])
-        if loc in merged:
-            if expected not in merged[loc][1]:
-                merged[loc][1].append(expected)
-        else:
-            merged[loc] = (got, [expected])
-    lines = [f"{_dotted(loc)}: got {got}, expected {' or '.join(exp)}" for loc, (got, exp) in merged.items()]
-    return lines + [f"{_dotted(loc)}: {text}" for loc, text in lines_by_loc.items()]
-
-
-def _expected(kind: str, ctx: Dict[str, Any], msg: str) -> str:
-    if kind == "literal_error":
-        return str(ctx["expected"])
-    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-    if kind in bounds:
-        limit = next(iter(ctx.values()))
-        return f"a number {bounds[kind]} {limit:g}" if isinstance(limit, float) else f"a number {bounds[kind]} {limit}"
-    if kind == "string_too_short":
-        return f"at least {ctx.get('min_length')} character(s)"
-    if kind == "string_too_long":
-        return f"at most {ctx.get('max_length')} characters"
-    if kind == "string_pattern_mismatch":
-        return f"a string matching {ctx.get('pattern')}"
-    if kind in _EXPECTED_BY_TYPE:
-        return _EXPECTED_BY_TYPE[kind]
-    return msg[0].lower() + msg[1:] if msg else kind
-
-
-def _user_loc(loc: Tuple[Any, ...], data: Any) -> Tuple[Any, ...]:
-    """Drop the tag pydantic inserts for discriminated unions (camera.source.video.path -> camera.source.path)
-    and the type names it inserts for plain unions (int, str)."""
-    out: List[Any] = []
-    node = data
-    for part in loc:
-        if isinstance(node, dict):
-            if part in node:
-                out.append(part)
-                node = node[part]
-                continue
-            if node.get("kind") == part:  # the discriminator's tag
-                continue
-            if isinstance(part, str) and ("[" in part or part in ("int", "str", "float", "bool")):
-                continue
-            out.append(part)
-            node = None
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            out.append(part)
-            node = node[part]
-        else:
-            if isinstance(part, str) and ("[" in part or part in ("int", "str", "float", "bool")):
-                continue
-            out.append(part)
-            node = None
-    return tuple(out)
-
-
-def _allowed_keys(loc: Tuple[Any, ...], data: Any) -> List[str]:
-    model = _model_at(AgentConfig, loc, data)
-    if model is None:
-        return []
-    return [info.alias or name for name, info in model.model_fields.items()]
-
-
-def _model_at(model: Type[BaseModel], loc: Tuple[Any, ...], data: Any) -> Optional[Type[BaseModel]]:
-    node = data
-    for part in loc:
-        info = model.model_fields.get(part) if isinstance(part, str) else None
-        if info is None:
-            info = next((f for f in model.model_fields.values() if f.alias == part), None)
-        if info is None:
-            return None
-        node = node.get(part) if isinstance(node, dict) else None
-        candidates = _models_in(info.annotation)
-        if not candidates:
-            return None
-        chosen = candidates[0]
-        if len(candidates) > 1 and isinstance(node, dict):
-            for cand in candidates:
-                kind_field = cand.model_fields.get("kind")
-                if kind_field is not None and node.get("kind") in _literal_values(kind_field.annotation):
-                    chosen = cand
-        model = chosen
-    return model
-
-
-def _models_in(annotation: Any) -> List[Type[BaseModel]]:
-    import typing
-
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    found: List[Type[BaseModel]] = []
-    for arg in typing.get_args(annotation):
-        found.extend(_models_in(arg))
-    return found
-
-
-def _literal_values(annotation: Any) -> Tuple[Any, ...]:
-    import typing
-
-    return tuple(typing.get_args(annotation))
-
-
-def _dotted(loc: Tuple[Any, ...]) -> str:
-    if not loc:
-        return "(top level)"
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        text = "a mapping {" + ", ".join(map(str, value)) + "}"
-    elif isinstance(value, list):
-        text = f"a list of {len(value)}"
-    elif isinstance(value, str):
-        text = repr(value)
-    else:
-        text = repr(value)
-    return text if len(text) <= MAX_SHOWN_CHARS else text[: MAX_SHOWN_CHARS - 3] + "..."
 
 
 def dump_example_keys(model: Type[BaseModel] = AgentConfig, prefix: str = "") -> List[str]:
