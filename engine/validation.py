@@ -26,21 +26,17 @@ class StrictModel(BaseModel):
 
 
 def validate(model: Type[M], data: Any, name: str, error: Type[DaadError], fix: str = "",
-             first_only: bool = False) -> M:
-    """`model` from the mapping `data` read from file `name`; else `error` with one line per problem
-    (`name: key.path: got X, expected Y; fix`). first_only: one line, the first problem, with the count
-    of the others (for files whose errors go to a log or an MQTT message as one line)."""
+             context: Optional[Dict[str, Any]] = None) -> M:
+    """`model` from the mapping `data` read from file `name`; else `error` with every problem, one line
+    each: `name: key.path: got X, expected Y; fix`. `context` goes to the model's validators."""
     if not isinstance(data, dict):
         required = [n for n, f in model.model_fields.items() if f.is_required()]
         expected = f"a mapping with {', '.join(required)}" if required else "a mapping"
         raise error(_line(name, f"got {show(data)}, expected {expected}", fix))
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         lines = format_errors(exc, data, model)
-    if first_only:
-        more = f" ({len(lines) - 1} more problem{'s' if len(lines) > 2 else ''} after this one)" if len(lines) > 1 else ""
-        raise error(_line(name, lines[0], fix) + more) from None
     raise error("\n".join(_line(name, line, fix) for line in lines)) from None
 
 
