@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Union
 
@@ -19,7 +19,7 @@ from typing_extensions import Annotated  # typing.Annotated is 3.9+; typing_exte
 
 from engine.bundle import Bundle, atomic_write_text, read_yaml
 from engine.errors import ThresholdsError
-from engine.validation import StrictModel, show, validate
+from engine.validation import StrictModel, Text, show, validate
 
 logger = logging.getLogger(__name__)
 
@@ -78,26 +78,17 @@ FIX = "regenerate it with `daad-calibrate fit`"
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
-def _as_text(value: Any) -> Any:
-    """A number or a date YAML read from an unquoted scalar -> its text, as the hand-written files that
-    loaded before were read (`bundle_name: 7`, `created: 2026-01-05`); mappings and lists stay errors."""
-    if isinstance(value, (int, float, date)) and not isinstance(value, bool):
-        return str(value)
-    return value
-
-
 def _none_as_empty(value: Any) -> Any:
     return {} if value is None else value  # `provenance:` left empty by hand: read as {} before
 
 
-Text = Annotated[str, BeforeValidator(_as_text)]
-Mapping = Annotated[Dict[Text, Any], BeforeValidator(_none_as_empty)]
+FreeMapping = Annotated[Dict[Any, Any], BeforeValidator(_none_as_empty)]
 
 
 class ThresholdsFile(StrictModel):
     """thresholds.yaml as written by `Thresholds.to_dict` (every key it writes, and nothing else)."""
 
-    format_version: Literal[1]  # checked first, with its own fix (load_thresholds)
+    format_version: Literal[1]  # checked first, with its own fix (parse_thresholds)
     image_threshold: FiniteFloat
     pixel_threshold: FiniteFloat
     min_defect_area: Annotated[int, Field(ge=1)]  # anomaly-map pixels
@@ -105,10 +96,10 @@ class ThresholdsFile(StrictModel):
     strategy: Literal[STRATEGIES] = "quantile"  # type: ignore[valid-type]
     target_false_alarm_rate: Optional[Annotated[float, Field(gt=0.0, lt=1.0)]] = None
     n_frames: Annotated[int, Field(ge=0)] = 0
-    score_quantiles: Annotated[Dict[Text, FiniteFloat], BeforeValidator(_none_as_empty)] = {}
+    score_quantiles: Annotated[Dict[Text, float], BeforeValidator(_none_as_empty)] = {}
     bundle_name: Text = ""
     created: Text = ""
-    provenance: Mapping = {}  # anything calibration records: free inside
+    provenance: FreeMapping = {}  # anything calibration records: free inside
     drift_reference: Optional[Dict[str, Any]] = None
 
     @field_validator("drift_reference", mode="before")

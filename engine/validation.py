@@ -9,14 +9,27 @@ merged); `show` and `dotted` write a value and a key path the same way for the c
 from __future__ import annotations
 
 import typing
+from datetime import date
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from typing_extensions import Annotated  # typing.Annotated is 3.9+; typing_extensions comes with pydantic
 
 from .errors import DaadError
 
 MAX_SHOWN_CHARS = 60  # long values are cut in error messages
 M = TypeVar("M", bound=BaseModel)
+
+
+def _as_text(value: Any) -> Any:
+    """An unquoted number or date YAML read from a hand-written file -> its text, as str() read such files
+    before (`bundle_name: 7`, `created: 2026-01-05`); mappings and lists stay errors."""
+    if isinstance(value, (int, float, date)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+Text = Annotated[str, BeforeValidator(_as_text)]  # a string, or a scalar YAML read as a number or a date
 
 
 class StrictModel(BaseModel):
