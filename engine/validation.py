@@ -8,6 +8,7 @@ merged); `show` and `dotted` write a value and a key path the same way for the c
 """
 from __future__ import annotations
 
+import difflib
 import typing
 from datetime import date
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
@@ -18,6 +19,7 @@ from typing_extensions import Annotated  # typing.Annotated is 3.9+; typing_exte
 from .errors import DaadError
 
 MAX_SHOWN_CHARS = 60  # long values are cut in error messages
+MAX_LISTED_KEYS = 16  # an unknown key in a longer section is answered with the nearest known ones
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -88,13 +90,16 @@ def format_errors(exc: ValidationError, data: Any, model: Type[BaseModel]) -> Li
         loc = _user_loc(tuple(err["loc"]), data)
         kind = err["type"]
         ctx = err.get("ctx") or {}
-        if kind == "missing" and loc and isinstance(loc[-1], int):
-            got, expected = "nothing", "a value at this position (the list is too short)"
+        if kind == "missing" and loc and isinstance(loc[-1], int):  # a list shorter than its fixed length
+            index, loc = loc[-1], loc[:-1]
+            got = show(_at(data, loc))
+            shortest = max([index + 1] + [int(e.split()[2]) for e in merged.get(loc, ("", []))[1] if e.startswith("at least")])
+            merged[loc] = (got, [f"at least {shortest} items"])
+            continue
         elif kind == "missing":
             got, expected = "nothing", "a value (this key is required)"
         elif kind == "extra_forbidden":
-            allowed = _allowed_keys(model, loc[:-1], data)
-            got, expected = f"unknown key {show(loc[-1])}", (f"one of {', '.join(allowed)}" if allowed else "no such key")
+            got, expected = f"unknown key {show(loc[-1])}", _known_keys(_allowed_keys(model, loc[:-1], data), loc[-1])
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
             tag_key = str(ctx.get("discriminator", "'kind'")).strip("'\"")
             got = show(ctx["tag"]) if "tag" in ctx else "nothing"
@@ -118,6 +123,25 @@ def format_errors(exc: ValidationError, data: Any, model: Type[BaseModel]) -> Li
             merged[loc] = (got, [expected])
     lines = [f"{dotted(loc)}: got {got}, expected {' or '.join(exp)}" for loc, (got, exp) in merged.items()]
     return lines + [f"{dotted(loc)}: {text}" for loc, text in lines_by_loc.items()]
+
+
+def _known_keys(allowed: List[str], key: Any) -> str:
+    """`one of a, b, c`; for a long section, the nearest keys to the unknown one (a typo) when there are any."""
+    if not allowed:
+        return "no such key"
+    near = difflib.get_close_matches(str(key), allowed, n=3) if len(allowed) > MAX_LISTED_KEYS else []
+    if near:
+        return f"a known key (the nearest of {len(allowed)}: {', '.join(near)})"
+    return f"one of {', '.join(allowed)}"
+
+
+def _at(data: Any, loc: Tuple[Any, ...]) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
 
 
 def _expected(kind: str, ctx: Dict[str, Any], msg: str) -> str:
