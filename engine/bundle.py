@@ -279,23 +279,23 @@ def check_graph_matches(bundle: Bundle, g: OnnxGraph) -> None:
 Free = Dict[Any, Any]
 
 
-class ModelSection(StrictModel):
+class BundleModelSection(StrictModel):
     name: Optional[Text] = None  # None: the bundle directory's name
     config: Free = {}  # train.config.ModelConfig as a mapping (or {"views": [...]} for an ensemble)
 
 
-class InputSection(StrictModel):
+class BundleInputSection(StrictModel):
     name: Text = INPUT_NAME
     dtype: Literal["float32"] = "float32"
     layout: Literal["NCHW"] = "NCHW"
 
 
-class OutputsSection(StrictModel):
+class BundleOutputsSection(StrictModel):
     anomaly_map: Text = MAP_OUTPUT
     score: Text = SCORE_OUTPUT
 
 
-class PreprocessSection(StrictModel):
+class BundlePreprocessSection(StrictModel):
     height: Annotated[int, Field(ge=8)]
     width: Annotated[int, Field(ge=8)]
     channel_order: Literal[CHANNEL_ORDERS] = "gray"  # type: ignore[valid-type]
@@ -304,7 +304,7 @@ class PreprocessSection(StrictModel):
     resize: Literal[RESIZE_MODES] = "stretch"  # type: ignore[valid-type]
 
     @model_validator(mode="after")
-    def _one_value_per_channel(self) -> "PreprocessSection":
+    def _one_value_per_channel(self) -> "BundlePreprocessSection":
         channels = 1 if self.channel_order == "gray" else 3
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(f"mean and std: got {len(self.mean)} and {len(self.std)} values, expected {channels} each "
@@ -316,13 +316,13 @@ class PreprocessSection(StrictModel):
                               mean=tuple(self.mean), std=tuple(self.std), resize=self.resize)
 
 
-class GraphEntry(StrictModel):
+class BundleGraphEntry(StrictModel):
     file: Text
     sha256: Text
     batch: Annotated[int, Field(ge=1)]
 
 
-class FeaturesEntry(StrictModel):
+class BundleFeaturesEntry(StrictModel):
     file: Text
     sha256: Text
     outputs: Dict[Text, Text]  # memory prefix -> output name
@@ -332,19 +332,19 @@ class BundleFile(StrictModel):
     """bundle.yaml."""
 
     format_version: Literal[1]  # checked first, with its own fix (load_bundle)
-    model: ModelSection = ModelSection()
-    input: InputSection = InputSection()
-    preprocess: PreprocessSection
-    outputs: OutputsSection = OutputsSection()
+    model: BundleModelSection = BundleModelSection()
+    input: BundleInputSection = BundleInputSection()
+    preprocess: BundlePreprocessSection
+    outputs: BundleOutputsSection = BundleOutputsSection()
     opset: Annotated[int, Field(ge=1)] = 17
-    graphs: Annotated[List[GraphEntry], Field(min_length=1)]
+    graphs: Annotated[List[BundleGraphEntry], Field(min_length=1)]
     score_stats: Free = {}
     metrics: Free = {}
     training_data: Free = {}
     software: Free = {}
     created: Text = ""
     parity: Optional[Free] = None  # ONNX Runtime against PyTorch at export (train.export)
-    features: Optional[FeaturesEntry] = None  # bundles of generator-free models exported since issue 37
+    features: Optional[BundleFeaturesEntry] = None  # bundles of generator-free models exported since issue 37
     taught: List[Free] = []  # one record per `daad-calibrate teach` (calibration.teach): free inside
     manifest_sha256: Optional[Text] = None  # checked against the bytes by Bundle.verify_manifest
 
@@ -357,7 +357,8 @@ def parse_bundle_yaml(meta: Any, yaml_path: Path) -> BundleFile:
     (`bundle.yaml: key.path: got X, expected Y; copy the bundle again or re-export ...`)."""
     if isinstance(meta, dict) and meta.get("format_version") != BUNDLE_FORMAT_VERSION:
         if "format_version" not in meta:
-            raise BundleError(f"{yaml_path}: format_version: got nothing, expected {BUNDLE_FORMAT_VERSION}; {COPY_OR_EXPORT}")
+            raise BundleError(f"{yaml_path}: format_version: got nothing, expected {BUNDLE_FORMAT_VERSION}; "
+                              f"{COPY_OR_EXPORT}")
         raise BundleError(f"{yaml_path}: format_version: got {show(meta['format_version'])}, expected "
                           f"{BUNDLE_FORMAT_VERSION} (the format this daad-inspect reads); upgrade daad-inspect or "
                           "re-export the bundle with this version")

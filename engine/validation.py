@@ -86,15 +86,13 @@ def format_errors(exc: ValidationError, data: Any, model: Type[BaseModel]) -> Li
     (the alternatives of a union merged into `expected A or B`)."""
     merged: Dict[Tuple[Any, ...], Tuple[str, List[str]]] = {}
     lines_by_loc: Dict[Tuple[Any, ...], str] = {}
+    short: Dict[Tuple[Any, ...], int] = {}  # list -> the items it needs at least
     for err in exc.errors():
         loc = _user_loc(tuple(err["loc"]), data)
         kind = err["type"]
         ctx = err.get("ctx") or {}
         if kind == "missing" and loc and isinstance(loc[-1], int):  # a list shorter than its fixed length
-            index, loc = loc[-1], loc[:-1]
-            got = show(_at(data, loc))
-            shortest = max([index + 1] + [int(e.split()[2]) for e in merged.get(loc, ("", []))[1] if e.startswith("at least")])
-            merged[loc] = (got, [f"at least {shortest} items"])
+            short[loc[:-1]] = max(short.get(loc[:-1], 0), loc[-1] + 1)
             continue
         elif kind == "missing":
             got, expected = "nothing", "a value (this key is required)"
@@ -121,6 +119,8 @@ def format_errors(exc: ValidationError, data: Any, model: Type[BaseModel]) -> Li
                 merged[loc][1].append(expected)
         else:
             merged[loc] = (got, [expected])
+    for loc, need in short.items():
+        merged[loc] = (show(_at(data, loc)), [f"at least {need} items"])
     lines = [f"{dotted(loc)}: got {got}, expected {' or '.join(exp)}" for loc, (got, exp) in merged.items()]
     return lines + [f"{dotted(loc)}: {text}" for loc, text in lines_by_loc.items()]
 
@@ -198,7 +198,8 @@ def _user_loc(loc: Tuple[Any, ...], data: Any) -> Tuple[Any, ...]:
 
 
 def _is_type_tag(part: Any) -> bool:
-    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS or part.startswith(("constrained-", "function-")))
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS
+                                      or part.startswith(("constrained-", "function-")))
 
 
 def _allowed_keys(model: Type[BaseModel], loc: Tuple[Any, ...], data: Any) -> List[str]:

@@ -262,7 +262,9 @@ def _build(cls: type, parsed: BaseModel, keys: Any) -> Any:
     kwargs = {}
     for key in keys:
         value = getattr(parsed, key)
-        kwargs[key] = _build(type(getattr(cls(), key)), value, value.model_fields_set) if isinstance(value, BaseModel) else value
+        if isinstance(value, BaseModel):  # a nested config (TrainConfig.loss)
+            value = _build(type(getattr(cls(), key)), value, value.model_fields_set)
+        kwargs[key] = value
     return cls(**kwargs)
 
 
