@@ -16,13 +16,16 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Literal, Optional, Tuple, Type, Union
 
 import yaml
+from pydantic import Field, model_validator
+from typing_extensions import Annotated  # typing.Annotated is 3.9+; typing_extensions comes with pydantic
 
 from .errors import BundleError, DaadError
 from .onnx_io import ELEM_FLOAT, read_graph_io
-from .preprocess import PreprocessSpec
+from .preprocess import CHANNEL_ORDERS, RESIZE_MODES, PreprocessSpec
+from .validation import StrictModel, Text, show, validate
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +40,7 @@ MANIFEST_DOMAIN = b"daad-bundle-manifest/1\n"  # versions the digest's recipe, n
 # The manifest line, wherever a YAML tool may have moved it; the digest covers every other byte.
 _MANIFEST_LINE = re.compile(rb"^manifest_sha256:[ \t]*['\"]?([0-9a-f]{64})['\"]?[ \t]*(?:\r?\n|\Z)", re.M)
 EXPORT_FIX = "re-export the bundle with `daad-train export`"
-# Every top-level field a bundle has ever been written with: another one is damage (a flipped byte in a key
-# would otherwise make the manifest line look absent) or a hand edit.
-BUNDLE_FIELDS = frozenset({"format_version", "model", "input", "preprocess", "outputs", "opset", "graphs", "score_stats",
-                           "metrics", "training_data", "software", "created", "parity", "features", "taught",
-                           MANIFEST_FIELD})
+COPY_OR_EXPORT = f"copy the bundle again or {EXPORT_FIX}"
 FEATURES_FILE = "features.onnx"  # image -> each memory's query vectors (daad-calibrate teach adds them to the memory)
 
 
@@ -274,10 +273,101 @@ def check_graph_matches(bundle: Bundle, g: OnnxGraph) -> None:
                               f"{EXPORT_FIX}")
 
 
-def _require(meta: Dict[str, Any], key: str, yaml_path: Path) -> Any:
-    if key not in meta:
-        raise BundleError(f"{yaml_path}: missing field `{key}`; re-export the bundle with `daad-train export`")
-    return meta[key]
+# -- bundle.yaml's schema: every key a writer has put there (write_bundle, train.export's parity, calibration.teach's
+# taught); another key is damage (a flipped byte in a key would otherwise make the manifest line look absent) or a
+# hand edit. Sections a tool fills freely (model.config, score_stats, metrics, ...) are mappings, free inside.
+Free = Dict[Any, Any]
+
+
+class BundleModelSection(StrictModel):
+    name: Optional[Text] = None  # None: the bundle directory's name
+    config: Free = {}  # train.config.ModelConfig as a mapping (or {"views": [...]} for an ensemble)
+
+
+class BundleInputSection(StrictModel):
+    name: Text = INPUT_NAME
+    dtype: Literal["float32"] = "float32"
+    layout: Literal["NCHW"] = "NCHW"
+
+
+class BundleOutputsSection(StrictModel):
+    anomaly_map: Text = MAP_OUTPUT
+    score: Text = SCORE_OUTPUT
+
+
+class BundlePreprocessSection(StrictModel):
+    height: Annotated[int, Field(ge=8)]
+    width: Annotated[int, Field(ge=8)]
+    channel_order: Literal[CHANNEL_ORDERS] = "gray"  # type: ignore[valid-type]
+    mean: List[float] = [0.5]
+    std: List[float] = [0.5]
+    resize: Literal[RESIZE_MODES] = "stretch"  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _one_value_per_channel(self) -> "BundlePreprocessSection":
+        channels = 1 if self.channel_order == "gray" else 3
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"mean and std: got {len(self.mean)} and {len(self.std)} values, expected {channels} each "
+                             f"for channel_order {self.channel_order!r}")
+        return self
+
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec(height=self.height, width=self.width, channel_order=self.channel_order,
+                              mean=tuple(self.mean), std=tuple(self.std), resize=self.resize)
+
+
+class BundleGraphEntry(StrictModel):
+    file: Text
+    sha256: Text
+    batch: Annotated[int, Field(ge=1)]
+
+
+class BundleFeaturesEntry(StrictModel):
+    file: Text
+    sha256: Text
+    outputs: Dict[Text, Text]  # memory prefix -> output name
+
+
+class BundleFile(StrictModel):
+    """bundle.yaml."""
+
+    format_version: Literal[1]  # checked first, with its own fix (load_bundle)
+    model: BundleModelSection = BundleModelSection()
+    input: BundleInputSection = BundleInputSection()
+    preprocess: BundlePreprocessSection
+    outputs: BundleOutputsSection = BundleOutputsSection()
+    opset: Annotated[int, Field(ge=1)] = 17
+    graphs: Annotated[List[BundleGraphEntry], Field(min_length=1)]
+    score_stats: Free = {}
+    metrics: Free = {}
+    training_data: Free = {}
+    software: Free = {}
+    created: Text = ""
+    parity: Optional[Free] = None  # ONNX Runtime against PyTorch at export (train.export)
+    features: Optional[BundleFeaturesEntry] = None  # bundles of generator-free models exported since issue 37
+    taught: List[Free] = []  # one record per `daad-calibrate teach` (calibration.teach): free inside
+    manifest_sha256: Optional[Text] = None  # checked against the bytes by Bundle.verify_manifest
+
+
+BUNDLE_FIELDS = frozenset(BundleFile.model_fields)  # every top-level key a bundle has been written with
+
+
+def parse_bundle_yaml(meta: Any, yaml_path: Path) -> BundleFile:
+    """bundle.yaml's mapping, checked; BundleError with one line per problem
+    (`bundle.yaml: key.path: got X, expected Y; copy the bundle again or re-export ...`)."""
+    if isinstance(meta, dict) and meta.get("format_version") != BUNDLE_FORMAT_VERSION:
+        if "format_version" not in meta:
+            raise BundleError(f"{yaml_path}: format_version: got nothing, expected {BUNDLE_FORMAT_VERSION}; "
+                              f"{COPY_OR_EXPORT}")
+        raise BundleError(f"{yaml_path}: format_version: got {show(meta['format_version'])}, expected "
+                          f"{BUNDLE_FORMAT_VERSION} (the format this daad-inspect reads); upgrade daad-inspect or "
+                          "re-export the bundle with this version")
+    parsed = validate(BundleFile, meta, str(yaml_path), BundleError, COPY_OR_EXPORT)
+    batches = [g.batch for g in parsed.graphs]
+    if 1 not in batches:
+        raise BundleError(f"{yaml_path}: graphs: got batch sizes {batches}, expected a batch-1 graph among them; "
+                          f"{EXPORT_FIX}")
+    return parsed
 
 
 def load_bundle(path: Union[str, Path], verify: bool = True) -> Bundle:
@@ -291,63 +381,23 @@ def load_bundle(path: Union[str, Path], verify: bool = True) -> Bundle:
     if not yaml_path.is_file():
         raise BundleError(f"{yaml_path}: not found; a bundle is a directory with {BUNDLE_YAML} and model.onnx")
     meta = read_yaml(yaml_path, BundleError, "the file is damaged, copy it again")
-    if not isinstance(meta, dict):
-        raise BundleError(f"{yaml_path}: expected a mapping at the top level; the file is damaged, copy it again")
-    version = _require(meta, "format_version", yaml_path)
-    if version != BUNDLE_FORMAT_VERSION:
-        raise BundleError(
-            f"{yaml_path}: format_version {version!r} is not supported (this daad-inspect reads "
-            f"{BUNDLE_FORMAT_VERSION}); upgrade daad-inspect or re-export the bundle with this version"
-        )
-    try:
-        spec = PreprocessSpec.from_dict(_require(meta, "preprocess", yaml_path))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"{yaml_path}: field `preprocess` is invalid ({exc}); re-export the bundle") from exc
-    raw_graphs = _require(meta, "graphs", yaml_path)
-    try:
-        graphs = tuple(OnnxGraph(file=str(g["file"]), sha256=str(g["sha256"]), batch=int(g["batch"])) for g in raw_graphs)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"{yaml_path}: field `graphs` is invalid ({exc}); each entry needs file, sha256 and batch") from exc
-    if not any(g.batch == 1 for g in graphs):
-        raise BundleError(f"{yaml_path}: field `graphs` has no batch-1 graph; re-export the bundle")
-    unknown = sorted(str(k) for k in meta if k not in BUNDLE_FIELDS)
-    if unknown:
-        raise BundleError(f"{yaml_path}: field `{unknown[0]}` is not a bundle.yaml field (damaged or edited copy); "
-                          f"copy the bundle again or {EXPORT_FIX}")
-    for key in ("model", "input", "outputs", "score_stats"):  # read by properties later: refuse them now
-        if not isinstance(meta.get(key) or {}, dict):
-            raise BundleError(f"{yaml_path}: field `{key}` must be a mapping, got {type(meta[key]).__name__}; "
-                              f"copy the bundle again or {EXPORT_FIX}")
-    try:
-        opset = int(meta.get("opset", 17))
-    except (TypeError, ValueError):
-        raise BundleError(f"{yaml_path}: field `opset` must be a whole number, got {meta.get('opset')!r}; "
-                          f"copy the bundle again or {EXPORT_FIX}") from None
+    parsed = parse_bundle_yaml(meta, yaml_path)
+    features = parsed.features
     bundle = Bundle(
-        features=_features(meta.get("features"), yaml_path),
+        features=None if features is None else FeaturesGraph(file=features.file, sha256=features.sha256,
+                                                            outputs=dict(features.outputs)),
         root=root,
-        name=str((meta.get("model") or {}).get("name", root.name)),
-        preprocess=spec,
-        graphs=graphs,
-        opset=opset,
-        score_stats=dict(meta.get("score_stats") or {}),
+        name=parsed.model.name if parsed.model.name is not None else root.name,
+        preprocess=parsed.preprocess.spec(),
+        graphs=tuple(OnnxGraph(file=g.file, sha256=g.sha256, batch=g.batch) for g in parsed.graphs),
+        opset=parsed.opset,
+        score_stats=dict(parsed.score_stats),
         metadata=meta,
-        manifest_sha256=str(meta.get(MANIFEST_FIELD) or ""),
+        manifest_sha256=parsed.manifest_sha256 or "",
     )
     if verify:
         bundle.verify()
     return bundle
-
-
-def _features(value: Any, yaml_path: Path) -> Optional[FeaturesGraph]:
-    if value is None:
-        return None
-    try:
-        outputs = {str(k): str(v) for k, v in dict(value["outputs"]).items()}
-        return FeaturesGraph(file=str(value["file"]), sha256=str(value["sha256"]), outputs=outputs)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"{yaml_path}: field `features` is invalid ({exc}); it needs file, sha256 and outputs; "
-                          f"copy the bundle again or {EXPORT_FIX}") from None
 
 
 def write_bundle_yaml(root: Union[str, Path], meta: Dict[str, Any]) -> Path:

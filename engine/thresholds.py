@@ -11,12 +11,15 @@ import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Literal, Optional, Union
 
 import yaml
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
+from typing_extensions import Annotated  # typing.Annotated is 3.9+; typing_extensions comes with pydantic
 
 from engine.bundle import Bundle, atomic_write_text, read_yaml
 from engine.errors import ThresholdsError
+from engine.validation import StrictModel, Text, show, validate
 
 logger = logging.getLogger(__name__)
 
@@ -71,37 +74,66 @@ def _field(data: Dict[str, Any], key: str, path: Path, kind: type) -> Any:
         raise ThresholdsError(f"{path}: field `{key}` must be a finite {kind.__name__}, got {value!r}") from None
 
 
+FIX = "regenerate it with `daad-calibrate fit`"
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _none_as_empty(value: Any) -> Any:
+    return {} if value is None else value  # `provenance:` left empty by hand: read as {} before
+
+
+FreeMapping = Annotated[Dict[Any, Any], BeforeValidator(_none_as_empty)]
+
+
+class ThresholdsFile(StrictModel):
+    """thresholds.yaml as written by `Thresholds.to_dict` (every key it writes, and nothing else)."""
+
+    format_version: Literal[1]  # checked first, with its own fix (parse_thresholds)
+    image_threshold: FiniteFloat
+    pixel_threshold: FiniteFloat
+    min_defect_area: Annotated[int, Field(ge=1)]  # anomaly-map pixels
+    bundle_sha256: Text
+    strategy: Literal[STRATEGIES] = "quantile"  # type: ignore[valid-type]
+    target_false_alarm_rate: Optional[Annotated[float, Field(gt=0.0, lt=1.0)]] = None
+    n_frames: Annotated[int, Field(ge=0)] = 0
+    score_quantiles: Annotated[Dict[Text, float], BeforeValidator(_none_as_empty)] = {}
+    bundle_name: Text = ""
+    created: Text = ""
+    provenance: FreeMapping = {}  # anything calibration records: free inside
+    drift_reference: Optional[Dict[str, Any]] = None
+
+    @field_validator("drift_reference", mode="before")
+    @classmethod
+    def _check_drift_reference(cls, value: Any, info: ValidationInfo) -> Optional[Dict[str, Any]]:
+        # its own rules and messages (ThresholdsError, which pydantic lets through): None, or a checked mapping
+        return _drift_reference(value, Path((info.context or {}).get("path", "<thresholds>")))
+
+
 def parse_thresholds(data: Any, path: Union[str, Path] = "<thresholds>") -> Thresholds:
+    """Thresholds from the mapping read from `path`; ThresholdsError with one line per problem
+    (`path: key: got X, expected Y; regenerate it with `daad-calibrate fit``)."""
     path = Path(path)
-    if not isinstance(data, dict):
-        raise ThresholdsError(f"{path}: expected a mapping of threshold fields; regenerate it with `daad-calibrate fit`")
-    version = data.get("format_version")
-    if version != THRESHOLDS_FORMAT_VERSION:
-        raise ThresholdsError(
-            f"{path}: field `format_version` is {version!r}, expected {THRESHOLDS_FORMAT_VERSION}; regenerate it with `daad-calibrate fit`"
-        )
-    strategy = str(data.get("strategy", "quantile"))
-    if strategy not in STRATEGIES:
-        raise ThresholdsError(f"{path}: field `strategy` is {strategy!r}, expected one of {STRATEGIES}")
-    min_area = _field(data, "min_defect_area", path, int)
-    if min_area < 1:
-        raise ThresholdsError(f"{path}: field `min_defect_area` must be at least 1 pixel, got {min_area}")
-    target = data.get("target_false_alarm_rate")
-    if target is not None and not (0.0 < float(target) < 1.0):
-        raise ThresholdsError(f"{path}: field `target_false_alarm_rate` must be in (0, 1), got {target!r}")
+    if isinstance(data, dict) and data.get("format_version") != THRESHOLDS_FORMAT_VERSION:
+        version = data.get("format_version")
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > THRESHOLDS_FORMAT_VERSION
+        fix = (f"written by a newer daad-calibrate: upgrade daad-inspect here, or {FIX} of this version" if newer
+               else FIX)
+        raise ThresholdsError(f"{path}: format_version: got {show(version) if 'format_version' in data else 'nothing'}, "
+                              f"expected {THRESHOLDS_FORMAT_VERSION}; {fix}")
+    parsed = validate(ThresholdsFile, data, str(path), ThresholdsError, FIX, context={"path": str(path)})
     return Thresholds(
-        image_threshold=_field(data, "image_threshold", path, float),
-        pixel_threshold=_field(data, "pixel_threshold", path, float),
-        min_defect_area=min_area,
-        bundle_sha256=_field(data, "bundle_sha256", path, str),
-        strategy=strategy,
-        target_false_alarm_rate=None if target is None else float(target),
-        n_frames=int(data.get("n_frames", 0)),
-        score_quantiles={str(k): float(v) for k, v in (data.get("score_quantiles") or {}).items()},
-        bundle_name=str(data.get("bundle_name", "")),
-        created=str(data.get("created", "")),
-        provenance=dict(data.get("provenance") or {}),
-        drift_reference=_drift_reference(data.get("drift_reference"), path),
+        image_threshold=parsed.image_threshold,
+        pixel_threshold=parsed.pixel_threshold,
+        min_defect_area=parsed.min_defect_area,
+        bundle_sha256=parsed.bundle_sha256,
+        strategy=parsed.strategy,
+        target_false_alarm_rate=parsed.target_false_alarm_rate,
+        n_frames=parsed.n_frames,
+        score_quantiles=dict(parsed.score_quantiles),
+        bundle_name=parsed.bundle_name,
+        created=parsed.created,
+        provenance=dict(parsed.provenance),
+        drift_reference=parsed.drift_reference,
     )
 
 
@@ -132,7 +164,7 @@ def load_thresholds(path: Union[str, Path], bundle: Optional[Bundle] = None) -> 
     path = Path(path)
     if not path.is_file():
         raise ThresholdsError(f"{path}: thresholds file not found; create it with `daad-calibrate fit`")
-    data = read_yaml(path, ThresholdsError, "regenerate it with `daad-calibrate fit`")
+    data = read_yaml(path, ThresholdsError, FIX)
     thresholds = parse_thresholds(data, path)
     if bundle is not None:
         check_binding(thresholds, bundle, path)

@@ -116,7 +116,7 @@ def test_tampered_hash(bundle_copy: Path, tmp_path: Path) -> None:
 def test_unknown_format_version(bundle_copy: Path, tmp_path: Path) -> None:
     _edit_yaml(bundle_copy, lambda m: m.update(format_version=99))
     result = run_cli(["bench", str(bundle_copy)], tmp_path)
-    assert_one_clear_error(result, "bundle.yaml", "format_version 99 is not supported")
+    assert_one_clear_error(result, "bundle.yaml", "format_version: got 99, expected 1", "upgrade daad-inspect")
 
 
 def test_batch_the_bundle_lacks(template_bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,7 +160,7 @@ def test_build_checks_the_bundle_before_tensorrt(bundle_copy: Path, tmp_path: Pa
     _edit_yaml(bundle_copy, lambda m: m.update(format_version=0))
     result = run_main(["build", str(bundle_copy), "--precision", "fp32", "--allow-missing-tensorrt"], tmp_path,
                       monkeypatch)
-    assert_one_clear_error(result, "format_version 0")
+    assert_one_clear_error(result, "format_version: got 0")
 
 
 def test_check_passes_and_fails(template_bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,13 +16,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-import yaml
 
 from engine.errors import ConfigError, DatasetError
 from engine.messages import run_tool, setup_tool_logging
 
-from .config import (INSPECT_DAAD_PLUS_NAME, INSPECT_NAME, ModelConfig, TrainConfig, from_dict, preset, preset_names,
-                     schedule, to_dict)
+from .config import (INSPECT_DAAD_PLUS_NAME, INSPECT_NAME, ModelConfig, TrainConfig, model_config_file, preset,
+                     preset_names, schedule)
 from .data import has_colour, train_samples
 from .views import DEFAULT_VIEWS, VIEWS, view_configs
 
@@ -43,15 +42,8 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
         path = Path(args.config)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        base = to_dict(preset(args.model))
-        model_section = loaded.get("model", {}) if isinstance(loaded, dict) else {}
-        base.update(model_section)
-        sets_channels = sets_channels or (isinstance(model_section, dict) and "in_channels" in model_section)
-        cfg = from_dict(ModelConfig, base, f"{path}: model")
+        cfg, model_section = model_config_file(path, preset(args.model))
+        sets_channels = sets_channels or "in_channels" in model_section
     else:
         cfg = preset(args.model)
     if args.size:

@@ -1,15 +1,25 @@
 """Model and training configuration: dataclasses whose fields say why they have their value.
 
 The paper's table columns are presets of the same code (`PRESETS`): AE, AE+Skip, DAAD, DAAD+.
-Unknown keys and wrong types are rejected when a config is read back (checkpoint, YAML override).
+Unknown keys and wrong types are rejected when a config is read back (checkpoint, YAML override): a pydantic model
+made from the dataclass (from_dict), each problem one line `file: model.key: got X, expected Y`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Type
+
+import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      ValidationError, create_model)
+from typing_extensions import Annotated  # typing.Annotated is 3.9+; typing_extensions comes with pydantic
 
 from engine.errors import ConfigError
+from engine.validation import StrictModel, format_errors, show, validate
 
 # Block size (r_h, r_w, r_c) per memory scale, from fine (1/2) to the 1/16 bottleneck. r_c = 0 means
 # "all channels". Each block covers 1/8 of its map's side at 128 px; the ablation is still to be run (README).
@@ -217,47 +227,79 @@ def schedule(model: str) -> Dict[str, Any]:
     return {"steps": TrainConfig.steps, "lr": TrainConfig.lr, **SCHEDULES.get(model, {})}
 
 
-def _coerce(value: Any, target: Any, path: str) -> Any:
-    """Convert YAML/JSON values (lists) back into the dataclass field types (tuples), checking types."""
-    if dataclasses.is_dataclass(target):
-        return from_dict(type(target), value, path)
-    if isinstance(target, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: got {value!r}, expected true or false")
-        return value
-    if isinstance(target, (int, float)) and not isinstance(target, bool):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: got {value!r}, expected a number")
-        return type(target)(value) if isinstance(target, float) else _as_int(value, path)
-    if isinstance(target, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: got {value!r}, expected a list")
-        if target and isinstance(target[0], tuple):
-            return tuple(tuple(_as_int(v, path) for v in item) for item in value)
-        return tuple(type(target[0])(v) if target else v for v in value)
-    if isinstance(target, str):
-        return str(value)
-    return value
+# -- reading a config back (YAML `model:` section, checkpoint): pydantic, the style of every file the product reads
+# (engine/validation.py). The schema is made from the dataclass's own fields, so a field is declared once: types
+# are strict (no true for a number, no text for a flag), unknown keys are errors; the rules between fields stay
+# in validate_model_config.
+def _whole(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value  # 100.0 read back as 100
 
 
-def _as_int(value: Any, path: str) -> int:
-    if isinstance(value, bool) or int(value) != value:
-        raise ConfigError(f"{path}: got {value!r}, expected an integer")
-    return int(value)
+_STRICT: Dict[Any, Any] = {int: Annotated[StrictInt, BeforeValidator(_whole)], float: StrictFloat, bool: StrictBool,
+                           str: StrictStr}
+
+
+def _strict_type(hint: Any) -> Any:
+    if hint in _STRICT:
+        return _STRICT[hint]
+    if dataclasses.is_dataclass(hint):
+        return _schema(hint)
+    if typing.get_origin(hint) is tuple:
+        return Tuple[tuple(a if a is Ellipsis else _strict_type(a) for a in typing.get_args(hint))]  # type: ignore
+    return hint
+
+
+@functools.lru_cache(maxsize=None)
+def _schema(cls: type) -> Type[BaseModel]:
+    """The pydantic model of a config dataclass: its fields, strict types, extra=forbid. Every field is
+    optional here: from_dict passes only the keys given, and the dataclass fills in its defaults."""
+    hints = typing.get_type_hints(cls)
+    fields_: Dict[str, Any] = {f.name: (_strict_type(hints[f.name]), None) for f in fields(cls)}
+    return create_model(f"{cls.__name__}File", __config__=ConfigDict(extra="forbid"), **fields_)
+
+
+def _build(cls: type, parsed: BaseModel, keys: Any) -> Any:
+    kwargs = {}
+    for key in keys:
+        value = getattr(parsed, key)
+        if isinstance(value, BaseModel):  # a nested config (TrainConfig.loss)
+            value = _build(type(getattr(cls(), key)), value, value.model_fields_set)
+        kwargs[key] = value
+    return cls(**kwargs)
 
 
 def from_dict(cls: Any, data: Optional[Dict[str, Any]], path: str = "config") -> Any:
-    """Build a config dataclass from a mapping; unknown keys and wrong types are errors."""
+    """Build a config dataclass from a mapping; unknown keys and wrong types are ConfigError, one line each:
+    `PATH.key: got X, expected Y` (PATH e.g. `train.yaml: model`)."""
     data = data or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: got {data!r}, expected a mapping")
-    default = cls()
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(known)}")
-    kwargs = {k: _coerce(v, getattr(default, k), f"{path}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+        raise ConfigError(f"{path}: got {show(data)}, expected a mapping")
+    schema = _schema(cls)
+    try:
+        parsed = schema.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(f"{path}.{line}" for line in format_errors(exc, data, schema))) from None
+    return _build(cls, parsed, data.keys())
+
+
+class _ConfigFile(StrictModel):
+    """The file `daad-train fit --config` reads."""
+
+    model: Optional[Dict[str, Any]] = None  # ModelConfig keys over the --model preset
+
+
+def model_config_file(path: Path, base: ModelConfig) -> Tuple[ModelConfig, Dict[str, Any]]:
+    """`base` with the `model:` section of the YAML file at `path` over it, and that section."""
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+        raise ConfigError(f"{path}: {where}: not valid YAML ({exc.problem}); fix the syntax") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}); fix the syntax") from None
+    section = validate(_ConfigFile, loaded or {}, str(path), ConfigError).model or {}
+    return from_dict(ModelConfig, {**to_dict(base), **section}, f"{path}: model"), section
 
 
 def to_dict(config: Any) -> Dict[str, Any]:
