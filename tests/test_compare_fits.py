@@ -1,4 +1,4 @@
-"""benchmarks/compare_fits.py: fits of one configuration scored on the same split, each against the first with a
+"""benchmarks/research/compare_fits.py: fits of one configuration scored on the same split, each against the first with a
 paired group-bootstrap interval, and a one-line refusal of what cannot be compared."""
 from __future__ import annotations
 
@@ -12,14 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from benchmarks.research import compare_fits
 
-import compare_fits  # noqa: E402
+from train.cli import main as train_main
+from train.synthetic import DEFECT_TYPES
 
-from train.cli import main as train_main  # noqa: E402
-from train.synthetic import DEFECT_TYPES  # noqa: E402
-
-from tests.grouped_dataset import write_grouped_dataset  # noqa: E402
+from tests.grouped_dataset import write_grouped_dataset
 
 
 @pytest.fixture(scope="module")

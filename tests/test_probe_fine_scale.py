@@ -1,18 +1,13 @@
 """The fine-scale probe starts from the checkpoint's own map, and its memory keeps a random draw of the vectors."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from benchmarks.research.probe_coarse_layers import CoarseLayer
+from benchmarks.research.probe_fine_scale import mixed_map, own_unsmoothed
 
-from probe_coarse_layers import CoarseLayer  # noqa: E402
-from probe_fine_scale import mixed_map, own_unsmoothed  # noqa: E402
-
-from train.config import preset  # noqa: E402
-from train.model import DAAD  # noqa: E402
+from train.config import preset
+from train.model import DAAD
 
 
 def small_model() -> DAAD:

@@ -3,22 +3,19 @@ naming the fix when the data or groups file is not the one it was fit with."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from benchmarks.research.probe_protocol import checkpoint_data, checkpoint_data_or_exit
 
-from probe_protocol import checkpoint_data, checkpoint_data_or_exit  # noqa: E402
+from engine.errors import DaadError
+from train.checkpoint import load_model
+from train.cli import main as train_main
+from train.fit import preprocess_spec
 
-from engine.errors import DaadError  # noqa: E402
-from train.checkpoint import load_model  # noqa: E402
-from train.cli import main as train_main  # noqa: E402
-from train.fit import preprocess_spec  # noqa: E402
-
-from tests.grouped_dataset import write_grouped_dataset  # noqa: E402
+from tests.grouped_dataset import write_grouped_dataset
 
 
 @pytest.fixture(scope="module")

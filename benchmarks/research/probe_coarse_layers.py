@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Which backbone layer the coarse memory should hold, re-checked on parts the model never saw.
 
-    python benchmarks/probe_coarse_layers.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
+    python -m benchmarks.research.probe_coarse_layers --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
         --split val --transplant --groups benchmarks/groups/magnetic_tile.csv --taps 10 14 15
 
 `inspect`'s coarse memory holds the last block's features (block 15: 1/32, 320 channels). Each row here
@@ -26,18 +25,16 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.probe_fine_memory import BATCH, Memory, encoded, terms
+from benchmarks.research.probe_json import write_probe_rows
+from benchmarks.research.probe_protocol import checkpoint_data_or_exit
 
-from probe_fine_memory import BATCH, Memory, encoded, terms  # noqa: E402  (this folder, first on sys.path)
-from probe_json import write_probe_rows  # noqa: E402
-from probe_protocol import checkpoint_data_or_exit  # noqa: E402
-
-from train.checkpoint import load_model  # noqa: E402
-from train.evaluate import compute_metrics  # noqa: E402
-from train.backbone import local_context  # noqa: E402
-from train.fit import preprocess_spec  # noqa: E402
-from train.metrics import group_bootstrap_auroc_difference  # noqa: E402
-from train.model import DAAD, divide, principal_components  # noqa: E402
+from train.checkpoint import load_model
+from train.evaluate import compute_metrics
+from train.backbone import local_context
+from train.fit import preprocess_spec
+from train.metrics import group_bootstrap_auroc_difference
+from train.model import DAAD, divide, principal_components
 
 
 @torch.no_grad()

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """What DAAD+'s discriminator adds: its feature distances scored as anomaly maps, against an untrained twin.
 
-    python benchmarks/probe_discriminator.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
+    python -m benchmarks.research.probe_discriminator --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
         --split val --out benchmarks/results/probe_discriminator
 
 For a trained DAAD+ with a full-resolution memory, the map L_d = ||f_d(x) - f_d(y)||^2 (f_d the
@@ -23,16 +22,14 @@ from typing import Dict, List
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.probe_json import write_probe_rows
 
-from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
-
-from train.checkpoint import load_model, score_stats_images  # noqa: E402
-from train.data import load_images, train_samples  # noqa: E402
-from train.evaluate import compute_metrics, load_split  # noqa: E402
-from train.fit import preprocess_spec  # noqa: E402
-from train.model import DAAD, Discriminator  # noqa: E402
-from train.transplant import transplant_set  # noqa: E402
+from train.checkpoint import load_model, score_stats_images
+from train.data import load_images, train_samples
+from train.evaluate import compute_metrics, load_split
+from train.fit import preprocess_spec
+from train.model import DAAD, Discriminator
+from train.transplant import transplant_set
 
 BATCH = 16
 BETAS = (0.5, 0.25)  # weight of M in the mixes M and L_d

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Several fits of one configuration on the same split, each against the first: is a fit (longer training,
 another seed) better, and can the split tell?
 
-    python benchmarks/compare_fits.py --checkpoints runs/a/last.pt runs/b/last.pt \
+    python -m benchmarks.research.compare_fits --checkpoints runs/a/last.pt runs/b/last.pt \
         --data ../shared/datasets/magnetic_tile --split val --transplant \
         [--groups benchmarks/groups/magnetic_tile.csv]
 
@@ -27,18 +26,16 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.probe_json import write_probe_rows
 
-from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
-
-from engine.errors import DaadError  # noqa: E402
-from train.checkpoint import load_model  # noqa: E402
-from train.cli import checked_groups  # noqa: E402
-from train.evaluate import compute_metrics, load_split, predict  # noqa: E402
-from train.fit import preprocess_spec  # noqa: E402
-from train.groups import Groups  # noqa: E402
-from train.metrics import group_bootstrap_auroc_difference  # noqa: E402
-from train.transplant import transplant_set  # noqa: E402
+from engine.errors import DaadError
+from train.checkpoint import load_model
+from train.cli import checked_groups
+from train.evaluate import compute_metrics, load_split, predict
+from train.fit import preprocess_spec
+from train.groups import Groups
+from train.metrics import group_bootstrap_auroc_difference
+from train.transplant import transplant_set
 
 
 def type_selections(types: List[str]) -> Dict[str, np.ndarray]:

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Stretch, letterbox or tile? How the crop's aspect ratio reaches the model, measured on the memory's map.
 
-    python benchmarks/probe_resize.py --data ../shared/datasets/magnetic_tile --split val \
+    python -m benchmarks.research.probe_resize --data ../shared/datasets/magnetic_tile --split val \
         --modes stretch reflect replicate tile --sizes 256 --transplant [--mix] [--block 4] \
         [--groups benchmarks/groups/magnetic_tile.csv]
 
@@ -36,18 +35,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.probe_json import write_probe_rows
+from benchmarks.research.sweep_features import backbone_features, smoothed, untrained_memory_maps
 
-from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
-from sweep_features import backbone_features, smoothed, untrained_memory_maps  # noqa: E402
-
-from train.config import preset  # noqa: E402
-from train.data import eval_samples, load_mask, read_image, split_eval, train_samples  # noqa: E402
-from train.evaluate import compute_metrics  # noqa: E402
-from train.groups import grouped_protocol, load_groups, split_by_group  # noqa: E402
-from train.metrics import group_bootstrap_auroc_difference  # noqa: E402
-from train.fit import preprocess_spec  # noqa: E402
-from train.transplant import transplant_set  # noqa: E402
+from train.config import preset
+from train.data import eval_samples, load_mask, read_image, split_eval, train_samples
+from train.evaluate import compute_metrics
+from train.groups import grouped_protocol, load_groups, split_by_group
+from train.metrics import group_bootstrap_auroc_difference
+from train.fit import preprocess_spec
+from train.transplant import transplant_set
 
 MODES = ("stretch", "reflect", "replicate", "tile")
 BLOCK = 4  # inspect's fine memory: 4x4 blocks of the 1/8 feature map (--block)

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Where a model's pixel AUROC is lost, and whether post-processing its map recovers it.
 
-    python benchmarks/probe_maps.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
+    python -m benchmarks.research.probe_maps --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
         --split val --transplant --out benchmarks/results/probe_maps
 
 The model's unsmoothed map (what `combine` returns; for a combination of views, `daad-train combine`, the
@@ -40,21 +39,19 @@ from typing import Callable, Dict, List
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.probe_json import write_probe_rows
 
-from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
-
-from engine.preprocess import denormalize  # noqa: E402
-from train import plots  # noqa: E402
-from engine.errors import DaadError  # noqa: E402
-from train.checkpoint import load_model, score_stats_images  # noqa: E402
-from train.cli import checked_groups  # noqa: E402
-from train.data import load_images, train_samples  # noqa: E402
-from train.evaluate import compute_metrics, load_split  # noqa: E402
-from train.fit import preprocess_spec  # noqa: E402
-from train.model import edge_side_fill, gaussian_kernel, grey_closing, separable_blur  # noqa: E402
-from train.transplant import transplant_set  # noqa: E402
-from train.views import Scorer, ViewEnsemble  # noqa: E402
+from engine.preprocess import denormalize
+from train import plots
+from engine.errors import DaadError
+from train.checkpoint import load_model, score_stats_images
+from train.cli import checked_groups
+from train.data import load_images, train_samples
+from train.evaluate import compute_metrics, load_split
+from train.fit import preprocess_spec
+from train.model import edge_side_fill, gaussian_kernel, grey_closing, separable_blur
+from train.transplant import transplant_set
+from train.views import Scorer, ViewEnsemble
 
 BATCH = 16
 OVERLAYS_PER_TYPE = 4

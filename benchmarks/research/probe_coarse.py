@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """What a checkpoint's coarse memory adds: the same trained model scored with and without its C term.
 
-    python benchmarks/probe_coarse.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
+    python -m benchmarks.research.probe_coarse --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
         --split val --weights 0 0.15 0.25 0.35 --transplant [--groups benchmarks/groups/magnetic_tile.csv]
 
 Each weight delta replaces `coarse_memory_weight` (A = (1-delta) A' + delta C; 0 = the map without the coarse
@@ -20,14 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.probe_json import write_probe_rows
 
-from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
-
-from engine.errors import DaadError  # noqa: E402
-from train.checkpoint import load_model  # noqa: E402
-from train.cli import checked_groups  # noqa: E402
-from train.evaluate import evaluate  # noqa: E402
+from engine.errors import DaadError
+from train.checkpoint import load_model
+from train.cli import checked_groups
+from train.evaluate import evaluate
 
 
 def main() -> int:

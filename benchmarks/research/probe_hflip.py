@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """What mirror scoring adds: one checkpoint scored as fitted and with `score_hflip` toggled.
 
-    python benchmarks/probe_hflip.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
+    python -m benchmarks.research.probe_hflip --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
         --split val --transplant [--groups benchmarks/groups/magnetic_tile.csv]
 
 `score_hflip` changes only the scoring (the map is the mean of the image's and its mirror image's, mirrored
@@ -24,18 +23,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.probe_json import write_probe_rows
 
-from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
-
-from engine.errors import DaadError  # noqa: E402
-from train.checkpoint import load_model  # noqa: E402
-from train.cli import checked_groups  # noqa: E402
-from train.data import Sample, load_images  # noqa: E402
-from train.evaluate import compute_metrics, load_split, predict  # noqa: E402
-from train.fit import calibrate_scores, image_maps, preprocess_spec  # noqa: E402
-from train.metrics import group_bootstrap_auroc_difference  # noqa: E402
-from train.transplant import transplant_set  # noqa: E402
+from engine.errors import DaadError
+from train.checkpoint import load_model
+from train.cli import checked_groups
+from train.data import Sample, load_images
+from train.evaluate import compute_metrics, load_split, predict
+from train.fit import calibrate_scores, image_maps, preprocess_spec
+from train.metrics import group_bootstrap_auroc_difference
+from train.transplant import transplant_set
 
 SCALES = ("r_scale", "l_scale", "m_scale", "c_scale")
 

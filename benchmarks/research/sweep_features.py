@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Fast ablations of DAAD on frozen EfficientNet-Lite0 features, with a kNN reference, on one dataset.
 
-    python benchmarks/sweep_features.py --data ../shared/datasets/magnetic_tile --split val \
+    python -m benchmarks.research.sweep_features --data ../shared/datasets/magnetic_tile --split val \
         --configs daad_plus daad_plus:memory_items=500 --out benchmarks/results/sweep_features
 
 The backbone is frozen, so its features are computed once per dataset and size (cached in --out) and
@@ -35,17 +34,15 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_models import parse_variant  # noqa: E402
-from train.backbone import EfficientNetLite0Features  # noqa: E402
-from train.config import TrainConfig, preset  # noqa: E402
-from train.data import eval_samples, load_images, load_mask, split_eval, train_samples  # noqa: E402
-from train.fit import augment, preprocess_spec  # noqa: E402
-from train.loss import discriminator_loss, generator_loss  # noqa: E402
-from train.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
-from train.model import DAAD, RawMaps  # noqa: E402
-from train.transplant import transplant_set  # noqa: E402
+from benchmarks.research.bench_models import parse_variant
+from train.backbone import EfficientNetLite0Features
+from train.config import TrainConfig, preset
+from train.data import eval_samples, load_images, load_mask, split_eval, train_samples
+from train.fit import augment, preprocess_spec
+from train.loss import discriminator_loss, generator_loss
+from train.metrics import aupro, image_auroc, pixel_auroc
+from train.model import DAAD, RawMaps
+from train.transplant import transplant_set
 
 SCORES = ("max", "top1%", "top10%", "mean")
 BATCH = 32

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Is a part's peak better told from its own background than from zero? The image score re-checked on fits.
 
-    python benchmarks/probe_image_score.py --checkpoints runs/a/last.pt [runs/b/last.pt ...] \
+    python -m benchmarks.research.probe_image_score --checkpoints runs/a/last.pt [runs/b/last.pt ...] \
         --data ../shared/datasets/magnetic_tile --split val --transplant --groups benchmarks/groups/magnetic_tile.csv
 
 On unseen parts a whole map is lifted: a good tile the memory never saw scores above the good tiles it did,
@@ -26,19 +25,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.compare_fits import paired_differences, type_selections
+from benchmarks.research.probe_json import write_probe_rows
 
-from compare_fits import paired_differences, type_selections  # noqa: E402  (this folder, first on sys.path)
-from probe_json import write_probe_rows  # noqa: E402
-
-from engine.errors import DaadError  # noqa: E402
-from train.checkpoint import load_model  # noqa: E402
-from train.cli import checked_groups  # noqa: E402
-from train.evaluate import load_split, predict  # noqa: E402
-from train.fit import preprocess_spec  # noqa: E402
-from train.groups import Groups  # noqa: E402
-from train.metrics import image_auroc  # noqa: E402
-from train.transplant import transplant_set  # noqa: E402
+from engine.errors import DaadError
+from train.checkpoint import load_model
+from train.cli import checked_groups
+from train.evaluate import load_split, predict
+from train.fit import preprocess_spec
+from train.groups import Groups
+from train.metrics import image_auroc
+from train.transplant import transplant_set
 
 POOL = 4  # the pooled map's cell: 256 px -> 64 x 64 = 4 096 values
 

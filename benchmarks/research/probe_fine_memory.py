@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """What `inspect`'s fine memory should hold: more of each training image, or several block sizes at once.
 
-    python benchmarks/probe_fine_memory.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
+    python -m benchmarks.research.probe_fine_memory --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
         --split val --transplant --groups benchmarks/groups/magnetic_tile.csv \
         --rows 4 4:shift 4:flip 4:shift+flip 2+4 4+8 2+4+8 8
 
@@ -38,17 +37,15 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.probe_json import write_probe_rows
+from benchmarks.research.probe_protocol import checkpoint_data_or_exit
 
-from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
-from probe_protocol import checkpoint_data_or_exit  # noqa: E402
-
-from train.checkpoint import load_model  # noqa: E402
-from train.data import load_images  # noqa: E402
-from train.evaluate import compute_metrics  # noqa: E402
-from train.fit import backbone_features, preprocess_spec, statistics_targets  # noqa: E402
-from train.metrics import group_bootstrap_auroc_difference  # noqa: E402
-from train.model import DAAD, assemble, divide, l2_normalize  # noqa: E402
+from train.checkpoint import load_model
+from train.data import load_images
+from train.evaluate import compute_metrics
+from train.fit import backbone_features, preprocess_spec, statistics_targets
+from train.metrics import group_bootstrap_auroc_difference
+from train.model import DAAD, assemble, divide, l2_normalize
 
 BATCH = 16
 QUERY_CHUNK = 1024

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Whether a memory of the backbone's 1/4 features finds what `inspect`'s 1/8 map misses (hairline cracks).
 
-    python benchmarks/probe_fine_scale.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
+    python -m benchmarks.research.probe_fine_scale --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
         --split val --transplant --groups benchmarks/groups/magnetic_tile.csv --taps 2 --items 50000 200000 \
         --weights 0.25 0.5
 
@@ -29,18 +28,16 @@ from typing import Dict, List
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.probe_coarse_layers import CoarseLayer, tap_features
+from benchmarks.research.probe_fine_memory import BATCH
+from benchmarks.research.probe_json import write_probe_rows
+from benchmarks.research.probe_protocol import checkpoint_data_or_exit
 
-from probe_coarse_layers import CoarseLayer, tap_features  # noqa: E402  (this folder, first on sys.path)
-from probe_fine_memory import BATCH  # noqa: E402
-from probe_json import write_probe_rows  # noqa: E402
-from probe_protocol import checkpoint_data_or_exit  # noqa: E402
-
-from train.checkpoint import load_model  # noqa: E402
-from train.evaluate import compute_metrics  # noqa: E402
-from train.fit import preprocess_spec  # noqa: E402
-from train.metrics import group_bootstrap_auroc_difference, part_ranks  # noqa: E402
-from train.model import DAAD  # noqa: E402
+from train.checkpoint import load_model
+from train.evaluate import compute_metrics
+from train.fit import preprocess_spec
+from train.metrics import group_bootstrap_auroc_difference, part_ranks
+from train.model import DAAD
 
 LOWEST_PARTS = 5
 

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """How `inspect`'s map weighs its terms, re-chosen on one checkpoint: every (beta, delta) pair at once.
 
-    python benchmarks/probe_terms.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
+    python -m benchmarks.research.probe_terms --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
         --split val --transplant --groups benchmarks/groups/magnetic_tile.csv \
         --betas 0 0.25 0.5 0.75 1 --deltas 0 0.25 0.5 [--sigmas 2 4 8 --topks 0.005 0.01 0.02]
 
@@ -29,18 +28,16 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.probe_json import write_probe_rows
 
-from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
-
-from engine.errors import DaadError  # noqa: E402
-from train.checkpoint import load_model  # noqa: E402
-from train.cli import checked_groups  # noqa: E402
-from train.evaluate import compute_metrics, load_split  # noqa: E402
-from train.metrics import group_bootstrap_auroc_difference  # noqa: E402
-from train.fit import preprocess_spec  # noqa: E402
-from train.model import DAAD, RawMaps, gaussian_kernel, separable_blur  # noqa: E402
-from train.transplant import transplant_set  # noqa: E402
+from engine.errors import DaadError
+from train.checkpoint import load_model
+from train.cli import checked_groups
+from train.evaluate import compute_metrics, load_split
+from train.metrics import group_bootstrap_auroc_difference
+from train.fit import preprocess_spec
+from train.model import DAAD, RawMaps, gaussian_kernel, separable_blur
+from train.transplant import transplant_set
 
 BATCH = 16
 
