@@ -12,41 +12,31 @@ been fit with the same groups file. Prints a table and writes JSON.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.research.probe_json import write_probe_rows
+from benchmarks.research.probe_protocol import load_checkpoint, probe_parser, refuse
+from benchmarks.research.probe_report import METRICS, VIEW, col, metric_fields, print_row, print_table, write_probe_rows
 
 from engine.errors import DaadError
-from train.checkpoint import load_model
 from train.cli import checked_groups
 from train.evaluate import evaluate
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
+    parser = probe_parser(__doc__, "benchmarks/results/probe_coarse")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.15, 0.25, 0.35])
-    parser.add_argument("--transplant", action="store_true")
-    parser.add_argument("--groups", default="", help="groups CSV the checkpoint was fit with (grouped protocol)")
-    parser.add_argument("--out", default="benchmarks/results/probe_coarse")
     args = parser.parse_args()
 
-    model, state = load_model(args.checkpoint)
     try:
+        model, state = load_checkpoint(args.checkpoint)
         groups = checked_groups(args.groups, Path(args.data), state, args.checkpoint) if args.groups else None
     except DaadError as err:
-        print(f"probe_coarse: error: {err}", file=sys.stderr)
-        return 2
+        refuse("probe_coarse", err)
     if model.coarse_memory is None:
-        print(f"{args.checkpoint}: has no coarse memory (fit it with coarse_memory_weight > 0)", file=sys.stderr)
-        return 2
+        refuse("probe_coarse", f"{args.checkpoint}: has no coarse memory (fit it with coarse_memory_weight > 0)")
     own = model.cfg
     t0 = time.perf_counter()
     rows = []
@@ -55,25 +45,14 @@ def main() -> int:
         for transplant in ([False, True] if args.transplant else [False]):
             got = evaluate(model, Path(args.data), plot=False, split=args.split, transplant=transplant,
                            groups=groups)
-            b = got["pixel_auroc_breakdown"]
             rows.append({"coarse_memory_weight": weight, "view": "pasted" if transplant else "test/",
-                         "image_auroc": got["image_auroc"], "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],
-                         "pixel_against_good_images": b["against_good_images"],
-                         "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
-                         "image_auroc_per_type": got["image_auroc_per_type"], "pixel_auroc_per_type": b["per_type"]})
-            print(json.dumps(rows[-1], default=float), flush=True)
+                         **metric_fields(got)})
+            print_row(rows[-1])
     model.cfg = own
 
     print(f"\n{args.checkpoint}: split `{args.split}` (fitted with coarse_memory_weight {own.coarse_memory_weight:g}); "
           f"{time.perf_counter() - t0:.0f} s")
-    types = sorted({t for r in rows for t in r["image_auroc_per_type"]})
-    header = (f"{'delta':>5s} {'view':7s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'vs good':>7s} {'vs bg':>6s}  "
-              + " ".join(f"{t:>9s}" for t in types))
-    print(header + "\n" + "-" * len(header))
-    for r in rows:
-        print(f"{r['coarse_memory_weight']:5.2f} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} "
-              f"{r['aupro']:6.3f} {r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
-              + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in types))
+    print_table(rows, [col("coarse_memory_weight", "5.2f", "delta"), VIEW, *METRICS])
     write_probe_rows(Path(args.out), args, rows)
     return 0
 

@@ -16,23 +16,19 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.research.probe_fine_memory import BATCH, Memory, encoded, terms
-from benchmarks.research.probe_json import write_probe_rows
-from benchmarks.research.probe_protocol import checkpoint_data_or_exit
+from benchmarks.research.probe_protocol import memory_probe_or_exit, probe_parser
+from benchmarks.research.probe_report import METRICS, VIEW, col, map_row, print_row, print_table, write_probe_rows
 
-from train.checkpoint import load_model
-from train.evaluate import compute_metrics
 from train.backbone import local_context
-from train.fit import preprocess_spec
 from train.metrics import group_bootstrap_auroc_difference
 from train.model import DAAD, divide, principal_components
 
@@ -79,41 +75,35 @@ class CoarseLayer:
         return model.to_image_size(torch.cat(parts))
 
 
+def taps_check(parser: argparse.ArgumentParser, taps: Sequence[int]) -> Callable[[Any], None]:
+    """A check of --taps against a model's backbone: a usage error unless each is one of its blocks."""
+    def check(model: Any) -> None:
+        blocks = len(model.backbone._blocks)
+        if any(t < 0 or t >= blocks for t in taps):
+            parser.error(f"--taps: block indices 0..{blocks - 1}")
+    return check
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
+    parser = probe_parser(__doc__, "benchmarks/results/probe_coarse_layers")
     parser.add_argument("--taps", type=int, nargs="+", default=[10, 14, 15])
-    parser.add_argument("--transplant", action="store_true")
-    parser.add_argument("--groups", default="", help="groups CSV the checkpoint was fit with (grouped protocol)")
-    parser.add_argument("--out", default="benchmarks/results/probe_coarse_layers")
     args = parser.parse_args()
 
-    model, state = load_model(args.checkpoint)
+    model, spec, got_data = memory_probe_or_exit(
+        "probe_coarse_layers", args, lambda m: m.coarse_memory is not None and m.discriminator is not None
+        and bool(m.cfg.backbone), "an `inspect` checkpoint (L, M and a coarse memory)", taps_check(parser, args.taps))
     cfg = model.cfg
-    if model.coarse_memory is None or model.discriminator is None or not cfg.backbone:
-        print(f"{args.checkpoint}: needs an `inspect` checkpoint (L, M and a coarse memory)", file=sys.stderr)
-        return 2
-    if any(t < 0 or t >= len(model.backbone._blocks) for t in args.taps):  # type: ignore[union-attr]
-        parser.error(f"--taps: block indices 0..{len(model.backbone._blocks) - 1}")  # type: ignore[union-attr]
-    spec = preprocess_spec(cfg)
-    got_data = checkpoint_data_or_exit("probe_coarse_layers", args, state, spec)
-    groups, train, stats, samples, images, masks, labels, types = got_data[:8]
-    model.eval()
     t0 = time.perf_counter()
     train_images, stats_images = got_data.training_tensors(spec)
-    views = got_data.views(args.transplant)
+    views = got_data.tensor_views(args.transplant)
     beta, delta = cfg.memory_score_weight, cfg.coarse_memory_weight
     own_stats = terms(model, *encoded(model, stats_images), None)
     scale = {k: float(v.mean()) or 1.0 for k, v in own_stats.items()}
     own_terms = {view: terms(model, *encoded(model, x), None) for view, x in views.items()}
-    part_of = got_data.parts()
+    fine = f"M{model.generator.full_memory.bh}"
 
     def score(t: Dict[str, torch.Tensor], coarse: torch.Tensor, coarse_scale: float) -> torch.Tensor:
-        fine = (1 - beta) * t["L"] / scale["L"] + beta * t[f"M{model.generator.full_memory.bh}"] / scale[  # type: ignore[union-attr]
-            f"M{model.generator.full_memory.bh}"]  # type: ignore[union-attr]
-        amap = (1 - delta) * fine + delta * coarse / coarse_scale
+        amap = (1 - delta) * ((1 - beta) * t["L"] / scale["L"] + beta * t[fine] / scale[fine]) + delta * coarse / coarse_scale
         return torch.cat([model.smooth(part) for part in amap.split(BATCH)])
 
     rows: List[Dict[str, object]] = []
@@ -127,37 +117,23 @@ def main() -> int:
             t = own_terms[view]
             if layer is None:
                 amap = score(t, t["C"], scale["C"])
-                channels, items = model.coarse_memory.items.shape[1], model.coarse_memory.items.shape[0]
+                items = model.coarse_memory.items
             else:
                 amap = score(t, layer.error(model, tap_features(model, x, tap)), float(stats_c.mean()) or 1.0)
-                channels, items = layer.memory.items.shape[1], layer.memory.items.shape[0]
-            scores = model.image_score(amap).numpy()
-            got = compute_metrics(labels, types, scores, amap[:, 0].numpy(), masks)
-            b = got["pixel_auroc_breakdown"]
-            rows.append({"tap": tap, "items": items, "dims": channels, "view": view, "image_auroc": got["image_auroc"],
-                         "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],
-                         "pixel_against_good_images": b["against_good_images"],
-                         "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
-                         "image_auroc_per_type": got["image_auroc_per_type"], "pixel_auroc_per_type": b["per_type"]})
+                items = layer.memory.items
+            scores, row = map_row(model, amap, got_data.labels, got_data.types, got_data.masks, tap=tap,
+                                  items=items.shape[0], dims=items.shape[1], view=view)
+            rows.append(row)
             if tap == "own":
                 own_scores[view] = scores
-            elif groups is not None:
-                rows[-1]["minus_own_image_auroc"] = group_bootstrap_auroc_difference(labels, own_scores[view], scores,
-                                                                                     part_of)
-            print(json.dumps(rows[-1], default=float), f"{time.perf_counter() - t0:.0f} s", flush=True)
+            elif got_data.groups is not None:
+                row["minus_own_image_auroc"] = group_bootstrap_auroc_difference(got_data.labels, own_scores[view],
+                                                                                scores, got_data.parts())
+            print_row(row, t0)
 
-    print(f"\n{args.checkpoint}: split `{args.split}`{' (grouped protocol)' if groups else ''}; {len(train)} training "
-          f"images, {len(stats)} held back; beta {beta:g}, delta {delta:g}; {time.perf_counter() - t0:.0f} s")
-    type_names = sorted({t for r in rows for t in r["image_auroc_per_type"]})  # type: ignore[attr-defined]
-    header = (f"{'tap':>4s} {'items':>7s} {'view':7s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'vs good':>7s} {'vs bg':>6s}  "
-              + " ".join(f"{t:>9s}" for t in type_names))
-    print(header + "\n" + "-" * len(header))
-    for r in rows:
-        interval = r.get("minus_own_image_auroc")
-        print(f"{str(r['tap']):>4s} {r['items']:7d} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} "
-              f"{r['aupro']:6.3f} {r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
-              + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in type_names)  # type: ignore[attr-defined]
-              + (f"  {interval['low']:+.3f}..{interval['high']:+.3f}" if isinstance(interval, dict) else ""))
+    print(f"\n{got_data.summary(args.checkpoint, args.split)}; beta {beta:g}, delta {delta:g}; "
+          f"{time.perf_counter() - t0:.0f} s")
+    print_table(rows, [col("tap", ">4"), col("items", "7d"), VIEW, *METRICS], interval="minus_own_image_auroc")
     write_probe_rows(Path(args.out), args, rows)
     return 0
 

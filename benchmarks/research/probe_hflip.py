@@ -14,57 +14,38 @@ group_bootstrap_auroc_difference; a pasted defect counts in its own part's group
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.research.probe_json import write_probe_rows
+from benchmarks.research.probe_protocol import checkpoint_split_or_exit, probe_parser, refuse
+from benchmarks.research.probe_report import (METRICS, VIEW, Column, interval_text, print_row, print_table,
+                                              scored_row, write_probe_rows)
 
-from engine.errors import DaadError
-from train.checkpoint import load_model
-from train.cli import checked_groups
 from train.data import Sample, load_images
-from train.evaluate import compute_metrics, load_split, predict
+from train.evaluate import predict
 from train.fit import calibrate_scores, image_maps, preprocess_spec
 from train.metrics import group_bootstrap_auroc_difference
-from train.transplant import transplant_set
 
 SCALES = ("r_scale", "l_scale", "m_scale", "c_scale")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
-    parser.add_argument("--transplant", action="store_true")
-    parser.add_argument("--groups", default="", help="groups CSV the checkpoint was fit with (grouped protocol)")
-    parser.add_argument("--out", default="benchmarks/results/probe_hflip")
-    args = parser.parse_args()
+    args = probe_parser(__doc__, "benchmarks/results/probe_hflip").parse_args()
 
-    model, state = load_model(args.checkpoint)
-    try:
-        groups = checked_groups(args.groups, Path(args.data), state, args.checkpoint) if args.groups else None
-        named = state.get("training_data", {}).get("score_stats_images", [])
-        if not named:
-            raise DaadError(f"{args.checkpoint}: names no held-back good images (score_stats_images) to re-set "
-                            "the mirrored map's normalisation on; fit it with a data-drawn memory or --holdout")
-        held = load_images([Sample(Path(p), 0, "good") for p in named], preprocess_spec(model.cfg))
-    except DaadError as err:
-        print(f"probe_hflip: error: {err}", file=sys.stderr)
-        return 2
+    model, state, split = checkpoint_split_or_exit("probe_hflip", args)
+    named = state.get("training_data", {}).get("score_stats_images", [])
+    if not named:
+        refuse("probe_hflip", f"{args.checkpoint}: names no held-back good images (score_stats_images) to re-set "
+               "the mirrored map's normalisation on; fit it with a data-drawn memory or --holdout")
     own = model.cfg
+    held = load_images([Sample(Path(p), 0, "good") for p in named], preprocess_spec(own))
     fitted = {name: getattr(model, name).clone() for name in SCALES if hasattr(model, name)}
     cpu = torch.device("cpu")
-    samples, images, masks, labels, types = load_split(Path(args.data), preprocess_spec(own), args.split, 0, groups)
-    views = {"test/": images}
-    if args.transplant:
-        views["pasted"] = transplant_set(images, masks, labels)[0]
+    views = split.views(args.transplant)
     t0 = time.perf_counter()
     rows, scores = [], {}
     for hflip in (own.score_hflip, not own.score_hflip):
@@ -76,33 +57,20 @@ def main() -> int:
         for view, view_images in views.items():
             pred = predict(model, view_images, cpu)
             scores[hflip, view] = pred["scores"]
-            got = compute_metrics(labels, types, pred["scores"], pred["maps"], masks)
-            b = got["pixel_auroc_breakdown"]
-            rows.append({"score_hflip": hflip, "fitted": hflip == own.score_hflip, "view": view,
-                         "image_auroc": got["image_auroc"], "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],
-                         "pixel_against_good_images": b["against_good_images"],
-                         "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
-                         "image_auroc_per_type": got["image_auroc_per_type"], "pixel_auroc_per_type": b["per_type"]})
-            print(json.dumps(rows[-1], default=float), flush=True)
+            rows.append(scored_row(split.labels, split.types, split.masks, pred["scores"], pred["maps"],
+                                   score_hflip=hflip, fitted=hflip == own.score_hflip, view=view))
+            print_row(rows[-1])
     intervals = {}
-    if groups is not None:
-        part_of = [groups.group(sample) for sample in samples]
+    if split.groups is not None:
         for view in views:
-            intervals[view] = group_bootstrap_auroc_difference(labels, scores[False, view], scores[True, view], part_of)
+            intervals[view] = group_bootstrap_auroc_difference(split.labels, scores[False, view], scores[True, view],
+                                                               split.parts())
 
-    print(f"\n{args.checkpoint}: split `{args.split}`{' (grouped protocol)' if groups else ''}; fitted with "
+    print(f"\n{args.checkpoint}: split `{args.split}`{' (grouped protocol)' if split.groups else ''}; fitted with "
           f"score_hflip {own.score_hflip}; {time.perf_counter() - t0:.0f} s")
-    type_names = sorted({t for r in rows for t in r["image_auroc_per_type"]})
-    header = (f"{'mirror':>6s} {'view':7s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'vs good':>7s} {'vs bg':>6s}  "
-              + " ".join(f"{t:>9s}" for t in type_names))
-    print(header + "\n" + "-" * len(header))
-    for r in rows:
-        print(f"{'yes' if r['score_hflip'] else 'no':>6s} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} "
-              f"{r['aupro']:6.3f} {r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
-              + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in type_names))
+    print_table(rows, [Column("mirror", ">6s", lambda r: "yes" if r["score_hflip"] else "no"), VIEW, *METRICS])
     for view, got in intervals.items():
-        print(f"mirror minus not, image AUROC, {view}: {got['difference']:+.3f} (95 % over {got['groups']} groups: "
-              f"{got['low']:+.3f} to {got['high']:+.3f})")
+        print(f"mirror minus not, image AUROC, {view}: {interval_text(got)}")
     rows.extend({"view": view, "mirror_minus_not_image_auroc": got} for view, got in intervals.items())
     write_probe_rows(Path(args.out), args, rows)
     return 0

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from benchmarks.research.bench_models import parse_variant
+from benchmarks.research.probe_report import print_row, write_probe_rows
 from train.backbone import EfficientNetLite0Features
 from train.config import TrainConfig, preset
 from train.data import eval_samples, load_images, load_mask, split_eval, train_samples
@@ -242,7 +242,7 @@ def main() -> int:
 
     def add(config: str, view: str, maps: torch.Tensor, **extra: Any) -> None:
         rows.append({"config": config, "view": view, **metrics(labels, types, masks, maps), **extra})
-        print(json.dumps(rows[-1], default=float), flush=True)
+        print_row(rows[-1])
 
     for view, raw in views.items():
         if args.knn_bank:
@@ -288,11 +288,7 @@ def main() -> int:
     for r in rows:
         print(f"{r['config']:72s} {r['view']:10s} " + " ".join(f"{r['image_auroc'][s]:7.3f}" for s in SCORES)
               + f" {r['far']:6.3f} {r['pixel_auroc']:6.3f} {r['aupro']:6.3f} {r['train_s']:7.0f}")
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = "_".join([args.split, str(args.size), str(args.steps)])
-    path = out / f"results_{stamp}_{int(time.time())}.json"
-    path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=float))
-    print(f"\nJSON: {path}")
+    write_probe_rows(out, args, rows, stem=f"results_{args.split}_{args.size}_{args.steps}")
     return 0
 
 
