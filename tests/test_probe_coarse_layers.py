@@ -10,8 +10,9 @@ from train.config import preset
 from train.model import DAAD
 
 
-def small_model() -> DAAD:
-    cfg = preset("inspect", image_size=(64, 64), full_skip_items=16, feature_dims=8, coarse_memory_items=4,
+def small_model(size: int = 64) -> DAAD:
+    """An untrained `inspect` DAAD of small memories at `size` px (the probes' tests share it)."""
+    cfg = preset("inspect", image_size=(size, size), full_skip_items=16, feature_dims=8, coarse_memory_items=4,
                  coarse_feature_dims=4)
     return DAAD(cfg, load_backbone=False).eval()
 

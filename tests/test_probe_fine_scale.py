@@ -6,18 +6,11 @@ import torch
 from benchmarks.research.probe_coarse_layers import CoarseLayer
 from benchmarks.research.probe_fine_scale import mixed_map, own_unsmoothed
 
-from train.config import preset
-from train.model import DAAD
-
-
-def small_model() -> DAAD:
-    cfg = preset("inspect", image_size=(128, 128), full_skip_items=16, feature_dims=8, coarse_memory_items=4,
-                 coarse_feature_dims=4)
-    return DAAD(cfg, load_backbone=False).eval()
+from tests.test_probe_coarse_layers import small_model
 
 
 def test_with_no_weight_on_the_new_term_the_map_is_the_models_own() -> None:
-    model = small_model()
+    model = small_model(128)
     torch.manual_seed(0)
     images = torch.rand(3, 1, 128, 128)
     own = own_unsmoothed(model, images)
@@ -30,7 +23,7 @@ def test_with_no_weight_on_the_new_term_the_map_is_the_models_own() -> None:
 
 
 def test_a_capped_layer_keeps_that_many_distinct_training_vectors() -> None:
-    model = small_model()
+    model = small_model(128)
     torch.manual_seed(0)
     train = torch.randn(4, 6, 8, 8)
     layer = CoarseLayer(train, dims=0, items=50, rng=torch.Generator().manual_seed(1))
