@@ -1,6 +1,7 @@
-"""Optional Prometheus text endpoint: http.server in a daemon thread, GET /metrics.
+"""Optional Prometheus endpoint: http.server in a daemon thread, GET /metrics.
 
-The app passes a function that returns a snapshot of its counters; rendering is a pure function.
+The app passes a function that returns a snapshot of its counters; prometheus-client writes the exposition
+format from it (a registry of the agent's own, read at each scrape: no process or platform collectors).
 Bound to 127.0.0.1 by default: another address needs metrics.allow_remote, and metrics.token_file
 makes every request show `Authorization: Bearer TOKEN` (compared in constant time).
 """
@@ -12,13 +13,17 @@ import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from engine.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+Snapshot = Callable[[], Dict[str, Any]]
 PREFIX = "daad_agent_"
 
 # name -> (type, help); the app's snapshot uses these names without the prefix
@@ -55,29 +60,39 @@ METRICS: Dict[str, Tuple[str, str]] = {
 }
 
 
+class SnapshotCollector(Collector):
+    """A prometheus-client collector over the app's snapshot: each scrape reads it once. Unknown names are
+    skipped; None and NaN are omitted; a string is a reason, one sample labelled `reason` with value 1 (as
+    Prometheus' info-style gauges do)."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        values = self.snapshot()
+        for name, (kind, help_text) in METRICS.items():
+            value = values.get(name)
+            if value is None:
+                continue
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            if isinstance(value, str):
+                labelled = family(PREFIX + name, help_text, labels=["reason"])
+                labelled.add_metric([value], 1)
+                yield labelled
+            elif not math.isnan(float(value)):
+                yield family(PREFIX + name, help_text, value=float(value))
+
+
+def registry_of(snapshot: Snapshot) -> CollectorRegistry:
+    """The agent's own registry: its snapshot's metrics only."""
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(snapshot))
+    return registry
+
+
 def render_prometheus(values: Dict[str, Any]) -> str:
-    """Snapshot -> Prometheus text exposition format (unknown names are skipped; None is omitted)."""
-    lines: List[str] = []
-    for name, (kind, help_text) in METRICS.items():
-        value = values.get(name)
-        if value is None:
-            continue
-        if isinstance(value, str):  # a reason: one labelled sample, as Prometheus' info-style gauges do
-            lines.append(f"# HELP {PREFIX}{name} {help_text}")
-            lines.append(f"# TYPE {PREFIX}{name} {kind}")
-            lines.append(f'{PREFIX}{name}{{reason="{_label(value)}"}} 1')
-            continue
-        number = float(value)
-        if math.isnan(number):
-            continue
-        lines.append(f"# HELP {PREFIX}{name} {help_text}")
-        lines.append(f"# TYPE {PREFIX}{name} {kind}")
-        lines.append(f"{PREFIX}{name} {number:.10g}")
-    return "\n".join(lines) + "\n"
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    """Snapshot -> Prometheus text exposition format."""
+    return generate_latest(registry_of(lambda: values)).decode("utf-8")
 
 
 def read_token(path: Path) -> str:
@@ -96,17 +111,16 @@ def read_token(path: Path) -> str:
 
 
 class MetricsServer:
-    def __init__(self, bind: str, port: int, snapshot: Callable[[], Dict[str, Any]],
-                 token: Optional[str] = None) -> None:
+    def __init__(self, bind: str, port: int, snapshot: Snapshot, token: Optional[str] = None) -> None:
         self.bind = bind
         self.port = port
-        self.snapshot = snapshot
+        self.registry = registry_of(snapshot)
         self._expected = None if token is None else f"Bearer {token}".encode("utf-8")
         self._server: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
-        snapshot = self.snapshot
+        registry = self.registry
         expected = self._expected
 
         class Handler(BaseHTTPRequestHandler):
@@ -123,13 +137,13 @@ class MetricsServer:
                     self.send_error(404, "only /metrics here")
                     return
                 try:
-                    body = render_prometheus(snapshot()).encode("utf-8")
+                    body = generate_latest(registry)
                 except Exception:
                     logger.exception("metrics: snapshot failed")
                     self.send_error(500)
                     return
                 self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

@@ -41,7 +41,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
 import yaml
 
@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 import paho.mqtt.client as mqtt  # noqa: E402
 
 from tests.full_disk import TinyDisk  # noqa: E402
-from tests.mqtt_broker import MosquittoBroker, broker_store, find_mosquitto  # noqa: E402
+from tests.mqtt_broker import MosquittoBroker, broker_store, find_mosquitto, wait_for  # noqa: E402
 from tests.tls_pki import OPENSSL, Pki, make_pki  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -186,7 +186,8 @@ class Agent:
         return {r["event_id"] for r in self.logged("defect:") if "event_id" in r}
 
     def wait_log(self, text: str, timeout: float = AGENT_READY_S) -> Dict[str, Any]:
-        if not wait_for(lambda: bool(self.logged(text)) or self.proc.poll() is not None, timeout) or not self.logged(text):
+        settled = wait_for(lambda: bool(self.logged(text)) or self.proc.poll() is not None, timeout, POLL_S)
+        if not settled or not self.logged(text):
             raise RuntimeError(f"the agent never logged {text!r} (exit {self.proc.poll()})")
         return self.logged(text)[0]
 
@@ -247,15 +248,6 @@ class Consumer:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(POLL_S)
-    return predicate()
 
 
 # -- one drill's world -------------------------------------------------------------------------------
@@ -324,13 +316,13 @@ class World:
     def recover(self, since: float, produced: Optional[Set[str]] = None, timeout: float = SETTLE_S) -> Optional[float]:
         """Seconds from `since` until every event produced so far (or `produced`) was delivered; None: never."""
         target = self.all_produced() if produced is None else produced
-        if not wait_for(lambda: self.delivered_all(target), timeout):
+        if not wait_for(lambda: self.delivered_all(target), timeout, POLL_S):
             return None
         return time.monotonic() - since
 
     def finish(self, name: str, recover_s: Optional[float], note: str = "") -> Dict[str, Any]:
         self.feeder.stop()
-        wait_for(lambda: self.delivered_all(self.all_produced()), SETTLE_S)
+        wait_for(lambda: self.delivered_all(self.all_produced()), SETTLE_S, POLL_S)
         self.retire_agent("term")
         time.sleep(1.0)  # the last acknowledgements and deliveries
         delivered = self.consumer.ids() if self.consumer else set()
@@ -402,7 +394,7 @@ def drill_camera(world: World, d: Dict[str, float]) -> Dict[str, Any]:
     os.rename(away, world.folder)
     back = time.monotonic()
     world.feeder.resume()
-    ok = wait_for(lambda: len(agent.logged(": streaming")) > streams_before, SETTLE_S)
+    ok = wait_for(lambda: len(agent.logged(": streaming")) > streams_before, SETTLE_S, POLL_S)
     recover = (agent.logged(": streaming")[-1]["t"] - back) if ok else None
     cause = agent.logged("reconnecting (", level="WARNING")
     steady(world, d["run_s"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from train.cli import main as train_main
 from train.synthetic import DEFECT_TYPES, write_synthetic_dataset
 
 N_PARTS = 8
@@ -23,3 +24,11 @@ def write_grouped_dataset(data: Path) -> Path:
         writer.writerow(["image", "group"])
         writer.writerows(sorted(rows.items()))
     return path
+
+
+def fit_daad(data: Path, out: Path, *extra: str, groups: bool = True) -> int:
+    """`daad-train fit` of the paper's DAAD on `data` at 32 px, batch 4, into `out` (with `data`/groups.csv
+    unless `groups` is False); `extra` adds flags or overrides these (the last of a flag counts). Its exit code."""
+    argv = ["fit", "--data", str(data), "--model", "daad", "--size", "32", "--batch-size", "4", "--quiet",
+            "--out", str(out)]
+    return train_main(argv + (["--groups", str(data / "groups.csv")] if groups else []) + list(extra))

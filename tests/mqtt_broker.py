@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto")
 STARTUP_TIMEOUT_S = 10.0
@@ -28,6 +28,17 @@ def broker_store() -> Path:
     store = Path(tempfile.mkdtemp(prefix="daad-mosquitto-"))
     os.chmod(store, 0o777)
     return store
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Poll `predicate` until it holds or `timeout` seconds pass; its last answer (a broker's delivery, a
+    process's log line)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
 
 
 def free_port() -> int:

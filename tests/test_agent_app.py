@@ -747,20 +747,37 @@ def test_sd_notify_abstract_socket_and_watchdog_rate():
 
 def test_prometheus_text_and_endpoint():
     text = render_prometheus({"frames_scored_total": 12, "fps": 3.5, "latency_p50_seconds": None, "bogus": 1})
-    assert "# TYPE daad_agent_frames_scored_total counter\ndaad_agent_frames_scored_total 12\n" in text
+    assert "# TYPE daad_agent_frames_scored_total counter\ndaad_agent_frames_scored_total 12.0\n" in text
     assert "daad_agent_fps 3.5" in text and "latency" not in text and "bogus" not in text
     server = MetricsServer("127.0.0.1", free_port(), lambda: {"up": 1, "defects_total": 2})
     server.start()
     try:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5).read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
+            body = response.read().decode()
+            assert response.headers["Content-Type"].startswith("text/plain; version=")
         assert "daad_agent_defects_total 2" in body
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(f"http://127.0.0.1:{server.port}/other", timeout=5)
     finally:
         server.stop()
     reason = render_prometheus({"mqtt_connect_error": 'tls-"x"', "mqtt_connect_failures_total": 3})
-    assert 'daad_agent_mqtt_connect_error{reason="tls-\\"x\\""} 1\n' in reason
+    assert 'daad_agent_mqtt_connect_error{reason="tls-\\"x\\""} 1.0\n' in reason
     assert "daad_agent_mqtt_connect_failures_total 3" in reason
+
+
+def test_every_metric_keeps_its_name_type_and_help() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agent.metrics_http import METRICS
+
+    every = {name: ("reason" if name in ("mqtt_connect_error", "drift_state") else 2) for name in METRICS}
+    families = {f"{f.name}_total" if f.type == "counter" else f.name: f
+                for f in text_string_to_metric_families(render_prometheus(every))}
+    assert {name: (f.type, f.documentation) for name, f in families.items()} == {
+        f"daad_agent_{name}": kind_help for name, kind_help in METRICS.items()}
+    assert [s.labels for s in families["daad_agent_drift_state"].samples] == [{"reason": "reason"}]
+    assert [s.value for s in families["daad_agent_frames_scored_total"].samples] == [2.0]
+    assert render_prometheus({"fps": float("nan")}) == ""  # an unknown figure is left out, not written as NaN
 
 
 def get_metrics(port: int, token: Optional[str] = None) -> Tuple[int, str]:

@@ -228,8 +228,7 @@ def test_fit_resume_continues_each_view_and_combines_again(dataset: Path, tmp_pa
 
 
 def test_probe_maps_scores_a_combination_by_the_mean_of_its_views_unsmoothed_maps(fits: dict, dataset: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from probe_maps import blur, coarse_weight, unsmoothed_maps
+    from benchmarks.research.probe_maps import blur, coarse_weight, unsmoothed_maps
 
     both, _ = load_model(fits["both"])
     images = torch.from_numpy(load_images(eval_samples(dataset)[:6], preprocess_spec(both.cfg)))
@@ -247,8 +246,7 @@ def test_probe_maps_scores_a_combination_by_the_mean_of_its_views_unsmoothed_map
 
 
 def test_probe_maps_rows_weigh_a_combinations_views_and_lift_parts_by_their_score(fits: dict, dataset: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from probe_maps import blur, coarse_weight, unsmoothed_maps, variants, views_of
+    from benchmarks.research.probe_maps import blur, coarse_weight, unsmoothed_maps, variants, views_of
 
     both, _ = load_model(fits["both"])
     images = torch.from_numpy(load_images(eval_samples(dataset)[:6], preprocess_spec(both.cfg)))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 from typing import Dict
 
@@ -146,8 +145,7 @@ def test_fit_holds_back_whole_groups_for_the_score_statistics(dataset: Path) -> 
 
 
 def test_calibration_benchmark_calibrates_and_measures_on_different_held_out_parts(dataset: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_calibration import grouped_good
+    from benchmarks.bench_calibration import grouped_good
 
     groups = load_groups(dataset / "groups.csv", dataset)
     calibrate, held_out = grouped_good(dataset, dataset / "groups.csv")

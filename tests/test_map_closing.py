@@ -1,5 +1,5 @@
 """train.model.grey_closing (`model.map_closing`) and edge_side_fill (`model.edge_fill_weight`), and variants of
-benchmarks/probe_maps.py, on constructed maps."""
+benchmarks/research/probe_maps.py, on constructed maps."""
 from __future__ import annotations
 
 import torch

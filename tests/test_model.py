@@ -337,24 +337,35 @@ def test_feature_projection_keeps_the_principal_components_of_the_training_featu
     assert model.standardise(raw).shape == (150, 8, 16, 16) and model.generator.stem[0].in_channels == 8
 
 
-def test_inspect_model_projected_features_export_static_and_match_pytorch(tmp_path) -> None:
+def small_inspect_daad_plus(**overrides: object) -> DAAD:
+    """`inspect_daad_plus` at 128 px with a small memory, its feature normalisation set from random features."""
+    torch.manual_seed(0)
+    model = DAAD(preset("inspect_daad_plus", image_size=(128, 128), full_skip_items=64, feature_dims=16, **overrides),
+                 load_backbone=False)
+    model.set_feature_normalisation(torch.randn(8, 176, 16, 16) * 2 + 1)
+    return model
+
+
+def assert_onnx_runtime_matches_pytorch(model: DAAD, path: Path) -> None:
+    """The exported graph's map and score of a random 128 px image are the model's, to 1e-4 of their size."""
     import onnxruntime as ort
 
-    from engine.check import check_graph
-    from train.export import export_onnx
-
-    torch.manual_seed(0)
-    model = DAAD(preset("inspect_daad_plus", image_size=(128, 128), full_skip_items=64, feature_dims=16), load_backbone=False)
-    model.set_feature_normalisation(torch.randn(8, 176, 16, 16) * 2 + 1)
-    model.eval()
-    path = export_onnx(model, tmp_path / "m.onnx", batch=1)
-    assert check_graph(path) == []
     x = np.random.default_rng(0).uniform(-1, 1, size=(1, 1, 128, 128)).astype(np.float32)
     amap, score = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["anomaly_map", "score"], {"image": x})
     with torch.no_grad():
         ref = model(torch.from_numpy(x))
     assert np.abs(amap - ref.anomaly_map.numpy()).max() < 1e-4 * max(1.0, float(ref.anomaly_map.abs().max()))
     assert np.abs(score - ref.score.numpy()).max() < 1e-4 * max(1.0, float(ref.score.abs().max()))
+
+
+def test_inspect_model_projected_features_export_static_and_match_pytorch(tmp_path) -> None:
+    from engine.check import check_graph
+    from train.export import export_onnx
+
+    model = small_inspect_daad_plus().eval()
+    path = export_onnx(model, tmp_path / "m.onnx", batch=1)
+    assert check_graph(path) == []
+    assert_onnx_runtime_matches_pytorch(model, path)
 
 
 def test_example_training_configs_are_valid() -> None:
@@ -498,27 +509,17 @@ def test_mirror_scoring_averages_the_map_of_the_image_and_of_its_mirror_image() 
 
 def test_the_mirror_scored_inspect_model_exports_and_matches_pytorch(tmp_path) -> None:
     import onnx
-    import onnxruntime as ort
 
     from engine.check import check_graph
     from train.export import export_onnx
 
-    torch.manual_seed(0)
-    model = DAAD(preset("inspect_daad_plus", image_size=(128, 128), full_skip_items=64, feature_dims=16, score_hflip=True),
-                 load_backbone=False)
-    model.set_feature_normalisation(torch.randn(8, 176, 16, 16) * 2 + 1)
-    model.eval()
+    model = small_inspect_daad_plus(score_hflip=True).eval()
     path = export_onnx(model, tmp_path / "m.onnx", batch=1)
     assert check_graph(path) == []  # the mirror is a Gather of constant column indices
     graph = onnx.load(str(path))
     shape = sorted(model.generator.full_memory.items.shape)
     assert len([i for i in graph.graph.initializer if sorted(i.dims) == shape]) == 1  # both views share the memory
-    x = np.random.default_rng(0).uniform(-1, 1, size=(1, 1, 128, 128)).astype(np.float32)
-    amap, score = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["anomaly_map", "score"], {"image": x})
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x))
-    assert np.abs(amap - ref.anomaly_map.numpy()).max() < 1e-4 * max(1.0, float(ref.anomaly_map.abs().max()))
-    assert np.abs(score - ref.score.numpy()).max() < 1e-4 * max(1.0, float(ref.score.abs().max()))
+    assert_onnx_runtime_matches_pytorch(model, path)
 
 
 def test_a_spectrally_normalised_discriminator_keeps_each_layer_near_unit_norm() -> None:
@@ -545,24 +546,15 @@ def test_a_spectrally_normalised_discriminator_keeps_each_layer_near_unit_norm()
 
 
 def test_the_inspect_model_with_a_spectrally_normalised_discriminator_exports_and_matches_pytorch(tmp_path) -> None:
-    import onnxruntime as ort
-
     from engine.check import check_graph
     from train.export import export_onnx
 
-    torch.manual_seed(0)
-    model = DAAD(preset("inspect_daad_plus", image_size=(128, 128), full_skip_items=64, feature_dims=16, disc_spectral_norm=True),
-                 load_backbone=False)
-    model.set_feature_normalisation(torch.randn(8, 176, 16, 16) * 2 + 1)
+    model = small_inspect_daad_plus(disc_spectral_norm=True)
     model.discriminator(torch.randn(2, 16, 16, 16))  # one power iteration: the stored vectors differ from their init
     model.eval()
     path = export_onnx(model, tmp_path / "m.onnx", batch=1)
     assert check_graph(path) == []
-    x = np.random.default_rng(0).uniform(-1, 1, size=(1, 1, 128, 128)).astype(np.float32)
-    amap, = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["anomaly_map"], {"image": x})
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x)).anomaly_map.numpy()
-    assert np.abs(amap - ref).max() < 1e-4 * max(1.0, float(np.abs(ref).max()))
+    assert_onnx_runtime_matches_pytorch(model, path)
 
 
 

@@ -37,6 +37,7 @@ from agent.payloads import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE
 from agent.spool import Spool
 from engine.errors import ConfigError
 from tests.mqtt_broker import MosquittoBroker, broker_store
+from tests.mqtt_broker import wait_for as poll
 from tests.full_disk import TinyDisk
 from tests.tls_pki import OPENSSL, Pki, make_pki
 
@@ -47,13 +48,8 @@ CHILD_READY_S = 20.0
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def wait_for(predicate: Callable[[], bool], timeout: float = WAIT_S, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+def wait_for(predicate: Callable[[], bool], timeout: float = WAIT_S) -> bool:
+    return poll(predicate, timeout)
 
 
 def make_settings(broker: MosquittoBroker, **overrides: Any) -> MqttSettings:
@@ -145,6 +141,22 @@ def stack() -> Iterator[contextlib.ExitStack]:
         yield s
 
 
+def assert_delivered_in_order(sub: Subscriber, count: int) -> None:
+    """Events 0..count-1 arrived, each once, in the order published."""
+    assert wait_for(lambda: len(sub.event_ids()) >= count)
+    assert sub.event_ids() == [event(n)[0] for n in range(count)]
+
+
+def assert_spool_delivered_when_the_broker_is_back(stack: contextlib.ExitStack, mosquitto: MosquittoBroker,
+                                                   spool: Spool, sub: Subscriber, count: int) -> None:
+    """A publisher started on `spool` while the broker is down, then the broker: the spool's `count` events
+    are delivered in order."""
+    pub = started_publisher(stack, make_settings(mosquitto), spool)
+    mosquitto.start()
+    assert pub.flush(WAIT_S)
+    assert_delivered_in_order(sub, count)
+
+
 def started_publisher(stack: contextlib.ExitStack, settings: MqttSettings, spool: Spool) -> EventPublisher:
     pub = EventPublisher(settings, spool)
     stack.callback(pub.stop, 1.0)
@@ -162,6 +174,12 @@ def subscriber(stack: contextlib.ExitStack, port: int, persistent: bool = False)
     sub = Subscriber(port, persistent=persistent)
     stack.callback(sub.close)
     return sub
+
+
+def persistent_subscriber(stack: contextlib.ExitStack, mosquitto: MosquittoBroker) -> Subscriber:
+    """A subscriber whose session the broker, restarted to persist, keeps (and queues for) across its restarts."""
+    enable_persistence(mosquitto, stack)
+    return subscriber(stack, mosquitto.port, persistent=True)
 
 
 def child_publisher(stack: contextlib.ExitStack, settings: MqttSettings, spool_path: Path, marker: Path,
@@ -363,8 +381,7 @@ def test_status_is_retained_latest_wins_and_not_spooled(
 def test_broker_outage_mid_run_loses_nothing(
     mosquitto: MosquittoBroker, tmp_path: Path, stack: contextlib.ExitStack
 ) -> None:
-    enable_persistence(mosquitto, stack)
-    sub = subscriber(stack, mosquitto.port, persistent=True)
+    sub = persistent_subscriber(stack, mosquitto)
     spool = open_spool(stack, tmp_path / "spool.db")
     pub = started_publisher(stack, make_settings(mosquitto), spool)
     assert wait_for(lambda: pub.connected)
@@ -390,8 +407,7 @@ def test_broker_outage_mid_run_loses_nothing(
 def test_starts_without_broker_and_delivers_once_it_appears(
     mosquitto: MosquittoBroker, tmp_path: Path, stack: contextlib.ExitStack
 ) -> None:
-    enable_persistence(mosquitto, stack)
-    sub = subscriber(stack, mosquitto.port, persistent=True)
+    sub = persistent_subscriber(stack, mosquitto)
     mosquitto.stop()
     spool = open_spool(stack, tmp_path / "spool.db")
     began = time.monotonic()
@@ -405,16 +421,14 @@ def test_starts_without_broker_and_delivers_once_it_appears(
     assert spool.depth() == 5
     mosquitto.start()
     assert pub.flush(WAIT_S)
-    assert wait_for(lambda: len(sub.event_ids()) >= 5)
-    assert sub.event_ids() == [event(n)[0] for n in range(5)]
+    assert_delivered_in_order(sub, 5)
     assert wait_for(lambda: sub.last("status") == b'{"n":1}')
 
 
 def test_stopped_publisher_spool_is_delivered_by_the_next_one(
     mosquitto: MosquittoBroker, tmp_path: Path, stack: contextlib.ExitStack
 ) -> None:
-    enable_persistence(mosquitto, stack)
-    sub = subscriber(stack, mosquitto.port, persistent=True)
+    sub = persistent_subscriber(stack, mosquitto)
     mosquitto.stop()
     path = tmp_path / "spool.db"
     spool_a = Spool(path)
@@ -427,18 +441,13 @@ def test_stopped_publisher_spool_is_delivered_by_the_next_one(
 
     spool_b = open_spool(stack, path)
     assert spool_b.depth() == 8
-    pub_b = started_publisher(stack, make_settings(mosquitto), spool_b)
-    mosquitto.start()
-    assert pub_b.flush(WAIT_S)
-    assert wait_for(lambda: len(sub.event_ids()) >= 8)
-    assert sub.event_ids() == [event(n)[0] for n in range(8)]  # replayed in order
+    assert_spool_delivered_when_the_broker_is_back(stack, mosquitto, spool_b, sub, 8)  # replayed in order
 
 
 def test_killed_agent_spool_is_delivered_by_the_next_one(
     mosquitto: MosquittoBroker, tmp_path: Path, stack: contextlib.ExitStack
 ) -> None:
-    enable_persistence(mosquitto, stack)
-    sub = subscriber(stack, mosquitto.port, persistent=True)
+    sub = persistent_subscriber(stack, mosquitto)
     mosquitto.stop()
     path = tmp_path / "spool.db"
     proc = child_publisher(stack, make_settings(mosquitto), path, tmp_path / "ready", events=6, wait_connected=False)
@@ -447,11 +456,7 @@ def test_killed_agent_spool_is_delivered_by_the_next_one(
 
     spool = open_spool(stack, path)
     assert spool.depth() == 6
-    pub = started_publisher(stack, make_settings(mosquitto), spool)
-    mosquitto.start()
-    assert pub.flush(WAIT_S)
-    assert wait_for(lambda: len(sub.event_ids()) >= 6)
-    assert sub.event_ids() == [event(n)[0] for n in range(6)]
+    assert_spool_delivered_when_the_broker_is_back(stack, mosquitto, spool, sub, 6)
 
 
 def test_last_will_offline_when_the_agent_is_killed(
@@ -649,8 +654,7 @@ def test_disk_full_events_wait_in_memory_and_reach_the_spool_when_space_returns(
     mosquitto: MosquittoBroker, tiny_disk: TinyDisk, stack: contextlib.ExitStack, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    enable_persistence(mosquitto, stack)
-    sub = subscriber(stack, mosquitto.port, persistent=True)
+    sub = persistent_subscriber(stack, mosquitto)
     mosquitto.stop()  # nothing can leave: each event is on the disk or in memory
     path = tiny_disk.path / "spool.db"
     spool = Spool(path)
@@ -673,11 +677,7 @@ def test_disk_full_events_wait_in_memory_and_reach_the_spool_when_space_returns(
 
     again = open_spool(stack, path)
     assert [e.event_id for e in again.peek(20)] == [event(n)[0] for n in range(10)]  # in order
-    pub2 = started_publisher(stack, make_settings(mosquitto), again)
-    mosquitto.start()
-    assert pub2.flush(WAIT_S)
-    assert wait_for(lambda: len(sub.event_ids()) >= 10)
-    assert sub.event_ids() == [event(n)[0] for n in range(10)]
+    assert_spool_delivered_when_the_broker_is_back(stack, mosquitto, again, sub, 10)
 
 
 def test_disk_full_with_the_broker_up_delivers_from_memory(
@@ -691,8 +691,7 @@ def test_disk_full_with_the_broker_up_delivers_from_memory(
     for n in range(30):
         pub.publish_event(*event(n))
     assert pub.flush(WAIT_S)  # acknowledged: nothing left to write once space returns
-    assert wait_for(lambda: len(sub.event_ids()) >= 30)
-    assert sub.event_ids() == [event(n)[0] for n in range(30)]
+    assert_delivered_in_order(sub, 30)
     stats = pub.stats()
     assert stats["spool_errors"] == 30 and stats["unspooled"] == 0 and spool.depth() == 0
 

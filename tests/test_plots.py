@@ -140,7 +140,7 @@ def test_the_overlap_check_finds_the_old_layouts_overlaps() -> None:
 
 
 def test_overlay_without_a_threshold_or_score_says_what_it_knows(cases: List[plots.Case], tmp_path: Path) -> None:
-    """benchmarks/probe_maps.py draws maps with neither."""
+    """benchmarks/research/probe_maps.py draws maps with neither."""
     unscored = [c._replace(score=float("nan")) for c in cases[:2]]
     fig = plots.plot_overlays(unscored, tmp_path / "maps.png", "maps", 10.0)
     assert [cell._suptitle.get_text() for cell in fig.subfigs] == [f"{c.kind}/{c.name}" for c in unscored]

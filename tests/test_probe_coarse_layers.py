@@ -1,22 +1,18 @@
 """The coarse-layer probe reads the backbone the product's way, and its memory holds every training vector."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from benchmarks.research.probe_coarse_layers import CoarseLayer, tap_features
 
-from probe_coarse_layers import CoarseLayer, tap_features  # noqa: E402
-
-from train.backbone import COARSE_TAP  # noqa: E402
-from train.config import preset  # noqa: E402
-from train.model import DAAD  # noqa: E402
+from train.backbone import COARSE_TAP
+from train.config import preset
+from train.model import DAAD
 
 
-def small_model() -> DAAD:
-    cfg = preset("inspect", image_size=(64, 64), full_skip_items=16, feature_dims=8, coarse_memory_items=4,
+def small_model(size: int = 64) -> DAAD:
+    """An untrained `inspect` DAAD of small memories at `size` px (the probes' tests share it)."""
+    cfg = preset("inspect", image_size=(size, size), full_skip_items=16, feature_dims=8, coarse_memory_items=4,
                  coarse_feature_dims=4)
     return DAAD(cfg, load_backbone=False).eval()
 

@@ -1,15 +1,10 @@
 """The fine-memory probe's memories: which blocks an augmentation adds, and that a read-out finds them."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from probe_fine_memory import Memory, RowSpec, image_means, memory_items, parse_row  # noqa: E402
+from benchmarks.research.probe_fine_memory import Memory, RowSpec, image_means, memory_items, parse_row
 
 
 def test_shift_and_flip_add_the_offset_grids_and_flipped_maps() -> None:

@@ -1,28 +1,16 @@
 """The fine-scale probe starts from the checkpoint's own map, and its memory keeps a random draw of the vectors."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from benchmarks.research.probe_coarse_layers import CoarseLayer
+from benchmarks.research.probe_fine_scale import mixed_map, own_unsmoothed
 
-from probe_coarse_layers import CoarseLayer  # noqa: E402
-from probe_fine_scale import mixed_map, own_unsmoothed  # noqa: E402
-
-from train.config import preset  # noqa: E402
-from train.model import DAAD  # noqa: E402
-
-
-def small_model() -> DAAD:
-    cfg = preset("inspect", image_size=(128, 128), full_skip_items=16, feature_dims=8, coarse_memory_items=4,
-                 coarse_feature_dims=4)
-    return DAAD(cfg, load_backbone=False).eval()
+from tests.test_probe_coarse_layers import small_model
 
 
 def test_with_no_weight_on_the_new_term_the_map_is_the_models_own() -> None:
-    model = small_model()
+    model = small_model(128)
     torch.manual_seed(0)
     images = torch.rand(3, 1, 128, 128)
     own = own_unsmoothed(model, images)
@@ -35,7 +23,7 @@ def test_with_no_weight_on_the_new_term_the_map_is_the_models_own() -> None:
 
 
 def test_a_capped_layer_keeps_that_many_distinct_training_vectors() -> None:
-    model = small_model()
+    model = small_model(128)
     torch.manual_seed(0)
     train = torch.randn(4, 6, 8, 8)
     layer = CoarseLayer(train, dims=0, items=50, rng=torch.Generator().manual_seed(1))

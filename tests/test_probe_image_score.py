@@ -1,14 +1,9 @@
-"""benchmarks/probe_image_score.py: the levels each image score subtracts, on constructed maps."""
+"""benchmarks/research/probe_image_score.py: the levels each image score subtracts, on constructed maps."""
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import probe_image_score  # noqa: E402
+from benchmarks.research import probe_image_score
 
 
 def test_each_level_is_the_named_statistic_of_its_own_map() -> None:

@@ -3,22 +3,18 @@ naming the fix when the data or groups file is not the one it was fit with."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from benchmarks.research.probe_protocol import checkpoint_data, checkpoint_data_or_exit
 
-from probe_protocol import checkpoint_data, checkpoint_data_or_exit  # noqa: E402
+from engine.errors import DaadError
+from train.checkpoint import load_model
+from train.fit import preprocess_spec
 
-from engine.errors import DaadError  # noqa: E402
-from train.checkpoint import load_model  # noqa: E402
-from train.cli import main as train_main  # noqa: E402
-from train.fit import preprocess_spec  # noqa: E402
-
-from tests.grouped_dataset import write_grouped_dataset  # noqa: E402
+from tests.grouped_dataset import fit_daad, write_grouped_dataset
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +25,7 @@ def grouped_fit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # a memory of every training block: fit holds good parts back to normalise its terms on unseen ones
     config = root / "memory.yaml"
     config.write_text("model:\n  memory_init: data\n  full_skip_block: [4, 4, 0]\n")
-    assert train_main(["fit", "--data", str(data), "--model", "daad", "--config", str(config), "--size", "32",
-                       "--steps", "2", "--batch-size", "4", "--quiet", "--groups", str(data / "groups.csv"),
-                       "--out", str(root / "run")]) == 0
+    assert fit_daad(data, root / "run", "--config", str(config), "--steps", "2") == 0
     return root
 
 
@@ -45,7 +39,7 @@ def test_the_checkpoints_training_and_held_back_images_and_the_split(grouped_fit
     assert not train_parts & {got.groups.group(s) for s in got.stats}  # held back as whole parts
     assert not train_parts & set(got.parts())  # nothing scored was trained on
     assert len(got.parts()) == len(got.samples) == len(got.images) == len(got.labels)
-    views = got.views(transplant=True)
+    views = got.tensor_views(transplant=True)
     assert set(views) == {"test/", "pasted"} and torch.equal(views["test/"], torch.from_numpy(got.images))
     assert set(got.views(transplant=False)) == {"test/"}
     train, stats = got.training_tensors(preprocess_spec(model.cfg))

@@ -1,18 +1,15 @@
-"""benchmarks/resize_dataset.py: a dataset copy at the model's input size loads exactly as the original."""
+"""benchmarks/research/resize_dataset.py: a dataset copy at the model's input size loads exactly as the original."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import resize_dataset  # noqa: E402
-from engine.preprocess import PreprocessSpec  # noqa: E402
-from train.data import eval_samples, load_images, load_mask, train_samples  # noqa: E402
+from benchmarks.research import resize_dataset
+from engine.preprocess import PreprocessSpec
+from train.data import eval_samples, load_images, load_mask, train_samples
 
 SIZE = 32
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Which feature memory the default is (docs/research/product_model.md): block sizes, the coarse memory's weight,
 the coreset budget, the image score and the map's post-processing, scored on cached frozen features of both
 datasets' `val` halves beside PatchCore on the same features (a 10 % coreset, for speed). Nothing trained.

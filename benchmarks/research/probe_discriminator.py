@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """What DAAD+'s discriminator adds: its feature distances scored as anomaly maps, against an untrained twin.
 
-    python benchmarks/probe_discriminator.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
+    python -m benchmarks.research.probe_discriminator --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
         --split val --out benchmarks/results/probe_discriminator
 
 For a trained DAAD+ with a full-resolution memory, the map L_d = ||f_d(x) - f_d(y)||^2 (f_d the
@@ -14,8 +13,6 @@ every row is also scored on the split's defects pasted onto its good images.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,20 +20,19 @@ from typing import Dict, List
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.probe_protocol import held_back_good, load_checkpoint, probe_parser, refuse
+from benchmarks.research.probe_report import IMAGE, col, print_row, print_table, write_probe_rows
 
-from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
-
-from train.checkpoint import load_model, score_stats_images  # noqa: E402
-from train.data import load_images, train_samples  # noqa: E402
-from train.evaluate import compute_metrics, load_split  # noqa: E402
-from train.fit import preprocess_spec  # noqa: E402
-from train.model import DAAD, Discriminator  # noqa: E402
-from train.transplant import transplant_set  # noqa: E402
+from engine.errors import DaadError
+from train.checkpoint import score_stats_images
+from train.data import load_images
+from train.evaluate import compute_metrics, load_split
+from train.fit import preprocess_spec
+from train.model import DAAD, Discriminator
+from train.transplant import transplant_set
 
 BATCH = 16
 BETAS = (0.5, 0.25)  # weight of M in the mixes M and L_d
-TRAIN_STRIDE = 4  # every 4th training image sets each map's normalisation where fit() held none back
 
 
 def layer_features(disc: Discriminator, x: torch.Tensor) -> List[torch.Tensor]:
@@ -67,21 +63,18 @@ def raw_maps(model: DAAD, control: Discriminator, images: torch.Tensor) -> Dict[
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a DAAD+ with a full-resolution memory (full_skip_block)")
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
-    parser.add_argument("--transplant", action="store_true")
+    parser = probe_parser(__doc__, "benchmarks/results/probe_discriminator", groups=False)
     parser.add_argument("--seed", type=int, default=1, help="seed of the untrained discriminator")
-    parser.add_argument("--out", default="benchmarks/results/probe_discriminator")
     args = parser.parse_args()
 
-    model, state = load_model(args.checkpoint)
+    try:
+        model, state = load_checkpoint(args.checkpoint)
+    except DaadError as err:
+        refuse("probe_discriminator", err)
     model.eval()
     if model.discriminator is None or model.generator.full_memory is None:
-        print(f"{args.checkpoint}: needs a DAAD+ with a full-resolution memory (adversarial and full_skip_block)",
-              file=sys.stderr)
-        return 1
+        refuse("probe_discriminator", f"{args.checkpoint}: needs a DAAD+ with a full-resolution memory (adversarial "
+               "and full_skip_block)")
     torch.manual_seed(args.seed)
     control = Discriminator(model.cfg.target_channels, model.cfg.disc_channels).eval()
     data = Path(args.data)
@@ -94,8 +87,7 @@ def main() -> int:
     t0 = time.perf_counter()
     # each map's normalisation: its mean on the good images fit() held back from the memory (the images
     # the memory was drawn from rebuild themselves exactly, so their means are ~0 and would skew the mixes)
-    unseen = {p.resolve() for p in score_stats_images(state)}
-    good = [s for s in train_samples(data) if s.image.resolve() in unseen] or train_samples(data)[::TRAIN_STRIDE]
+    good = held_back_good(state, data)
     train_images = torch.from_numpy(load_images(good, spec))
     scale = {k: float(v.mean()) for k, v in raw_maps(model, control, train_images).items()}
     rows = []
@@ -111,16 +103,14 @@ def main() -> int:
             got = compute_metrics(labels, types, score.numpy(), amap[:, 0].numpy(), masks)
             rows.append({"map": name, "view": view, "image_auroc": got["image_auroc"], "pixel_auroc": got["pixel_auroc"],
                          "per_type": got["image_auroc_per_type"]})
-            print(json.dumps(rows[-1], default=float), flush=True)
+            print_row(rows[-1])
 
-    print(f"\nnormalised on {len(good)} good images ({'held back by fit' if unseen else 'every 4th training image'})")
+    held = "held back by fit" if score_stats_images(state) else "every 4th training image"
+    print(f"\nnormalised on {len(good)} good images ({held})")
     print(f"\n{Path(args.checkpoint)}: split `{args.split}`, score = the model's own (top {model.cfg.score_topk:g}, "
           f"sigma {model.cfg.smoothing_sigma:g}); {time.perf_counter() - t0:.0f} s")
-    header = f"{'map':52s} {'view':10s} {'image':>6s} {'pixel':>6s}  per type"
-    print(header + "\n" + "-" * len(header))
-    for r in rows:
-        print(f"{r['map']:52s} {r['view']:10s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f}  "
-              + " ".join(f"{t} {v:.3f}" for t, v in r["per_type"].items()))
+    print_table(rows, [col("map", "52s"), col("view", "10s"), IMAGE, col("pixel_auroc", "6.3f", "pixel")],
+                per_type="per_type")
     write_probe_rows(Path(args.out), args, rows)
     return 0
 

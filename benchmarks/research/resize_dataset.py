@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """A copy of an MVTec-layout dataset with every image already at the model's input size, so that it loads
 exactly as the original does and takes less room (a GPU machine reached over a small transfer):
 
-    python benchmarks/resize_dataset.py ../shared/datasets/magnetic_tile /tmp/magnetic_tile_256 --size 256
+    python -m benchmarks.research.resize_dataset ../shared/datasets/magnetic_tile /tmp/magnetic_tile_256 --size 256
 
 Images are resized as engine.preprocess resizes them (INTER_AREA, the whole frame stretched) and masks as
 train.data.load_mask does (INTER_NEAREST); an image already at the size is skipped by the pipeline's own
@@ -20,10 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.errors import ImageError  # noqa: E402
-from engine.preprocess import IMAGE_SUFFIXES, read_image  # noqa: E402
+from engine.errors import ImageError
+from engine.preprocess import IMAGE_SUFFIXES, read_image
 
 
 def resized(image: np.ndarray, size: int, is_mask: bool) -> np.ndarray:

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """What `inspect`'s fine memory should hold: more of each training image, or several block sizes at once.
 
-    python benchmarks/probe_fine_memory.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
+    python -m benchmarks.research.probe_fine_memory --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
         --split val --transplant --groups benchmarks/groups/magnetic_tile.csv \
         --rows 4 4:shift 4:flip 4:shift+flip 2+4 4+8 2+4+8 8
 
@@ -28,27 +27,21 @@ report once on `test`. Prints a table and writes JSON.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.probe_protocol import memory_probe_or_exit, probe_parser
+from benchmarks.research.probe_report import METRICS, VIEW, Column, col, map_row, print_row, print_table, write_probe_rows
 
-from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
-from probe_protocol import checkpoint_data_or_exit  # noqa: E402
-
-from train.checkpoint import load_model  # noqa: E402
-from train.data import load_images  # noqa: E402
-from train.evaluate import compute_metrics  # noqa: E402
-from train.fit import backbone_features, preprocess_spec, statistics_targets  # noqa: E402
-from train.metrics import group_bootstrap_auroc_difference  # noqa: E402
-from train.model import DAAD, assemble, divide, l2_normalize  # noqa: E402
+from train.data import load_images
+from train.fit import backbone_features, statistics_targets
+from train.metrics import group_bootstrap_auroc_difference
+from train.model import DAAD, assemble, divide, l2_normalize
 
 BATCH = 16
 QUERY_CHUNK = 1024
@@ -167,42 +160,33 @@ def anomaly_map(model: DAAD, t: Dict[str, torch.Tensor], scale: Dict[str, float]
     return torch.cat([model.smooth(part) for part in ((1 - delta) * fine + delta * t["C"] / scale["C"]).split(BATCH)])
 
 
+def is_inspect(model: Any) -> bool:
+    """A hard-read fine memory of square blocks, L and C: what the rows rebuild and mix."""
+    memory = model.generator.full_memory
+    return bool(memory is not None and memory.hard and memory.bh == memory.bw and model.discriminator is not None
+                and model.cfg.gamma <= 0 and model.coarse_memory is not None and model.cfg.backbone)
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
+    parser = probe_parser(__doc__, "benchmarks/results/probe_fine_memory")
     parser.add_argument("--rows", nargs="+", default=["4", "4:shift", "4:flip", "2+4", "4+8", "2+4+8"])
-    parser.add_argument("--transplant", action="store_true")
-    parser.add_argument("--groups", default="", help="groups CSV the checkpoint was fit with (grouped protocol)")
-    parser.add_argument("--out", default="benchmarks/results/probe_fine_memory")
     args = parser.parse_args()
     rows_spec = [parse_row(r) for r in args.rows]
 
-    model, state = load_model(args.checkpoint)
-    cfg = model.cfg
-    memory = model.generator.full_memory
-    if not (memory is not None and memory.hard and memory.bh == memory.bw and model.discriminator is not None
-            and cfg.gamma <= 0 and model.coarse_memory is not None and cfg.backbone):
-        print(f"{args.checkpoint}: needs an `inspect` checkpoint (a hard-read fine memory of square blocks, L and C)",
-              file=sys.stderr)
-        return 2
-    spec = preprocess_spec(cfg)
-    got_data = checkpoint_data_or_exit("probe_fine_memory", args, state, spec)
-    groups, train, stats, samples, images, masks, labels, types = got_data[:8]
-    model.eval()
+    model, spec, got_data = memory_probe_or_exit("probe_fine_memory", args, is_inspect, "an `inspect` checkpoint "
+                                                 "(a hard-read fine memory of square blocks, L and C)")
+    cfg, memory = model.cfg, model.generator.full_memory
     t0 = time.perf_counter()
     cpu = torch.device("cpu")
     with torch.no_grad():
-        raw, _ = backbone_features(model, model.normalise_input(torch.from_numpy(load_images(train, spec))), cpu)
+        raw, _ = backbone_features(model, model.normalise_input(torch.from_numpy(load_images(got_data.train, spec))),
+                                   cpu)
         bank = torch.cat([model.standardise(f) for f in raw.split(BATCH * 4)])
-        stats_x, stats_c = statistics_targets(model, stats, spec, cpu)
+        stats_x, stats_c = statistics_targets(model, got_data.stats, spec, cpu)
     del raw
-    views = got_data.views(args.transplant)
-    encoded_views = {view: encoded(model, x) for view, x in views.items()}
+    encoded_views = {view: encoded(model, x) for view, x in got_data.tensor_views(args.transplant).items()}
 
     rows = []
-    part_of = got_data.parts()
     trained_scores: Dict[str, object] = {}
     specs: List[Tuple[str, RowSpec]] = [("trained", RowSpec((memory.bh,), (), "cosine", 1))]
     specs += list(zip(args.rows, rows_spec))
@@ -215,34 +199,20 @@ def main() -> int:
         scale = {k: float(v.mean()) or 1.0 for k, v in terms(model, stats_x, stats_c, memories).items()}
         for view, (x, c) in encoded_views.items():
             amap = anomaly_map(model, terms(model, x, c, memories), scale, blocks)
-            scores = model.image_score(amap).numpy()
-            got = compute_metrics(labels, types, scores, amap[:, 0].numpy(), masks)
-            b = got["pixel_auroc_breakdown"]
-            rows.append({"row": name, "items": items, "view": view, "image_auroc": got["image_auroc"],
-                         "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],
-                         "pixel_against_good_images": b["against_good_images"],
-                         "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
-                         "image_auroc_per_type": got["image_auroc_per_type"], "pixel_auroc_per_type": b["per_type"]})
+            scores, got = map_row(model, amap, got_data.labels, got_data.types, got_data.masks, row=name, items=items,
+                                  view=view)
+            rows.append(got)
             if name == "trained":
                 trained_scores[view] = scores
-            elif groups is not None:  # how sure this row's image-AUROC difference from the trained memory's is
-                rows[-1]["minus_trained_image_auroc"] = group_bootstrap_auroc_difference(
-                    labels, trained_scores[view], scores, part_of)
-            print(json.dumps(rows[-1], default=float), f"{time.perf_counter() - t0:.0f} s", flush=True)
+            elif got_data.groups is not None:  # how sure this row's image-AUROC difference from the trained memory's is
+                got["minus_trained_image_auroc"] = group_bootstrap_auroc_difference(
+                    got_data.labels, trained_scores[view], scores, got_data.parts())
+            print_row(got, t0)
 
-    print(f"\n{args.checkpoint}: split `{args.split}`{' (grouped protocol)' if groups else ''}; {len(train)} training "
-          f"images, {len(stats)} held back; beta {cfg.memory_score_weight:g}, delta {cfg.coarse_memory_weight:g}; "
-          f"{time.perf_counter() - t0:.0f} s")
-    type_names = sorted({t for r in rows for t in r["image_auroc_per_type"]})
-    header = (f"{'row':16s} {'items':>8s} {'view':7s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'vs good':>7s} {'vs bg':>6s}  "
-              + " ".join(f"{t:>9s}" for t in type_names))
-    print(header + "\n" + "-" * len(header))
-    for r in rows:
-        print(f"{r['row']:16s} {sum(r['items'].values()):8d} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} "
-              f"{r['aupro']:6.3f} {r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
-              + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in type_names)
-              + (f"  {r['minus_trained_image_auroc']['low']:+.3f}..{r['minus_trained_image_auroc']['high']:+.3f}"
-                 if "minus_trained_image_auroc" in r else ""))
+    print(f"\n{got_data.summary(args.checkpoint, args.split)}; beta {cfg.memory_score_weight:g}, delta "
+          f"{cfg.coarse_memory_weight:g}; {time.perf_counter() - t0:.0f} s")
+    print_table(rows, [col("row", "16s"), Column("items", "8d", lambda r: sum(r["items"].values())), VIEW, *METRICS],
+                interval="minus_trained_image_auroc")
     write_probe_rows(Path(args.out), args, rows)
     return 0
 

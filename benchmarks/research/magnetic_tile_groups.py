@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Write magnetic_tile's groups file (train.groups): which images show one tile.
 
-    python benchmarks/magnetic_tile_groups.py --data ../shared/datasets/magnetic_tile \
+    python -m benchmarks.research.magnetic_tile_groups --data ../shared/datasets/magnetic_tile \
         [--out benchmarks/groups/magnetic_tile.csv] [--gap 300]
 
 The source photographs each tile under six exposures (`exp1_num_824.jpg` ... `exp6_num_1012.jpg`): the
@@ -27,9 +26,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.bundle import atomic_write_text  # noqa: E402
+from engine.bundle import atomic_write_text
 
 NUMBER = re.compile(r"num_(\d+)")
 GAP = 300

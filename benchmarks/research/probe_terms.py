@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """How `inspect`'s map weighs its terms, re-chosen on one checkpoint: every (beta, delta) pair at once.
 
-    python benchmarks/probe_terms.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
+    python -m benchmarks.research.probe_terms --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
         --split val --transplant --groups benchmarks/groups/magnetic_tile.csv \
         --betas 0 0.25 0.5 0.75 1 --deltas 0 0.25 0.5 [--sigmas 2 4 8 --topks 0.005 0.01 0.02]
 
@@ -18,10 +17,8 @@ groups (train.metrics.group_bootstrap_auroc_difference; last column). Prints a t
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,18 +26,11 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.probe_protocol import checkpoint_split_or_exit, probe_parser, refuse
+from benchmarks.research.probe_report import METRICS, VIEW, col, print_row, print_table, scored_row, write_probe_rows
 
-from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
-
-from engine.errors import DaadError  # noqa: E402
-from train.checkpoint import load_model  # noqa: E402
-from train.cli import checked_groups  # noqa: E402
-from train.evaluate import compute_metrics, load_split  # noqa: E402
-from train.metrics import group_bootstrap_auroc_difference  # noqa: E402
-from train.fit import preprocess_spec  # noqa: E402
-from train.model import DAAD, RawMaps, gaussian_kernel, separable_blur  # noqa: E402
-from train.transplant import transplant_set  # noqa: E402
+from train.metrics import group_bootstrap_auroc_difference
+from train.model import DAAD, RawMaps, gaussian_kernel, separable_blur
 
 BATCH = 16
 
@@ -81,74 +71,43 @@ def scored(model: DAAD, raw: RawMaps, beta: float, delta: float, sigma: float, t
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
+    parser = probe_parser(__doc__, "benchmarks/results/probe_terms")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--deltas", type=float, nargs="+", default=[0.0, 0.25, 0.5])
     parser.add_argument("--sigmas", type=float, nargs="+", help="smoothing sigmas (default: the checkpoint's)")
     parser.add_argument("--topks", type=float, nargs="+", help="image score's top fractions (default: the checkpoint's)")
-    parser.add_argument("--transplant", action="store_true")
-    parser.add_argument("--groups", default="", help="groups CSV the checkpoint was fit with (grouped protocol)")
-    parser.add_argument("--out", default="benchmarks/results/probe_terms")
     args = parser.parse_args()
+    if any(t <= 0 or t >= 1 for t in args.topks or []) or any(v <= 0 for v in args.sigmas or []):
+        parser.error("--topks must lie in (0, 1) and --sigmas be > 0")
 
-    model, state = load_model(args.checkpoint)
+    model, state, split = checkpoint_split_or_exit("probe_terms", args)
     cfg = model.cfg
     if not (cfg.gamma <= 0 and model.discriminator is not None and cfg.memory_score_weight > 0
             and model.coarse_memory is not None):
-        print(f"{args.checkpoint}: needs L, M and C (gamma 0, a discriminator, memory_score_weight > 0, a coarse "
-              "memory): an `inspect` checkpoint", file=sys.stderr)
-        return 2
-    try:
-        groups = checked_groups(args.groups, Path(args.data), state, args.checkpoint) if args.groups else None
-        spec = preprocess_spec(cfg)
-        samples, images, masks, labels, types = load_split(Path(args.data), spec, args.split, 0, groups)
-    except DaadError as err:
-        print(f"probe_terms: error: {err}", file=sys.stderr)
-        return 2
-    views = {"test/": images}
-    if args.transplant:
-        views["pasted"] = transplant_set(images, masks, labels)[0]
-    if any(t <= 0 or t >= 1 for t in args.topks or []) or any(v <= 0 for v in args.sigmas or []):
-        parser.error("--topks must lie in (0, 1) and --sigmas be > 0")
+        refuse("probe_terms", f"{args.checkpoint}: needs L, M and C (gamma 0, a discriminator, memory_score_weight "
+               "> 0, a coarse memory): an `inspect` checkpoint")
     sigmas, topks = args.sigmas or [cfg.smoothing_sigma], args.topks or [cfg.score_topk]
     model.eval()
     t0 = time.perf_counter()
     rows = []
     own_row = (cfg.memory_score_weight, cfg.coarse_memory_weight, cfg.smoothing_sigma, cfg.score_topk)
-    part_of = [groups.group(sample) for sample in samples] if groups is not None else []
-    for view, view_images in views.items():
+    for view, view_images in split.views(args.transplant).items():
         raw = raw_terms(model, torch.from_numpy(view_images))
-        own_scores = scored(model, raw, *own_row)["score"].numpy() if groups is not None else None
+        own_scores = scored(model, raw, *own_row)["score"].numpy() if split.groups is not None else None
         for beta, delta, sigma, topk in itertools.product(args.betas, args.deltas, sigmas, topks):
             got_maps = scored(model, raw, beta, delta, sigma, topk)
-            got = compute_metrics(labels, types, got_maps["score"].numpy(), got_maps["map"][:, 0].numpy(), masks)
-            b = got["pixel_auroc_breakdown"]
-            rows.append({"beta": beta, "delta": delta, "sigma": sigma, "topk": topk, "view": view,
-                         "image_auroc": got["image_auroc"],
-                         "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],
-                         "pixel_against_good_images": b["against_good_images"],
-                         "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
-                         "image_auroc_per_type": got["image_auroc_per_type"], "pixel_auroc_per_type": b["per_type"]})
+            scores = got_maps["score"].numpy()
+            rows.append(scored_row(split.labels, split.types, split.masks, scores, got_maps["map"][:, 0].numpy(),
+                                   beta=beta, delta=delta, sigma=sigma, topk=topk, view=view))
             if own_scores is not None:  # how sure this row's image-AUROC difference from the fitted one is
                 rows[-1]["minus_fitted_image_auroc"] = group_bootstrap_auroc_difference(
-                    labels, own_scores, got_maps["score"].numpy(), part_of)
-            print(json.dumps(rows[-1], default=float), flush=True)
+                    split.labels, own_scores, scores, split.parts())
+            print_row(rows[-1])
 
-    print(f"\n{args.checkpoint}: split `{args.split}`{' (grouped protocol)' if groups else ''}; fitted with beta "
+    print(f"\n{args.checkpoint}: split `{args.split}`{' (grouped protocol)' if split.groups else ''}; fitted with beta "
           f"{cfg.memory_score_weight:g}, delta {cfg.coarse_memory_weight:g}; {time.perf_counter() - t0:.0f} s")
-    type_names = sorted({t for r in rows for t in r["image_auroc_per_type"]})
-    header = (f"{'beta':>4s} {'delta':>5s} {'sigma':>5s} {'topk':>5s} {'view':7s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'vs good':>7s} "
-              f"{'vs bg':>6s}  " + " ".join(f"{t:>9s}" for t in type_names))
-    print(header + "\n" + "-" * len(header))
-    for r in rows:
-        print(f"{r['beta']:4.2f} {r['delta']:5.2f} {r['sigma']:5g} {r['topk']:5g} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} "
-              f"{r['aupro']:6.3f} {r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
-              + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in type_names)
-              + (f"  {r['minus_fitted_image_auroc']['low']:+.3f}..{r['minus_fitted_image_auroc']['high']:+.3f}"
-                 if "minus_fitted_image_auroc" in r else ""))
+    print_table(rows, [col("beta", "4.2f"), col("delta", "5.2f"), col("sigma", "5g"), col("topk", "5g"), VIEW,
+                       *METRICS], interval="minus_fitted_image_auroc")
     write_probe_rows(Path(args.out), args, rows)
     return 0
 

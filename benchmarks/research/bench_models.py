@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Train and evaluate the paper's columns (AE, AE+Skip, DAAD, DAAD+) and variants under one budget
 on a dataset directory; print them beside the paper's figures and write JSON.
 
-    python benchmarks/bench_models.py --data ../shared/datasets/magnetic_tile --steps 1000 --size 128
+    python -m benchmarks.research.bench_models --data ../shared/datasets/magnetic_tile --steps 1000 --size 128
 
 Protocol: every config gets the same number of optimiser steps, batch size, seed and input size.
 Metrics are reported on --split (default `test`: a fixed half of test/ per defect type, the other half
@@ -19,13 +18,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train.checkpoint import load_model  # noqa: E402
-from train.config import PRESETS, TrainConfig, preset  # noqa: E402
-from train.evaluate import evaluate  # noqa: E402
-from train.fit import fit  # noqa: E402
-from train.groups import load_groups  # noqa: E402
+from train.checkpoint import load_model
+from train.config import PRESETS, TrainConfig, preset
+from train.evaluate import evaluate
+from train.fit import fit
+from train.groups import load_groups
 
 # Image AUROC from the paper's MVTec AD table (../shared/docs/daad.md): category -> column -> value
 PAPER = {

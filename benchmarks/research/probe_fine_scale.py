@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Whether a memory of the backbone's 1/4 features finds what `inspect`'s 1/8 map misses (hairline cracks).
 
-    python benchmarks/probe_fine_scale.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
+    python -m benchmarks.research.probe_fine_scale --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
         --split val --transplant --groups benchmarks/groups/magnetic_tile.csv --taps 2 --items 50000 200000 \
         --weights 0.25 0.5
 
@@ -20,8 +19,6 @@ writes JSON.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,18 +26,13 @@ from typing import Dict, List
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.probe_coarse_layers import CoarseLayer, tap_features, taps_check
+from benchmarks.research.probe_fine_memory import BATCH
+from benchmarks.research.probe_protocol import memory_probe_or_exit, probe_parser
+from benchmarks.research.probe_report import METRICS, VIEW, col, map_row, print_row, print_table, write_probe_rows
 
-from probe_coarse_layers import CoarseLayer, tap_features  # noqa: E402  (this folder, first on sys.path)
-from probe_fine_memory import BATCH  # noqa: E402
-from probe_json import write_probe_rows  # noqa: E402
-from probe_protocol import checkpoint_data_or_exit  # noqa: E402
-
-from train.checkpoint import load_model  # noqa: E402
-from train.evaluate import compute_metrics  # noqa: E402
-from train.fit import preprocess_spec  # noqa: E402
-from train.metrics import group_bootstrap_auroc_difference, part_ranks  # noqa: E402
-from train.model import DAAD  # noqa: E402
+from train.metrics import group_bootstrap_auroc_difference, part_ranks
+from train.model import DAAD
 
 LOWEST_PARTS = 5
 
@@ -58,57 +50,38 @@ def mixed_map(model: DAAD, own: torch.Tensor, extra: torch.Tensor, weight: float
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
+    parser = probe_parser(__doc__, "benchmarks/results/probe_fine_scale")
     parser.add_argument("--taps", type=int, nargs="+", default=[2])
     parser.add_argument("--items", type=int, nargs="+", default=[50000, 200000])
     parser.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5])
-    parser.add_argument("--transplant", action="store_true")
-    parser.add_argument("--groups", default="", help="groups CSV the checkpoint was fit with (grouped protocol)")
     parser.add_argument("--seed", type=int, default=0, help="draw of the memory's items")
-    parser.add_argument("--out", default="benchmarks/results/probe_fine_scale")
     args = parser.parse_args()
     if any(not 0 < w <= 1 for w in args.weights) or any(n < 1 for n in args.items):
         parser.error("--weights in (0, 1] (1: Q alone), --items >= 1")
 
-    model, state = load_model(args.checkpoint)
-    cfg = model.cfg
-    if not cfg.backbone:
-        print(f"{args.checkpoint}: needs a checkpoint with a backbone (e.g. `inspect`)", file=sys.stderr)
-        return 2
-    if any(t < 0 or t >= len(model.backbone._blocks) for t in args.taps):  # type: ignore[union-attr]
-        parser.error(f"--taps: block indices 0..{len(model.backbone._blocks) - 1}")  # type: ignore[union-attr]
-    spec = preprocess_spec(cfg)
-    got_data = checkpoint_data_or_exit("probe_fine_scale", args, state, spec)
-    groups, train, stats, samples, images, masks, labels, types = got_data[:8]
-    model.eval()
+    model, spec, got_data = memory_probe_or_exit("probe_fine_scale", args, lambda m: bool(m.cfg.backbone),
+                                                 "a checkpoint with a backbone (e.g. `inspect`)",
+                                                 taps_check(parser, args.taps))
     t0 = time.perf_counter()
     train_images, stats_images = got_data.training_tensors(spec)
-    views = got_data.views(args.transplant)
+    views = got_data.tensor_views(args.transplant)
     own_maps = {view: own_unsmoothed(model, x) for view, x in views.items()}
-    part_of = got_data.parts()
+    labels, groups, part_of = got_data.labels, got_data.groups, got_data.parts()
 
     rows: List[Dict[str, object]] = []
     own_scores: Dict[str, object] = {}
 
     def add_row(tap: object, items: int, weight: float, view: str, amap: torch.Tensor) -> None:
-        scores = model.image_score(amap).numpy()
-        got = compute_metrics(labels, types, scores, amap[:, 0].numpy(), masks)
-        b = got["pixel_auroc_breakdown"]
-        rows.append({"tap": tap, "items": items, "weight": weight, "view": view, "image_auroc": got["image_auroc"],
-                     "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],
-                     "pixel_against_good_images": b["against_good_images"],
-                     "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
-                     "image_auroc_per_type": got["image_auroc_per_type"], "pixel_auroc_per_type": b["per_type"]})
+        scores, row = map_row(model, amap, labels, got_data.types, got_data.masks, tap=tap, items=items, weight=weight,
+                              view=view)
+        rows.append(row)
         if tap == "own":
             own_scores[view] = scores
         if groups is not None:  # the parts it ranks worst: where an AUROC is lost
-            rows[-1]["lowest_parts"] = part_ranks(labels, types, scores, part_of)[:LOWEST_PARTS]
+            row["lowest_parts"] = part_ranks(labels, got_data.types, scores, part_of)[:LOWEST_PARTS]
         if tap != "own" and groups is not None:
-            rows[-1]["minus_own_image_auroc"] = group_bootstrap_auroc_difference(labels, own_scores[view], scores, part_of)
-        print(json.dumps(rows[-1], default=float), f"{time.perf_counter() - t0:.0f} s", flush=True)
+            row["minus_own_image_auroc"] = group_bootstrap_auroc_difference(labels, own_scores[view], scores, part_of)
+        print_row(row, t0)
 
     for view, own in own_maps.items():
         add_row("own", 0, 0.0, view, mixed_map(model, own, own, 0.0))
@@ -125,19 +98,9 @@ def main() -> int:
                     add_row(tap, len(layer.memory.items), weight, view, mixed_map(model, own, q, weight))
         del train_features, stats_features, view_features
 
-    print(f"\n{args.checkpoint}: split `{args.split}`{' (grouped protocol)' if groups else ''}; {len(train)} training "
-          f"images, {len(stats)} held back; {time.perf_counter() - t0:.0f} s")
-    type_names = sorted({t for r in rows for t in r["image_auroc_per_type"]})  # type: ignore[attr-defined]
-    header = (f"{'tap':>4s} {'items':>7s} {'w':>5s} {'view':7s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'vs good':>7s} "
-              f"{'vs bg':>6s}  " + " ".join(f"{t:>9s}" for t in type_names))
-    print(header + "\n" + "-" * len(header))
-    for r in rows:
-        interval = r.get("minus_own_image_auroc")
-        print(f"{str(r['tap']):>4s} {r['items']:7d} {r['weight']:5.2f} {r['view']:7s} {r['image_auroc']:6.3f} "
-              f"{r['pixel_auroc']:6.3f} {r['aupro']:6.3f} {r['pixel_against_good_images']:7.3f} "
-              f"{r['pixel_against_defective_backgrounds']:6.3f}  "
-              + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in type_names)  # type: ignore[attr-defined]
-              + (f"  {interval['low']:+.3f}..{interval['high']:+.3f}" if isinstance(interval, dict) else ""))
+    print(f"\n{got_data.summary(args.checkpoint, args.split)}; {time.perf_counter() - t0:.0f} s")
+    print_table(rows, [col("tap", ">4"), col("items", "7d"), col("weight", "5.2f", "w"), VIEW, *METRICS],
+                interval="minus_own_image_auroc")
     write_probe_rows(Path(args.out), args, rows)
     return 0
 

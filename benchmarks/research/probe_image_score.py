@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Is a part's peak better told from its own background than from zero? The image score re-checked on fits.
 
-    python benchmarks/probe_image_score.py --checkpoints runs/a/last.pt [runs/b/last.pt ...] \
+    python -m benchmarks.research.probe_image_score --checkpoints runs/a/last.pt [runs/b/last.pt ...] \
         --data ../shared/datasets/magnetic_tile --split val --transplant --groups benchmarks/groups/magnetic_tile.csv
 
 On unseen parts a whole map is lifted: a good tile the memory never saw scores above the good tiles it did,
@@ -15,30 +14,24 @@ own score, overall and per type, with a 95 % interval from resampling whole tile
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.compare_fits import paired_differences, type_selections
+from benchmarks.research.probe_protocol import checked_split, load_checkpoint, probe_parser, refuse
+from benchmarks.research.probe_report import (IMAGE, VIEW, Column, col, interval_text, print_row, print_table,
+                                              write_probe_rows)
 
-from compare_fits import paired_differences, type_selections  # noqa: E402  (this folder, first on sys.path)
-from probe_json import write_probe_rows  # noqa: E402
-
-from engine.errors import DaadError  # noqa: E402
-from train.checkpoint import load_model  # noqa: E402
-from train.cli import checked_groups  # noqa: E402
-from train.evaluate import load_split, predict  # noqa: E402
-from train.fit import preprocess_spec  # noqa: E402
-from train.groups import Groups  # noqa: E402
-from train.metrics import image_auroc  # noqa: E402
-from train.transplant import transplant_set  # noqa: E402
+from engine.errors import DaadError
+from train.evaluate import predict
+from train.fit import preprocess_spec
+from train.metrics import image_auroc
 
 POOL = 4  # the pooled map's cell: 256 px -> 64 x 64 = 4 096 values
 
@@ -68,33 +61,18 @@ def per_type(labels: np.ndarray, types: List[str], scores: np.ndarray) -> Dict[s
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoints", nargs="+", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
-    parser.add_argument("--transplant", action="store_true")
-    parser.add_argument("--groups", default="", help="groups CSV every checkpoint was fit with (grouped protocol)")
-    parser.add_argument("--out", default="benchmarks/results/probe_image_score")
-    args = parser.parse_args()
+    args = probe_parser(__doc__, "benchmarks/results/probe_image_score", checkpoint="--checkpoints").parse_args()
 
     rows: List[Dict[str, Any]] = []
     t0 = time.perf_counter()
     for path in args.checkpoints:
         try:
-            if not Path(path).is_file():
-                raise DaadError(f"{path}: no such checkpoint; pass the last.pt of a `daad-train fit` run")
-            model, state = load_model(path)
-            groups: Optional[Groups] = checked_groups(args.groups, Path(args.data), state, path) if args.groups else None
-            samples, images, masks, labels, types = load_split(Path(args.data), preprocess_spec(model.cfg), args.split,
-                                                               0, groups)
+            model, state = load_checkpoint(path)
+            split = checked_split(path, state, Path(args.data), args.groups, preprocess_spec(model.cfg), args.split)
         except DaadError as err:
-            print(f"probe_image_score: error: {err}", file=sys.stderr)
-            return 2
-        parts = [groups.group(s) for s in samples] if groups is not None else []
-        views = {"test/": images}
-        if args.transplant:
-            views["pasted"] = transplant_set(images, masks, labels)[0]
-        for view, view_images in views.items():
+            refuse("probe_image_score", err)
+        labels, types, parts = split.labels, split.types, split.parts()
+        for view, view_images in split.views(args.transplant).items():
             pred = predict(model, view_images, torch.device("cpu"))
             own = pred["scores"].astype(np.float64)
             for name, level in levels().items():
@@ -105,20 +83,15 @@ def main() -> int:
                 if parts and rows and rows[-1]["checkpoint"] == path and rows[-1]["view"] == view:
                     row["minus_model"] = paired_differences(labels, types, parts, own, scores)
                 rows.append(row)
-                print(json.dumps(row, default=float), flush=True)
+                print_row(row)
 
     print(f"\nsplit `{args.split}`{' (grouped protocol)' if args.groups else ''}; {time.perf_counter() - t0:.0f} s")
-    type_names = sorted({t for r in rows for t in r["image_auroc_per_type"]})
-    header = f"{'checkpoint':24s} {'view':7s} {'image score':40s} {'image':>6s}  " + " ".join(f"{t:>8s}" for t in type_names)
-    print(header + "\n" + "-" * len(header))
-    for r in rows:
-        print(f"{r['checkpoint'][-24:]:24s} {r['view']:7s} {r['score']:40s} {r['image_auroc']:6.3f}  "
-              + " ".join(f"{r['image_auroc_per_type'][t]:8.3f}" for t in type_names))
+    print_table(rows, [Column("checkpoint", "24s", lambda r: r["checkpoint"][-24:]), VIEW, col("score", "40s", "image score"),
+                       IMAGE], type_width=8)
     for r in rows:
         for name, got in r.get("minus_model", {}).items():
             if name in ("all", "crack"):
-                print(f"{r['checkpoint'][-24:]} {r['view']} {r['score']}, {name}: {got['difference']:+.3f} "
-                      f"(95 % over {got['groups']} groups: {got['low']:+.3f} to {got['high']:+.3f})")
+                print(f"{r['checkpoint'][-24:]} {r['view']} {r['score']}, {name}: {interval_text(got)}")
     write_probe_rows(Path(args.out), args, rows)
     return 0
 

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Several fits of one configuration on the same split, each against the first: is a fit (longer training,
 another seed) better, and can the split tell?
 
-    python benchmarks/compare_fits.py --checkpoints runs/a/last.pt runs/b/last.pt \
+    python -m benchmarks.research.compare_fits --checkpoints runs/a/last.pt runs/b/last.pt \
         --data ../shared/datasets/magnetic_tile --split val --transplant \
         [--groups benchmarks/groups/magnetic_tile.csv]
 
@@ -17,8 +16,6 @@ a table and writes JSON.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,18 +24,16 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.probe_protocol import Split, load_checkpoint, probe_parser, refuse
+from benchmarks.research.probe_report import (METRICS, VIEW, Column, col, interval_text, print_row, print_table,
+                                              scored_row, write_probe_rows)
 
-from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
-
-from engine.errors import DaadError  # noqa: E402
-from train.checkpoint import load_model  # noqa: E402
-from train.cli import checked_groups  # noqa: E402
-from train.evaluate import compute_metrics, load_split, predict  # noqa: E402
-from train.fit import preprocess_spec  # noqa: E402
-from train.groups import Groups  # noqa: E402
-from train.metrics import group_bootstrap_auroc_difference  # noqa: E402
-from train.transplant import transplant_set  # noqa: E402
+from engine.errors import DaadError
+from train.cli import checked_groups
+from train.evaluate import load_split, predict
+from train.fit import preprocess_spec
+from train.groups import Groups
+from train.metrics import group_bootstrap_auroc_difference
 
 
 def type_selections(types: List[str]) -> Dict[str, np.ndarray]:
@@ -66,52 +61,38 @@ def ensemble_scores(model: torch.nn.Module, mean_map: np.ndarray) -> np.ndarray:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoints", nargs="+", required=True, help="the first is the reference")
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
-    parser.add_argument("--transplant", action="store_true")
-    parser.add_argument("--groups", default="", help="groups CSV every checkpoint was fit with (grouped protocol)")
+    parser = probe_parser(__doc__, "benchmarks/results/compare_fits", checkpoint="--checkpoints")
     parser.add_argument("--ensemble", action="store_true", help="add a row for the mean of every checkpoint's map")
-    parser.add_argument("--out", default="benchmarks/results/compare_fits")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="where the maps are computed (cuda: a GPU machine; the metrics stay on the CPU)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("compare_fits: error: --device cuda, but no CUDA device is visible; use --device cpu", file=sys.stderr)
-        return 2
+        refuse("compare_fits", "--device cuda, but no CUDA device is visible; use --device cpu")
     device = torch.device(args.device)
 
     loaded = []
     groups: Optional[Groups] = None
     try:
         for path in args.checkpoints:
-            if not Path(path).is_file():
-                raise DaadError(f"{path}: no such checkpoint; pass the last.pt of a `daad-train fit` run")
-            model, state = load_model(path)
+            model, state = load_checkpoint(path)
             if args.groups:
                 groups = checked_groups(args.groups, Path(args.data), state, path)
             loaded.append((path, model, state))
     except DaadError as err:
-        print(f"compare_fits: error: {err}", file=sys.stderr)
-        return 2
-    spec = preprocess_spec(loaded[0][1].cfg)
+        refuse("compare_fits", err)
+    first = loaded[0][1].cfg
+    spec = preprocess_spec(first)
     for path, model, _ in loaded[1:]:
         if preprocess_spec(model.cfg) != spec:
-            print(f"compare_fits: error: {path}: preprocesses its input otherwise than {args.checkpoints[0]} "
-                  "(size, channels or normalisation), so they cannot score the same images; compare fits of one "
-                  "configuration", file=sys.stderr)
-            return 2
-        if args.ensemble and model.cfg.score_topk != loaded[0][1].cfg.score_topk:
-            print(f"compare_fits: error: {path}: model.score_topk {model.cfg.score_topk:g}, {args.checkpoints[0]} "
-                  f"{loaded[0][1].cfg.score_topk:g}; an ensemble's image score is one top-k of the mean map, so "
-                  "ensemble fits that score alike (or drop --ensemble)", file=sys.stderr)
-            return 2
-    samples, images, masks, labels, types = load_split(Path(args.data), spec, args.split, 0, groups)
-    parts = [groups.group(s) for s in samples] if groups is not None else []
-    views = {"test/": images}
-    if args.transplant:
-        views["pasted"] = transplant_set(images, masks, labels)[0]
+            refuse("compare_fits", f"{path}: preprocesses its input otherwise than {args.checkpoints[0]} (size, "
+                   "channels or normalisation), so they cannot score the same images; compare fits of one configuration")
+        if args.ensemble and model.cfg.score_topk != first.score_topk:
+            refuse("compare_fits", f"{path}: model.score_topk {model.cfg.score_topk:g}, {args.checkpoints[0]} "
+                   f"{first.score_topk:g}; an ensemble's image score is one top-k of the mean map, so ensemble fits "
+                   "that score alike (or drop --ensemble)")
+    split = Split(groups, *load_split(Path(args.data), spec, args.split, 0, groups))
+    labels, types, parts = split.labels, split.types, split.parts()
+    views = split.views(args.transplant)
 
     t0 = time.perf_counter()
     rows: List[Dict[str, Any]] = []
@@ -119,17 +100,13 @@ def main() -> int:
     map_sums: Dict[str, np.ndarray] = {}
 
     def add_row(path: str, steps: int, seed: int, view: str, scores: np.ndarray, maps: np.ndarray) -> None:
-        got = compute_metrics(labels, types, scores, maps, masks)
-        row: Dict[str, Any] = {"checkpoint": path, "steps": steps, "seed": seed, "view": view,
-                               "image_auroc": got["image_auroc"], "pixel_auroc": got["pixel_auroc"],
-                               "aupro": got["aupro"], "image_auroc_per_type": got["image_auroc_per_type"],
-                               "pixel_auroc_per_type": got["pixel_auroc_breakdown"]["per_type"]}
+        row = scored_row(labels, types, split.masks, scores, maps, checkpoint=path, steps=steps, seed=seed, view=view)
         if view not in first_scores:
             first_scores[view] = scores
         elif parts:
             row["minus_first"] = paired_differences(labels, types, parts, first_scores[view], scores)
         rows.append(row)
-        print(json.dumps(row, default=float), flush=True)
+        print_row(row)
 
     for path, model, state in loaded:
         for view, view_images in views.items():
@@ -143,18 +120,11 @@ def main() -> int:
         add_row(f"ensemble of {len(loaded)}", -1, -1, view, ensemble_scores(loaded[0][1], mean_map), mean_map)
 
     print(f"\nsplit `{args.split}`{' (grouped protocol)' if groups else ''}; {time.perf_counter() - t0:.0f} s")
-    type_names = sorted(set(types) - {"good"})
-    header = (f"{'checkpoint':32s} {'steps':>5s} {'view':7s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s}  "
-              + " ".join(f"{t:>9s}" for t in type_names))
-    print(header + "\n" + "-" * len(header))
-    for r in rows:
-        print(f"{r['checkpoint'][-32:]:32s} {r['steps']:5d} {r['view']:7s} {r['image_auroc']:6.3f} "
-              f"{r['pixel_auroc']:6.3f} {r['aupro']:6.3f}  "
-              + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in type_names))
+    print_table(rows, [Column("checkpoint", "32s", lambda r: r["checkpoint"][-32:]), col("steps", "5d"), VIEW,
+                       *METRICS[:3]])
     for r in rows:
         for name, got in r.get("minus_first", {}).items():
-            print(f"{r['checkpoint'][-32:]} minus {args.checkpoints[0][-32:]}, {r['view']} {name}: "
-                  f"{got['difference']:+.3f} (95 % over {got['groups']} groups: {got['low']:+.3f} to {got['high']:+.3f})")
+            print(f"{r['checkpoint'][-32:]} minus {args.checkpoints[0][-32:]}, {r['view']} {name}: {interval_text(got)}")
     write_probe_rows(Path(args.out), args, rows)
     return 0
 

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Can plain image statistics tell a dataset's defective crops from its good ones? (a check for capture bias)
 
-    python benchmarks/image_statistics.py --data ../shared/datasets/magnetic_tile
+    python -m benchmarks.research.image_statistics --data ../shared/datasets/magnetic_tile
 
 Image AUROC, on each fixed half of test/ (train.data.split_eval), of three scores computed on the raw
 crops without any model: mean grey level (exposure), its standard deviation (contrast) and the mean
@@ -18,11 +17,9 @@ from typing import Callable, Dict
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.preprocess import read_image  # noqa: E402
-from train.data import eval_samples, split_eval  # noqa: E402
-from train.metrics import image_auroc  # noqa: E402
+from engine.preprocess import read_image
+from train.data import eval_samples, split_eval
+from train.metrics import image_auroc
 
 STATISTICS: Dict[str, Callable[[np.ndarray], float]] = {
     "brightness": lambda im: float(im.mean()),

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Fast ablations of DAAD on frozen EfficientNet-Lite0 features, with a kNN reference, on one dataset.
 
-    python benchmarks/sweep_features.py --data ../shared/datasets/magnetic_tile --split val \
+    python -m benchmarks.research.sweep_features --data ../shared/datasets/magnetic_tile --split val \
         --configs daad_plus daad_plus:memory_items=500 --out benchmarks/results/sweep_features
 
 The backbone is frozen, so its features are computed once per dataset and size (cached in --out) and
@@ -26,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,17 +33,16 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_models import parse_variant  # noqa: E402
-from train.backbone import EfficientNetLite0Features  # noqa: E402
-from train.config import TrainConfig, preset  # noqa: E402
-from train.data import eval_samples, load_images, load_mask, split_eval, train_samples  # noqa: E402
-from train.fit import augment, preprocess_spec  # noqa: E402
-from train.loss import discriminator_loss, generator_loss  # noqa: E402
-from train.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
-from train.model import DAAD, RawMaps  # noqa: E402
-from train.transplant import transplant_set  # noqa: E402
+from benchmarks.research.bench_models import parse_variant
+from benchmarks.research.probe_report import print_row, write_probe_rows
+from train.backbone import EfficientNetLite0Features
+from train.config import TrainConfig, preset
+from train.data import eval_samples, load_images, load_mask, split_eval, train_samples
+from train.fit import augment, preprocess_spec
+from train.loss import discriminator_loss, generator_loss
+from train.metrics import aupro, image_auroc, pixel_auroc
+from train.model import DAAD, RawMaps
+from train.transplant import transplant_set
 
 SCORES = ("max", "top1%", "top10%", "mean")
 BATCH = 32
@@ -245,7 +242,7 @@ def main() -> int:
 
     def add(config: str, view: str, maps: torch.Tensor, **extra: Any) -> None:
         rows.append({"config": config, "view": view, **metrics(labels, types, masks, maps), **extra})
-        print(json.dumps(rows[-1], default=float), flush=True)
+        print_row(rows[-1])
 
     for view, raw in views.items():
         if args.knn_bank:
@@ -291,11 +288,7 @@ def main() -> int:
     for r in rows:
         print(f"{r['config']:72s} {r['view']:10s} " + " ".join(f"{r['image_auroc'][s]:7.3f}" for s in SCORES)
               + f" {r['far']:6.3f} {r['pixel_auroc']:6.3f} {r['aupro']:6.3f} {r['train_s']:7.0f}")
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = "_".join([args.split, str(args.size), str(args.steps)])
-    path = out / f"results_{stamp}_{int(time.time())}.json"
-    path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=float))
-    print(f"\nJSON: {path}")
+    write_probe_rows(out, args, rows, stem=f"results_{args.split}_{args.size}_{args.steps}")
     return 0
 
 

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Where a model's pixel AUROC is lost, and whether post-processing its map recovers it.
 
-    python benchmarks/probe_maps.py --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
+    python -m benchmarks.research.probe_maps --checkpoint RUN/last.pt --data ../shared/datasets/magnetic_tile \
         --split val --transplant --out benchmarks/results/probe_maps
 
 The model's unsmoothed map (what `combine` returns; for a combination of views, `daad-train combine`, the
@@ -31,8 +30,6 @@ Choose on `val`, report once on `test`; with --groups the split is the grouped p
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -40,21 +37,15 @@ from typing import Callable, Dict, List
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.probe_protocol import checkpoint_split_or_exit, held_back_good, probe_parser
+from benchmarks.research.probe_report import METRICS, VIEW, col, map_row, print_row, print_table, write_probe_rows
 
-from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
-
-from engine.preprocess import denormalize  # noqa: E402
-from train import plots  # noqa: E402
-from engine.errors import DaadError  # noqa: E402
-from train.checkpoint import load_model, score_stats_images  # noqa: E402
-from train.cli import checked_groups  # noqa: E402
-from train.data import load_images, train_samples  # noqa: E402
-from train.evaluate import compute_metrics, load_split  # noqa: E402
-from train.fit import preprocess_spec  # noqa: E402
-from train.model import edge_side_fill, gaussian_kernel, grey_closing, separable_blur  # noqa: E402
-from train.transplant import transplant_set  # noqa: E402
-from train.views import Scorer, ViewEnsemble  # noqa: E402
+from engine.preprocess import denormalize
+from train import plots
+from train.data import load_images
+from train.fit import preprocess_spec
+from train.model import edge_side_fill, gaussian_kernel, grey_closing, separable_blur
+from train.views import Scorer, ViewEnsemble
 
 BATCH = 16
 OVERLAYS_PER_TYPE = 4
@@ -68,7 +59,6 @@ SCORE_SHARES = (0.25, 0.5, 1.0, 2.0, 4.0)  # the image score added to every pixe
 # scattered highs must line up over the width to be joined; and the same turned (a step along the part)
 CLOSING_RECTANGLES = ((127, 63), (191, 63), (255, 63), (255, 31), (255, 127), (63, 127), (63, 255))
 COARSE_WEIGHTS = (0.4, 0.55)
-TRAIN_STRIDE = 4  # every 4th training image normalises the self-consistency term where fit() held none back
 
 
 @torch.no_grad()
@@ -184,42 +174,24 @@ def write_overlays(path: Path, samples: list, images, amap: torch.Tensor, masks,
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
-    parser.add_argument("--transplant", action="store_true")
-    parser.add_argument("--groups", default="", help="groups CSV the checkpoint was fit with (grouped protocol)")
-    parser.add_argument("--out", default="benchmarks/results/probe_maps")
+    parser = probe_parser(__doc__, "benchmarks/results/probe_maps")
     parser.add_argument("--only", nargs="+", default=[], metavar="TEXT",
                         help="score only the variants whose name holds one of these (the model's row always)")
     args = parser.parse_args()
 
-    model, state = load_model(args.checkpoint)
-    data = Path(args.data)
+    model, state, split = checkpoint_split_or_exit("probe_maps", args)
     spec = preprocess_spec(model.cfg)
-    try:
-        groups = checked_groups(args.groups, data, state, args.checkpoint) if args.groups else None
-        samples, images, masks, labels, types = load_split(data, spec, args.split, 0, groups)
-    except DaadError as err:
-        print(f"probe_maps: error: {err}", file=sys.stderr)
-        return 2
-    views = {"test/": images}
-    if args.transplant:
-        views["pasted"] = transplant_set(images, masks, labels)[0]
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    unseen = {p.resolve() for p in score_stats_images(state)}
-    good = [s for s in train_samples(data) if s.image.resolve() in unseen] or train_samples(data)[::TRAIN_STRIDE]
+    good = held_back_good(state, Path(args.data))
     good_maps = unsmoothed_maps(model, torch.from_numpy(load_images(good, spec)))
     self_scale = float(good_maps["self"].mean())
     # the held-back good images' mean map at each pixel (smoothed as the model smooths): where on a part new
     # good parts score high anyway (its edges, a fixed reflection)
     position_mean = blur(good_maps["model"], model.cfg.smoothing_sigma).mean(dim=0, keepdim=True)
     rows = []
-    for view, view_images in views.items():
+    for view, view_images in split.views(args.transplant).items():
         raw = unsmoothed_maps(model, torch.from_numpy(view_images))
         raw["self"] = raw["self"] / max(self_scale, 1e-8)  # comparable with the model's map (mean ~1 on good parts)
         raw["position_mean"] = position_mean
@@ -229,25 +201,14 @@ def main() -> int:
                 continue
             amap = variant(raw)
             if k == 0:  # the model's own map
-                write_overlays(out / f"overlays_{args.split}_{view.strip('/')}.png", samples, view_images, amap, masks,
-                               types, spec)
-            got = compute_metrics(labels, types, model.image_score(amap).numpy(), amap[:, 0].numpy(), masks)
-            b = got["pixel_auroc_breakdown"]
-            rows.append({"map": name, "view": view, "image_auroc": got["image_auroc"], "pixel_auroc": got["pixel_auroc"],
-                         "aupro": got["aupro"], "pixel_against_good_images": b["against_good_images"],
-                         "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
-                         "pixel_auroc_per_type": b["per_type"], "image_auroc_per_type": got["image_auroc_per_type"]})
-            print(json.dumps(rows[-1], default=float), flush=True)
+                write_overlays(out / f"overlays_{args.split}_{view.strip('/')}.png", split.samples, view_images, amap,
+                               split.masks, split.types, spec)
+            rows.append(map_row(model, amap, split.labels, split.types, split.masks, map=name, view=view)[1])
+            print_row(rows[-1])
 
     print(f"\n{Path(args.checkpoint)}: split `{args.split}`, image score = top {model.cfg.score_topk:g} of each "
           f"variant's map; {time.perf_counter() - t0:.0f} s")
-    header = (f"{'map':40s} {'view':7s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'vs good':>7s} {'vs bg':>6s}"
-              "  pixel AUROC per type")
-    print(header + "\n" + "-" * len(header))
-    for r in rows:
-        print(f"{r['map']:40s} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} {r['aupro']:6.3f} "
-              f"{r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
-              + " ".join(f"{t} {v:.3f}" for t, v in r["pixel_auroc_per_type"].items()))
+    print_table(rows, [col("map", "40s"), VIEW, *METRICS], per_type="pixel_auroc_per_type")
     write_probe_rows(out, args, rows)
     return 0
 

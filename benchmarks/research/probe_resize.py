@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Stretch, letterbox or tile? How the crop's aspect ratio reaches the model, measured on the memory's map.
 
-    python benchmarks/probe_resize.py --data ../shared/datasets/magnetic_tile --split val \
+    python -m benchmarks.research.probe_resize --data ../shared/datasets/magnetic_tile --split val \
         --modes stretch reflect replicate tile --sizes 256 --transplant [--mix] [--block 4] \
         [--groups benchmarks/groups/magnetic_tile.csv]
 
@@ -26,7 +25,6 @@ writes JSON.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -36,18 +34,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.research.probe_protocol import parts_of, probe_parser
+from benchmarks.research.probe_report import METRICS, VIEW, col, print_table, scored_row, write_probe_rows
+from benchmarks.research.sweep_features import backbone_features, smoothed, untrained_memory_maps
 
-from probe_json import write_probe_rows  # noqa: E402  (this folder, first on sys.path)
-from sweep_features import backbone_features, smoothed, untrained_memory_maps  # noqa: E402
-
-from train.config import preset  # noqa: E402
-from train.data import eval_samples, load_mask, read_image, split_eval, train_samples  # noqa: E402
-from train.evaluate import compute_metrics  # noqa: E402
-from train.groups import grouped_protocol, load_groups, split_by_group  # noqa: E402
-from train.metrics import group_bootstrap_auroc_difference  # noqa: E402
-from train.fit import preprocess_spec  # noqa: E402
-from train.transplant import transplant_set  # noqa: E402
+from train.config import preset
+from train.data import eval_samples, load_mask, read_image, split_eval, train_samples
+from train.groups import grouped_protocol, load_groups, split_by_group
+from train.metrics import group_bootstrap_auroc_difference
+from train.fit import preprocess_spec
+from train.transplant import transplant_set
 
 MODES = ("stretch", "reflect", "replicate", "tile")
 BLOCK = 4  # inspect's fine memory: 4x4 blocks of the 1/8 feature map (--block)
@@ -155,16 +151,11 @@ def mixed(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return 0.5 * first / first.mean() + 0.5 * second / second.mean()
 
 
-def score_row(maps: torch.Tensor, labels: np.ndarray, types: Sequence[str], masks: np.ndarray,
+def score_row(maps: torch.Tensor, labels: np.ndarray, types: List[str], masks: np.ndarray,
               **keys: object) -> Dict[str, object]:
     flat = maps.reshape(len(maps), -1)
     scores = flat.topk(max(1, int(flat.shape[1] * TOPK)), dim=1).values.mean(dim=1).numpy()
-    got = compute_metrics(labels, types, scores, maps[:, 0].numpy(), masks)
-    b = got["pixel_auroc_breakdown"]
-    return {**keys, "image_auroc": got["image_auroc"], "pixel_auroc": got["pixel_auroc"], "aupro": got["aupro"],
-            "pixel_against_good_images": b["against_good_images"],
-            "pixel_against_defective_backgrounds": b["against_defective_backgrounds"],
-            "image_auroc_per_type": got["image_auroc_per_type"], "scores": [float(v) for v in scores]}
+    return {**scored_row(labels, types, masks, scores, maps[:, 0].numpy(), **keys), "scores": [float(v) for v in scores]}
 
 
 def report(row: Dict[str, object], t0: float) -> Dict[str, object]:
@@ -175,16 +166,11 @@ def report(row: Dict[str, object], t0: float) -> Dict[str, object]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="val", choices=("all", "val", "test"))
+    parser = probe_parser(__doc__, "benchmarks/results/probe_resize", checkpoint="")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256])
-    parser.add_argument("--transplant", action="store_true")
     parser.add_argument("--mix", action="store_true", help="also score stretch and each letterbox together")
     parser.add_argument("--block", type=int, default=BLOCK, help="block side of the memory, in 1/8 feature cells")
-    parser.add_argument("--groups", default="", help="groups CSV: the grouped protocol (train.groups)")
-    parser.add_argument("--out", default="benchmarks/results/probe_resize")
     args = parser.parse_args()
     if any(size % 128 for size in args.sizes):
         parser.error(f"--sizes {args.sizes}: each must be a multiple of 128 (the generator's four 2x downsamplings "
@@ -204,7 +190,7 @@ def main() -> int:
         samples = [samples[i] for i in split_eval(samples, args.split, 0)]
     train = [gray(s.image) for s in training]
     crops = [gray(s.image) for s in samples]
-    part_of = [groups.group(s) for s in samples] if groups is not None else []
+    part_of = parts_of(groups, samples)
     labels = np.array([s.label for s in samples])
     types = [s.defect_type for s in samples]
     t0 = time.perf_counter()
@@ -233,15 +219,9 @@ def main() -> int:
                         rows.append(report(score_row(maps, labels, types, masks, mode=f"stretch+{mode}", size=size,
                                                      view=view), t0))
 
-    type_names = sorted({t for r in rows for t in r["image_auroc_per_type"]})
-    header = (f"{'mode':17s} {'size':>4s} {'view':7s} {'image':>6s} {'pixel':>6s} {'AUPRO':>6s} {'vs good':>7s} {'vs bg':>6s}  "
-              + " ".join(f"{t:>9s}" for t in type_names))
-    print(f"\nsplit `{args.split}`, M alone ({args.block}x{args.block} blocks, {FEATURE_DIMS} dims, sigma {SIGMA:g}, top 1 %); "
-          f"{time.perf_counter() - t0:.0f} s\n" + header + "\n" + "-" * len(header))
-    for r in rows:
-        print(f"{r['mode']:17s} {r['size']:4d} {r['view']:7s} {r['image_auroc']:6.3f} {r['pixel_auroc']:6.3f} {r['aupro']:6.3f} "
-              f"{r['pixel_against_good_images']:7.3f} {r['pixel_against_defective_backgrounds']:6.3f}  "
-              + " ".join(f"{r['image_auroc_per_type'].get(t, float('nan')):9.3f}" for t in type_names))
+    print(f"\nsplit `{args.split}`, M alone ({args.block}x{args.block} blocks, {FEATURE_DIMS} dims, sigma {SIGMA:g}, "
+          f"top 1 %); {time.perf_counter() - t0:.0f} s")
+    print_table(rows, [col("mode", "17s"), col("size", "4d"), VIEW, *METRICS])
     write_probe_rows(Path(args.out), args, rows)
     return 0
 

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The longer schedule on a GPU: `inspect`'s two-view fit (the default, 300 steps) resumed to longer schedules
-# within a time budget, then every checkpoint scored with compare_fits.py on grouped val and on the grouped
+# within a time budget, then every checkpoint scored with benchmarks.research.compare_fits on grouped val and on the grouped
 # test half (test/ and pasted defects), the two splits side by side. On a CUDA machine with the `train` extra:
 #
-#   DATA=../shared/datasets/magnetic_tile bash benchmarks/gpu_schedule.sh OUTDIR
+#   DATA=../shared/datasets/magnetic_tile bash benchmarks/research/gpu_schedule.sh OUTDIR
 #
-# Environment: DATA (dataset root; benchmarks/resize_dataset.py makes a smaller copy that loads the same),
+# Environment: DATA (dataset root; benchmarks.research.resize_dataset makes a smaller copy that loads the same),
 # STEPS (default "300 1000 3000"), BUDGET (seconds for all fits, default 280: a stage that would not fit
 # is skipped), DEV (cuda), PY (python3), EXTRA_PYTHONPATH (prepended to PYTHONPATH). Writes OUTDIR/run.log,
 # score_{val,test}.log, compare_{val,test}/*.json and logs.tar.gz (each view's log.jsonl per stage).
 set -u
 OUT=$(realpath -m "${1:?usage: gpu_schedule.sh OUTDIR}"); mkdir -p "$OUT"
 D=$(realpath -m "${DATA:-../shared/datasets/magnetic_tile}")
-cd "$(dirname "$0")/.." || exit 2
+cd "$(dirname "$0")/../.." || exit 2
 PY=${PY:-python3}; DEV=${DEV:-cuda}; STEPS=${STEPS:-"300 1000 3000"}; BUDGET=${BUDGET:-280}
 export PYTHONUNBUFFERED=1 PYTHONPATH="${EXTRA_PYTHONPATH:+$EXTRA_PYTHONPATH:}$PWD${PYTHONPATH:+:$PYTHONPATH}"
 G=benchmarks/groups/magnetic_tile.csv
@@ -58,7 +58,7 @@ echo "== fits done at $(el) s: ${done_ckpts[*]}"
 echo "== score val and test side by side at $(el) s"
 pids=()
 for split in val test; do
-  "$PY" benchmarks/compare_fits.py --checkpoints "${done_ckpts[@]}" --data "$D" --split "$split" --transplant \
+  "$PY" -m benchmarks.research.compare_fits --checkpoints "${done_ckpts[@]}" --data "$D" --split "$split" --transplant \
       --groups "$G" --device "$DEV" --out "$OUT/compare_$split" > "$OUT/score_$split.log" 2>&1 &
   pids+=($!)
 done
