@@ -21,7 +21,7 @@ Prints a table and writes JSON under benchmarks/results/.
 
     python benchmarks/bench_teach.py --dataset /work/shared/datasets/magnetic_tile \\
         --groups benchmarks/groups/magnetic_tile.csv --new-exposure 6 [--new-gain 1.2] [--no-drift]
-Why teaching first seemed not to help, and the design choices: docs/research/teaching.md (benchmarks/diag_teach.py).
+Why teaching first seemed not to help, and the design choices: docs/research/teaching.md (benchmarks/research/diag_teach.py).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ can be changed without re-running the backbone:
   teach    FA on VAL and on the taught frames for K = 5, 20, 40 under teaching variants, and with the frames
            taught without the gain (what bench_teach.py did before: it taught the original files).
 
-    python benchmarks/diag_teach.py --work /tmp/bench_teach --gains 1.0 1.2 1.3 1.5 --gain 1.3
+    python -m benchmarks.research.diag_teach --work /tmp/bench_teach --gains 1.0 1.2 1.3 1.5 --gain 1.3
 """
 from __future__ import annotations
 
@@ -26,13 +26,9 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-for p in (str(REPO), str(REPO / "benchmarks")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-
-import bench_teach  # noqa: E402
-from calibration import stats  # noqa: E402
+from benchmarks import bench_teach
+from benchmarks.bench_teach import REPO
+from calibration import stats
 
 K_VALUES = (5, 20, 40)
 
