@@ -33,9 +33,11 @@ from train.config import TrainConfig, preset  # noqa: E402
 from train.data import has_colour, train_samples  # noqa: E402
 from train.evaluate import compute_metrics, load_split, predict  # noqa: E402
 from train.export import export_bundle, export_onnx  # noqa: E402
-from train.fit import fit, fit_samples, preprocess_spec  # noqa: E402
+from train.fit import fit  # noqa: E402
+from train.fit_common import fit_samples  # noqa: E402
 from train.groups import load_groups  # noqa: E402
 from train.metrics import group_bootstrap_auroc  # noqa: E402
+from train.preprocessing import preprocess_spec  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_peer"
 WARMUP, RUNS = 3, 20

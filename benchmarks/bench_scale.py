@@ -30,7 +30,8 @@ from engine.preprocess import list_images  # noqa: E402
 from train.checkpoint import read_checkpoint  # noqa: E402
 from train.config import TrainConfig, preset  # noqa: E402
 from train.export import export_bundle  # noqa: E402
-from train.fit import distributed_context, fit  # noqa: E402
+from train.fit import fit  # noqa: E402
+from train.runtime import distributed_context  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_scale"
 SIZE = 256

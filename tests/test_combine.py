@@ -21,8 +21,10 @@ from train.config import TrainConfig, preset
 from train.data import eval_samples, load_images
 from train.evaluate import evaluate, predict
 from train.export import export_bundle
-from train.fit import fit, preprocess_spec, summarise_scores
+from train.fit import fit
+from train.fit_common import summarise_scores
 from train.model import DAAD, edge_side_fill, grey_closing
+from train.preprocessing import preprocess_spec
 from train.views import ViewEnsemble
 
 SEPARATION_AUROC = 0.9

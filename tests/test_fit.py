@@ -46,7 +46,7 @@ def test_score_statistics_are_the_models_own_scores_of_its_training_images(train
 
     from train.data import load_images, train_samples
     from train.evaluate import predict
-    from train.fit import preprocess_spec
+    from train.preprocessing import preprocess_spec
 
     model, _ = load_model(trained.checkpoint)
     images = load_images(train_samples(dataset), preprocess_spec(model.cfg))
@@ -62,7 +62,7 @@ def test_score_statistics_of_a_mirror_scored_model_are_its_own_scores(dataset: P
     map's normalisation) come from those averaged maps, of the training images or of held-back ones."""
     from train.data import load_images, train_samples
     from train.evaluate import predict
-    from train.fit import preprocess_spec
+    from train.preprocessing import preprocess_spec
 
     cfg = TrainConfig(data=str(dataset), out=str(tmp_path), steps=10, batch_size=8, lr=1e-3, val_fraction=val_fraction)
     result = fit(preset("daad_plus", **SMALL, score_hflip=True), cfg, progress=False)
@@ -177,7 +177,7 @@ def test_short_fit_of_the_inspect_model_separates_synthetic_defects(dataset: Pat
     assert result.score_stats["n"] == 2 and state["training_data"]["score_stats_from"] == "2 held-back good images"
     from train.data import eval_samples, load_images, train_samples
     from train.evaluate import predict
-    from train.fit import preprocess_spec
+    from train.preprocessing import preprocess_spec
 
     spec = preprocess_spec(model.cfg)
     unseen = set(state["training_data"]["score_stats_images"])

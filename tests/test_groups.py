@@ -133,7 +133,7 @@ def test_eval_refuses_groups_the_checkpoint_was_not_fit_with(dataset: Path, tmp_
 
 def test_fit_holds_back_whole_groups_for_the_score_statistics(dataset: Path) -> None:
     from train.config import preset
-    from train.fit import stores_training_blocks, statistics_split
+    from train.fit_common import stores_training_blocks, statistics_split
 
     cfg = preset("daad", image_size=(32, 32), memory_init="data", full_skip_block=(4, 4, 0))
     assert stores_training_blocks(cfg)

@@ -12,7 +12,7 @@ from benchmarks.research.probe_protocol import checkpoint_data, checkpoint_data_
 
 from engine.errors import DaadError
 from train.checkpoint import load_model
-from train.fit import preprocess_spec
+from train.preprocessing import preprocess_spec
 
 from tests.grouped_dataset import fit_daad, write_grouped_dataset
 

@@ -73,7 +73,7 @@ def _channels_of(data: Path) -> int:
 
 
 def _is_rank_0() -> bool:
-    from .fit import distributed_context
+    from .runtime import distributed_context
 
     return distributed_context()[0] == 0
 

@@ -19,8 +19,10 @@ from engine.preprocess import preprocess, read_image
 
 from .checkpoint import CHECKPOINT_FORMAT, VIEWS_KEY, is_ensemble, model_of, read_checkpoint, write_state
 from .config import ModelConfig, TrainConfig
-from .fit import (CHECKPOINT_NAME, SCORE_BATCH, FitResult, distributed_context, fit, join_process_group,
-                  leave_process_group, preprocess_spec, resolve_device, stores_training_blocks, summarise_scores)
+from .fit import SCORE_BATCH, fit
+from .fit_common import CHECKPOINT_NAME, FitResult, stores_training_blocks, summarise_scores
+from .preprocessing import preprocess_spec
+from .runtime import distributed_context, join_process_group, leave_process_group, resolve_device
 from .views import ViewEnsemble, view_configs
 
 VIEWS_DIR = "views"  # OUT/views/<name>/: each view's own fit (last.pt, log.jsonl); OUT/last.pt combines them

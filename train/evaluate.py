@@ -13,10 +13,11 @@ from engine.bundle import atomic_write_text
 from engine.preprocess import denormalize
 
 from .data import eval_samples, load_images, load_mask, split_eval
-from .fit import preprocess_spec, resolve_device
 from .groups import Groups, grouped_protocol, split_by_group
 from .metrics import (aupro, best_f1, group_bootstrap_auroc, image_auroc, part_ranks, pixel_auroc,
                       pixel_auroc_breakdown)
+from .preprocessing import preprocess_spec
+from .runtime import resolve_device
 from .transplant import transplant_set
 from .views import Scorer
 from . import plots, report

@@ -27,8 +27,8 @@ from engine.preprocess import preprocess_batch, read_image
 
 from .checkpoint import load_model
 from .config import to_dict
-from .fit import preprocess_spec
 from .memory_model import BlockMemoryModel
+from .preprocessing import preprocess_spec
 from .views import Scorer, ViewEnsemble
 
 logger = logging.getLogger(__name__)

@@ -9,99 +9,33 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from engine.errors import ConfigError
 from engine.preprocess import PreprocessSpec
 
+from .backbone import COARSE_STRIDE
 from .checkpoint import is_ensemble, model_weights, read_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, validate_model_config
-from .data import Sample, has_colour, load_images, split_holdout, train_samples
-from .groups import Groups, grouped_protocol, holdout_by_group, load_groups
+from .data import Sample, load_images
+from .fit_common import CHECKPOINT_NAME, FitResult, fit_samples, summarise_scores, training_data_summary
+from .fit_memory import fit_memory
 from .loss import discriminator_loss, generator_loss
-from .backbone import COARSE_STRIDE
 from .model import DAAD, RawMaps
+from .preprocessing import preprocess_spec
+from .runtime import distributed_context, join_process_group, leave_process_group, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "last.pt"
 SCORE_BATCH = 16
 MEMORY_INIT_IMAGES = 256  # training inputs that memory items are drawn from when memory_init is "data"
-# Good images held back from a data-drawn full-resolution memory to set the map normalisation and the score
-# statistics: that memory holds every block of the images it was drawn from, so those images rebuild
-# themselves exactly and score ~0, far below any new good image.
-STATISTICS_FRACTION = 0.1
-
-
-@dataclass
-class FitResult:
-    checkpoint: Path
-    steps: int
-    images_per_s: float
-    history: List[Dict[str, float]]
-    score_stats: Dict[str, float]
-
-
-def preprocess_spec(cfg: ModelConfig) -> PreprocessSpec:
-    """The model's input contract; stored in the checkpoint's config and in the bundle."""
-    h, w = cfg.image_size
-    order = "gray" if cfg.in_channels == 1 else "rgb"
-    return PreprocessSpec(height=h, width=w, channel_order=order, mean=(0.5,) * cfg.in_channels, std=(0.5,) * cfg.in_channels)
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device: got 'cuda', but no CUDA device is visible; use --device cpu or auto")
-        return torch.device("cuda", local_rank)
-    if name != "cpu":
-        raise ConfigError(f"--device: got {name!r}, expected auto, cuda or cpu")
-    return torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-def distributed_context() -> Tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) when run plainly."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world, local_rank
-
-
-def join_process_group(device: torch.device) -> bool:
-    """Set up torchrun's process group unless it is up already; True if this call set it up (and so tears it
-    down). Several fits in one run (the views) share one group: torn down and set up again, the second
-    rendezvous on torchrun's store could wait forever (seen once in a test of two views)."""
-    if distributed_context()[1] == 1 or dist.is_initialized():
-        return False
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
-def leave_process_group(owned: bool) -> None:
-    """Every rank waits for the others (rank 0 writes the checkpoint); the group's owner then tears it down."""
-    if distributed_context()[1] > 1:
-        dist.barrier()
-        if owned:
-            dist.destroy_process_group()
 
 
 def augment(batch: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
@@ -189,40 +123,12 @@ def statistics_targets(model: DAAD, samples: List[Sample], spec: PreprocessSpec,
     return model.standardise(features), (model.standardise_coarse(coarse) if coarse is not None else None)
 
 
-def summarise_scores(scores: np.ndarray) -> Dict[str, float]:
-    if scores.size == 0:
-        return {"n": 0}
-    q = np.quantile(scores, [0.5, 0.95, 0.99])
-    return {"n": int(scores.size), "mean": float(scores.mean()), "std": float(scores.std()), "min": float(scores.min()),
-            "p50": float(q[0]), "p95": float(q[1]), "p99": float(q[2]), "max": float(scores.max())}
-
-
 def training_blocks(model_cfg: ModelConfig, n_images: int) -> int:
     """How many distinct blocks the full-resolution memory can draw from `n_images` training images."""
     bh, bw, bc = model_cfg.full_skip_block
     h, w = model_cfg.target_size
     groups = model_cfg.target_channels // bc if bc else 1
     return n_images * (h // bh) * (w // bw) * groups
-
-
-def stores_training_blocks(model_cfg: ModelConfig) -> bool:
-    """Whether the model keeps training blocks verbatim (a data-drawn full-resolution memory, or the feature memory)."""
-    if not model_cfg.generator:
-        return True
-    return model_cfg.memory and model_cfg.memory_init == "data" and model_cfg.full_skip_block[0] >= 1
-
-
-def statistics_split(model_cfg: ModelConfig, samples: List[Sample], held: List[Sample],
-                     seed: int, groups: Optional[Groups] = None) -> Tuple[List[Sample], List[Sample]]:
-    """(images to train on, good images that set the score normalisation and statistics). The held-back
-    validation images where there are any; else, for a model that stores its training blocks, a fraction
-    of train/good held back from training; else the training images themselves (the paper's choice)."""
-    if held:
-        return samples, held
-    if stores_training_blocks(model_cfg) and len(samples) > 1:
-        return (holdout_by_group(samples, STATISTICS_FRACTION, seed + 1, groups) if groups is not None
-                else split_holdout(samples, STATISTICS_FRACTION, seed + 1))
-    return samples, []
 
 
 def fit_memory_to_data(model_cfg: ModelConfig, n_images: int) -> ModelConfig:
@@ -249,39 +155,11 @@ def fit_coarse_memory_to_data(model_cfg: ModelConfig, n_images: int) -> ModelCon
     return dataclasses.replace(model_cfg, coarse_memory_items=available)
 
 
-def fit_samples(model_cfg: ModelConfig, cfg: TrainConfig,
-                rank: int) -> Tuple[List[Sample], List[Sample], List[Sample], Optional[Groups]]:
-    """(images to train on, validation images held back, good images that set the score statistics, the groups or
-    None) of `cfg.data`, under the grouped protocol where `cfg.groups` names a groups file."""
-    groups = load_groups(Path(cfg.groups), Path(cfg.data)) if cfg.groups else None
-    every = grouped_protocol(Path(cfg.data), groups)[0] if groups is not None else train_samples(Path(cfg.data))
-    if model_cfg.in_channels == 1 and rank == 0 and has_colour(every):
-        logger.warning("%s: the training images are in colour and this model reads them as gray (in_channels 1): "
-                       "colour-only defects will be missed; in_channels 3 (daad-train fit --channels-in 3) keeps colour",
-                       cfg.data)
-    samples, held = (holdout_by_group(every, cfg.val_fraction, cfg.seed, groups) if groups is not None
-                     else split_holdout(every, cfg.val_fraction, cfg.seed))
-    samples, unseen = statistics_split(model_cfg, samples, held, cfg.seed, groups)
-    return samples, held, unseen, groups
-
-
-def training_data_summary(cfg: TrainConfig, samples: List[Sample], held: List[Sample], unseen: List[Sample],
-                          groups: Optional[Groups]) -> Dict[str, Any]:
-    """What the checkpoint (and the bundle, without the lists) says of the data a fit saw."""
-    return {"root": str(cfg.data), "n_images": len(samples), "n_held_back": len(held),
-            "held_back": [str(s.image) for s in held],
-            "score_stats_from": f"{len(unseen)} held-back good images" if unseen else "the training images",
-            "score_stats_images": [str(s.image) for s in unseen],
-            "groups_sha256": groups.sha256 if groups is not None else ""}
-
-
 def fit(model_cfg: ModelConfig, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> FitResult:
     problems = validate_model_config(model_cfg)
     if problems:
         raise ConfigError("; ".join(problems))
     if not model_cfg.generator:  # nothing to train: features, memories and statistics
-        from .fit_memory import fit_memory
-
         return fit_memory(model_cfg, cfg, progress=progress)
     rank, world, local_rank = distributed_context()
     device = resolve_device(cfg.device, local_rank)

@@ -25,10 +25,10 @@ from .checkpoint import save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .coreset import coreset_size, kcenter_greedy
 from .data import Sample, load_images
-from .fit import (CHECKPOINT_NAME, FitResult, distributed_context, fit_samples, join_process_group,
-                  leave_process_group, preprocess_spec, resolve_device, seed_everything, summarise_scores,
-                  training_data_summary)
+from .fit_common import CHECKPOINT_NAME, FitResult, fit_samples, summarise_scores, training_data_summary
 from .memory_model import BlockMemoryModel
+from .preprocessing import preprocess_spec
+from .runtime import distributed_context, join_process_group, leave_process_group, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
 

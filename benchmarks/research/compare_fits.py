@@ -31,9 +31,9 @@ from benchmarks.research.probe_report import (METRICS, VIEW, Column, col, interv
 from engine.errors import DaadError
 from train.cli import checked_groups
 from train.evaluate import load_split, predict
-from train.fit import preprocess_spec
 from train.groups import Groups
 from train.metrics import group_bootstrap_auroc_difference
+from train.preprocessing import preprocess_spec
 
 
 def type_selections(types: List[str]) -> Dict[str, np.ndarray]:

@@ -27,8 +27,8 @@ from engine.errors import DaadError
 from train.checkpoint import score_stats_images
 from train.data import load_images
 from train.evaluate import compute_metrics, load_split
-from train.fit import preprocess_spec
 from train.model import DAAD, Discriminator
+from train.preprocessing import preprocess_spec
 from train.transplant import transplant_set
 
 BATCH = 16

@@ -27,8 +27,9 @@ from benchmarks.research.probe_report import (METRICS, VIEW, Column, interval_te
 
 from train.data import Sample, load_images
 from train.evaluate import predict
-from train.fit import calibrate_scores, image_maps, preprocess_spec
+from train.fit import calibrate_scores, image_maps
 from train.metrics import group_bootstrap_auroc_difference
+from train.preprocessing import preprocess_spec
 
 SCALES = ("r_scale", "l_scale", "m_scale", "c_scale")
 

@@ -30,8 +30,8 @@ from benchmarks.research.probe_report import (IMAGE, VIEW, Column, col, interval
 
 from engine.errors import DaadError
 from train.evaluate import predict
-from train.fit import preprocess_spec
 from train.metrics import image_auroc
+from train.preprocessing import preprocess_spec
 
 POOL = 4  # the pooled map's cell: 256 px -> 64 x 64 = 4 096 values
 

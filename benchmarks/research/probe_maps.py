@@ -43,8 +43,8 @@ from benchmarks.research.probe_report import METRICS, VIEW, col, map_row, print_
 from engine.preprocess import denormalize
 from train import plots
 from train.data import load_images
-from train.fit import preprocess_spec
 from train.model import edge_side_fill, gaussian_kernel, grey_closing, separable_blur
+from train.preprocessing import preprocess_spec
 from train.views import Scorer, ViewEnsemble
 
 BATCH = 16

@@ -17,8 +17,8 @@ from train.checkpoint import load_model, score_stats_images
 from train.cli import checked_groups
 from train.data import Sample, load_images, train_samples
 from train.evaluate import load_split
-from train.fit import preprocess_spec
 from train.groups import Groups, grouped_protocol
+from train.preprocessing import preprocess_spec
 from train.transplant import transplant_set
 
 

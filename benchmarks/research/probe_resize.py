@@ -42,7 +42,7 @@ from train.config import preset
 from train.data import eval_samples, load_mask, read_image, split_eval, train_samples
 from train.groups import grouped_protocol, load_groups, split_by_group
 from train.metrics import group_bootstrap_auroc_difference
-from train.fit import preprocess_spec
+from train.preprocessing import preprocess_spec
 from train.transplant import transplant_set
 
 MODES = ("stretch", "reflect", "replicate", "tile")

@@ -38,10 +38,11 @@ from benchmarks.research.probe_report import print_row, write_probe_rows
 from train.backbone import EfficientNetLite0Features
 from train.config import TrainConfig, preset
 from train.data import eval_samples, load_images, load_mask, split_eval, train_samples
-from train.fit import augment, preprocess_spec
+from train.fit import augment
 from train.loss import discriminator_loss, generator_loss
 from train.metrics import aupro, image_auroc, pixel_auroc
 from train.model import DAAD, RawMaps
+from train.preprocessing import preprocess_spec
 from train.transplant import transplant_set
 
 SCORES = ("max", "top1%", "top10%", "mean")
