@@ -19,7 +19,7 @@ import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional
 
 from engine import drift_reference as fmt
 from engine.bundle import atomic_write_text
@@ -119,7 +119,7 @@ class DriftStateFile:
         self._saved_len = len(monitor.baseline)
         self._saved_source = monitor.source
 
-    def after_add(self, monitor: DriftMonitor, now: datetime) -> bool:
+    def after_add(self, monitor: DriftMonitor, now: Callable[[], datetime]) -> bool:
         """After each good frame: save on the switch to the pool, a restarted baseline, or every SAVE_EVERY
         frames of it; True on the switch. O(1) when there is nothing to save."""
         switched = monitor.source == SOURCE_POOLED and self._saved_source != SOURCE_POOLED
@@ -128,13 +128,13 @@ class DriftStateFile:
             self.save(monitor, now)
         return switched
 
-    def save(self, monitor: DriftMonitor, now: datetime) -> bool:
+    def save(self, monitor: DriftMonitor, now: Callable[[], datetime]) -> bool:
         if self.binding is None or monitor.calibration is None:
             return False
         self._saved_len = len(monitor.baseline)
         self._saved_source = monitor.source
         try:
-            atomic_write_text(self.path, json.dumps(state_to_dict(self.binding, monitor, now)))
+            atomic_write_text(self.path, json.dumps(state_to_dict(self.binding, monitor, now())))
         except OSError as exc:
             self.save_failures += 1
             if not self._write_failed:
