@@ -30,6 +30,7 @@ from engine.messages import pct
 
 from .config import AgentConfig, is_loopback
 from .drift import DRIFT_OFF, DRIFT_RECALIBRATE, DRIFT_WARNING, DriftMonitor, DriftReference, reference_or_reason
+from .drift_state import EMPTY, DriftStateFile, binding_of
 from .frames_store import FramesStore, encode_crop
 from .metrics_http import MetricsServer, read_token
 from .payloads import (
@@ -105,6 +106,7 @@ class App:
         self.frames_channel_mismatch = 0  # scored, but with other channels than the model was trained on
         self._mismatch_warned: Set[str] = set()
         self.drift: Optional[DriftMonitor] = None  # made by init_thresholds
+        self.drift_state: Optional[DriftStateFile] = None  # made by init_thresholds when drift.baseline_frames > 0
         self.drift_changes = 0  # state changes published on the drift topic
         self.drift_alarms = 0  # entries into recalibrate
         self.drift_warnings = 0  # entries into warning
@@ -151,8 +153,29 @@ class App:
         if d.interval is not None:
             logger.warning("drift: drift.interval in the config is ignored (the drift alarm evaluates every good frame); "
                            "remove it")
-        self.drift = DriftMonitor(d.window, d.alarm_per_frames, d.warning_per_frames, None, d.detect_false_alarm_ratio)
-        self.drift.reset(*self._drift_reference(thresholds))
+        self.drift = DriftMonitor(d.window, d.alarm_per_frames, d.warning_per_frames, None, d.detect_false_alarm_ratio,
+                                  baseline_frames=d.baseline_frames)
+        if d.enabled and d.baseline_frames:
+            self.drift_state = DriftStateFile(self.config.drift_state_file)
+        self._reset_drift(thresholds)
+
+    def _reset_drift(self, thresholds: Thresholds) -> None:
+        """These thresholds' reference, with what the state file kept for them (a baseline or the pooled reference)."""
+        ref, reason = self._drift_reference(thresholds)
+        saved = EMPTY
+        if ref is not None and self.drift_state is not None:
+            saved = self.drift_state.load(binding_of(thresholds.bundle_sha256, thresholds.drift_reference))
+        self.drift.reset(ref, reason, pooled=saved.pooled, baseline=saved.baseline)
+        if self.drift_state is not None:
+            self.drift_state.resumed(self.drift)
+        if ref is not None and self.drift.collecting_baseline:
+            logger.info("drift: collecting the line's first %d good frames (%d kept from %s) to pool with the "
+                        "calibration's %d: the line right after calibration is taken as in control, as calibration "
+                        "does; an alarm meanwhile restarts the collection", self.drift.baseline_frames,
+                        len(self.drift.baseline), self.drift_state.path, ref.n_frames)
+        elif saved.pooled is not None:
+            logger.info("drift: reference from %s: the calibration's %d good frames pooled with %d of the line's "
+                        "(calibration+line)", self.drift_state.path, ref.n_frames, saved.pooled.n_frames - ref.n_frames)
         self._log_drift_design()
 
     def _drift_reference(self, thresholds: Thresholds) -> Tuple[Optional[DriftReference], Optional[str]]:
@@ -341,8 +364,13 @@ class App:
         result = judge(scored, thresholds, size)
         if result.defective:
             self._publish_defect(frame, result, thresholds, size)
-        elif self.drift.add(result.score):
-            self._publish_drift()
+        else:
+            changed = self.drift.add(result.score)
+            if self.drift_state is not None and self.drift_state.after_add(self.drift, self.clock.now):
+                self._log_drift_switch()
+                changed = True
+            if changed:
+                self._publish_drift(self._drift_published)
         self.frames_scored += 1
         self._fps_count += 1
         with self._latency_lock:
@@ -405,11 +433,22 @@ class App:
             extra={"event_id": event_id, "seq": frame.seq, "score": result.score, "source_id": frame.source_id},
         )
 
+    def _log_drift_switch(self) -> None:
+        f = self.drift.figures()
+        logger.info("drift: the line's first %d good frames pooled with the calibration's %d: the reference is now %d "
+                    "good frames (calibration+line, saved to %s); the CUSUM restarts", f.baseline_target,
+                    f.calibration_frames, f.reference_frames, self.drift_state.path)
+        self._log_drift_design()
+
     def _publish_drift(self, previous: Optional[str] = None, initial: bool = False) -> None:
-        """The drift state changed (or the agent started): retained message, log line, counters."""
+        """The drift state or its reference changed (or the agent started): retained message, log line, counters."""
         figures = self.drift.figures()
         previous = previous or self._drift_published
         self._drift_published = figures.state
+        if figures.state == previous and not initial:  # the reference changed (the switch to the pool), not the state
+            self._status_due = True
+            self.publisher.publish_drift(self._drift_message(previous, figures))
+            return
         if not initial:
             self.drift_changes += 1
             if figures.state == DRIFT_RECALIBRATE:
@@ -417,10 +456,7 @@ class App:
             elif figures.state == DRIFT_WARNING:
                 self.drift_warnings += 1
         self._status_due = True
-        payload = drift_payload(station=self.config.mqtt.station, timestamp=self.clock.now(), previous_state=previous,
-                                figures=figures.to_dict(), bundle_name=self.bundle.name,
-                                bundle_sha256=self.bundle.sha256)
-        self.publisher.publish_drift(payload)
+        self.publisher.publish_drift(self._drift_message(previous, figures))
         log = logger.warning if figures.state in (DRIFT_WARNING, DRIFT_RECALIBRATE) else logger.info
         if figures.limit is None:
             log("drift: %s -> %s: %s", previous, figures.state, figures.reason)
@@ -437,14 +473,17 @@ class App:
             "(`daad-calibrate capture` + `fit`), teach (`daad-calibrate teach`) or retrain"
             if figures.state == DRIFT_RECALIBRATE else "")
 
+    def _drift_message(self, previous: str, figures: Any) -> Dict[str, Any]:
+        return drift_payload(station=self.config.mqtt.station, timestamp=self.clock.now(), previous_state=previous,
+                             figures=figures.to_dict(), bundle_name=self.bundle.name, bundle_sha256=self.bundle.sha256)
+
     # -- periodic work, from the loop ------------------------------------------------------------
     def _tick(self) -> None:
         reloaded = self.watch.poll()
         if reloaded is not None:
             self._status_due = True
             previous = self.drift.state
-            self.drift.reset(*self._drift_reference(reloaded))  # new thresholds: a new reference, restarted
-            self._log_drift_design()
+            self._reset_drift(reloaded)  # new thresholds: a new reference (its own state), restarted
             if self.drift.state != previous:
                 self._publish_drift(previous)
         now = self.clock.monotonic()
@@ -571,6 +610,8 @@ class App:
             self._started.remove("publisher")
             _quietly(self.publish_status, "final status")
             _quietly(lambda: self.publisher.stop(PUBLISHER_STOP_TIMEOUT_S), "publisher")
+        if self.drift_state is not None and self.drift is not None and self.drift.collecting_baseline:
+            _quietly(lambda: self.drift_state.save(self.drift, self.clock.now), "drift state")  # the partial baseline
         if self.spool is not None:
             _quietly(self.spool.close, "spool")
         if self.backend is not None and self._own_backend:

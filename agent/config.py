@@ -28,6 +28,7 @@ from engine.model_section import ModelSection
 from .mqtt import MqttSettings, SpoolSettings
 
 CONFIG_VERSION = 1
+DRIFT_STATE_NAME = "drift_state.json"
 
 
 class ThresholdsConfig(ConfigSection):
@@ -88,6 +89,15 @@ class DriftConfig(ConfigSection):
         10_000, ge=100, le=1_000_000_000,
         description="spurious `warning` states are at most 1 per this many unchanged frames (at most alarm_per_frames)",
     )
+    baseline_frames: int = Field(
+        3000, ge=0, le=1_000_000,
+        description="after thresholds load, pool the calibration's reference with this many of the line's first good "
+                    "frames (the line right after calibration taken as in control, as calibration does); 0: off",
+    )
+    state_file: Optional[Path] = Field(
+        None, description="where the baseline and the pooled reference survive restarts; None: drift_state.json "
+                          "beside spool.path",
+    )
 
 
 class AgentConfig(ConfigSection):
@@ -101,6 +111,11 @@ class AgentConfig(ConfigSection):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # type: ignore[arg-type]
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)  # type: ignore[arg-type]
     drift: DriftConfig = Field(default_factory=DriftConfig)  # type: ignore[arg-type]
+
+    @property
+    def drift_state_file(self) -> Path:
+        """drift.state_file, by default beside the spool (the agent's state folder)."""
+        return self.drift.state_file or self.spool.path.parent / DRIFT_STATE_NAME
 
 
 # -- loading ---------------------------------------------------------------------------------------

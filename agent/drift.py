@@ -22,7 +22,20 @@ never waits for `collecting` to end.
 Measured (benchmarks/bench_drift.py, docs/research/drift_alarm.md): with a = 1 % and the defaults, a doubling is
 caught within 500 frames after 99.5 % of shifts with the reference known, 97 % with calibrations of 3000 good
 frames, 91 % with 1000, 62 % with 300 (the calibration's own noise has to be covered), which `daad-calibrate fit`
-says.
+says. With the baseline extension (below) a 300-frame calibration grown by 3000 line frames reaches 97.0 % after
+the switch (1000: 97.9 %), at 1.06 [0.87, 1.28] / 0.73 spurious crossings per 100 000 frames.
+
+Baseline extension (drift.baseline_frames, default 3000; 0: off): a small calibration is the alarm's weak point
+(its offset, sd 1/sqrt(n), has to be covered by a wider k). So after thresholds load, the monitor keeps the scores
+of its first baseline_frames good frames while the CUSUM runs on the calibration's reference; then the reference
+becomes the pool of both (engine.drift_reference.pool, n_cal + baseline_frames frames) and the CUSUMs restart with
+k and h designed for the pooled n. The assumption is calibration's own: the line right after calibration is in
+control. A drift during the baseline is still watched by the calibration's CUSUM, and a drifting line must not
+become the reference: an alarm crossing during the baseline discards it and collecting starts again, and so does a
+baseline that completes while the state is warning or recalibrate (restarting rather than keeping the calibration
+reference for good: a spurious warning, 1 per warning_per_frames, must not cost the extension; a real drift keeps
+restarting it until the line is recalibrated). The baseline and the pooled reference survive restarts
+(agent/drift_state.py).
 
 Assumptions stated rather than hidden: frames are independent given the line's state (the same part filmed
 twice counts twice); scores are continuous (ties get the mid-rank); the level is averaged over calibrations (one
@@ -35,7 +48,7 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Deque, Dict, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Deque, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from engine import drift_reference as fmt
 
@@ -48,6 +61,9 @@ DRIFT_WARNING = "warning"  # good parts score higher than at calibration: watch 
 DRIFT_RECALIBRATE = "recalibrate"  # they clearly do: recalibrate (or teach / retrain), the false-alarm rate is off
 DRIFT_STATES = (DRIFT_OFF, DRIFT_COLLECTING, DRIFT_OK, DRIFT_WARNING, DRIFT_RECALIBRATE)
 
+SOURCE_CALIBRATION = "calibration"  # the reference is thresholds.yaml's drift_reference
+SOURCE_POOLED = "calibration+line"  # ... pooled with the line's first good frames after it (the baseline)
+REFERENCE_SOURCES = (SOURCE_CALIBRATION, SOURCE_POOLED)
 MIN_REFERENCE_FRAMES = 100  # below this the calibration's noise is too coarse to model (and the alarm too slow)
 ADVISED_REFERENCE_FRAMES = 3000  # what the target (a doubling caught within 500 frames, 97 %) needs, measured
 ENABLE_FIX = "recalibrate with `daad-calibrate fit` to enable the drift alarm"
@@ -91,6 +107,18 @@ def reference_from_dict(data: Mapping[str, Any]) -> DriftReference:
                           quantiles=tuple(checked["quantiles"]))
 
 
+def pooled_reference(calibration: DriftReference, scores: Sequence[float]) -> DriftReference:
+    """The calibration's reference pooled with the line's baseline scores (same false-alarm rate)."""
+    n, quantiles = fmt.pool(calibration.quantiles, calibration.n_frames, scores)
+    return DriftReference(n_frames=n, false_alarm_rate=calibration.false_alarm_rate, quantiles=tuple(quantiles))
+
+
+def reference_to_dict(reference: DriftReference) -> Dict[str, Any]:
+    """The thresholds.yaml `drift_reference` format (also the state file's pooled reference)."""
+    return {"n_frames": reference.n_frames, "false_alarm_rate": reference.false_alarm_rate,
+            "quantiles": list(reference.quantiles)}
+
+
 def reference_or_reason(data: Optional[Mapping[str, Any]]) -> Tuple[Optional[DriftReference], Optional[str]]:
     """The reference of a thresholds file, or None and the one-line reason drift monitoring is off."""
     if data is None:
@@ -129,8 +157,13 @@ class DriftFigures(NamedTuple):
     detect_false_alarm_ratio: float
     alarm_per_frames: int
     warning_per_frames: int
-    reference_frames: Optional[int]  # the calibration's good frames
+    reference_frames: Optional[int]  # good frames of the reference in use (calibration, + baseline once pooled)
     reference_false_alarm_rate: Optional[float]
+    reference_source: Optional[str] = None  # SOURCE_CALIBRATION or SOURCE_POOLED; None while off
+    calibration_frames: Optional[int] = None  # the calibration's good frames (thresholds.yaml)
+    baseline_collected: Optional[int] = None  # line frames kept towards the pool; None when off or pooled
+    baseline_target: Optional[int] = None  # drift.baseline_frames (0: no extension)
+    baseline_restarts: int = 0  # baselines discarded (the line alarmed while collecting) since the reference was set
 
     def to_dict(self) -> Dict[str, Any]:
         return self._asdict()
@@ -141,7 +174,9 @@ class DriftMonitor:
 
     def __init__(self, window: int, alarm_per_frames: int, warning_per_frames: int,
                  reference: Optional[DriftReference], detect_false_alarm_ratio: float = 2.0,
-                 reason: Optional[str] = None) -> None:
+                 reason: Optional[str] = None, baseline_frames: int = 0) -> None:
+        if baseline_frames < 0:
+            raise ValueError("expected baseline_frames >= 0")
         if window < 1 or not (1 <= warning_per_frames <= alarm_per_frames) or detect_false_alarm_ratio <= 1.0:
             raise ValueError("expected window >= 1, 1 <= warning_per_frames <= alarm_per_frames and "
                              "detect_false_alarm_ratio > 1")
@@ -149,17 +184,26 @@ class DriftMonitor:
         self.alarm_per_frames = alarm_per_frames
         self.warning_per_frames = warning_per_frames
         self.ratio = detect_false_alarm_ratio
+        self.baseline_frames = baseline_frames
         self._z: Deque[float] = deque(maxlen=window)
         self.reset(reference, reason)
 
-    def reset(self, reference: Optional[DriftReference], reason: Optional[str] = None) -> None:
-        """New thresholds: a new reference (its design), empty statistics."""
-        self.reference = reference
+    def reset(self, reference: Optional[DriftReference], reason: Optional[str] = None, *,
+              pooled: Optional[DriftReference] = None, baseline: Sequence[float] = ()) -> None:
+        """New thresholds: a new reference (its design), empty statistics. `pooled` (a reference pooled earlier
+        for this calibration) or `baseline` (a partial baseline) resume what a state file kept."""
+        self.calibration = reference
         self.reason = None if reference is not None else (reason or "drift monitoring is off")
-        self.design: Optional[CusumDesign] = None
-        if reference is not None:
-            self.design = design(reference.false_alarm_rate, self.ratio, reference.n_frames,
-                                 self.alarm_per_frames, self.warning_per_frames)
+        self.baseline: List[float] = []
+        self.baseline_restarts = 0
+        self.source: Optional[str] = None if reference is None else SOURCE_CALIBRATION
+        if reference is not None and pooled is not None:
+            self._use(pooled)
+            self.source = SOURCE_POOLED
+        else:
+            self._use(reference)
+            if reference is not None and self.baseline_frames:
+                self.baseline = [float(v) for v in baseline][: self.baseline_frames]
         self._z.clear()
         self._sum = 0.0
         self.cusum = 0.0
@@ -171,8 +215,19 @@ class DriftMonitor:
         self._last_warning: Optional[int] = None
         self.state = DRIFT_OFF if reference is None else DRIFT_COLLECTING
 
+    def _use(self, reference: Optional[DriftReference]) -> None:
+        self.reference = reference
+        self.design: Optional[CusumDesign] = None
+        if reference is not None:
+            self.design = design(reference.false_alarm_rate, self.ratio, reference.n_frames,
+                                 self.alarm_per_frames, self.warning_per_frames)
+
+    @property
+    def collecting_baseline(self) -> bool:
+        return self.source == SOURCE_CALIBRATION and self.baseline_frames > 0
+
     def add(self, score: float) -> bool:
-        """Offer one good frame's score; True when the state changed."""
+        """Offer one good frame's score; True when the state changed (see `source` for the switch to the pool)."""
         if self.reference is None or self.design is None:
             return False
         z = self.reference.z(score)
@@ -186,7 +241,8 @@ class DriftMonitor:
         d = self.design
         self.cusum = max(0.0, self.cusum + z - d.k)
         self.warning_cusum = max(0.0, self.warning_cusum + z - d.k)
-        if self.cusum > d.limit:
+        alarm = self.cusum > d.limit
+        if alarm:
             self.cusum = 0.0
             self.alarms += 1
             self._last_alarm = self.frames_seen
@@ -195,7 +251,41 @@ class DriftMonitor:
             self.warnings += 1
             self._last_warning = self.frames_seen
         old, self.state = self.state, self._state()
+        if self.collecting_baseline:
+            self._grow_baseline(score, alarm)
         return old != self.state
+
+    def _grow_baseline(self, score: float, alarm: bool) -> None:
+        """Keep the frame for the pool; discard the baseline on an alarm crossing, or if it completes while the
+        state is warning or recalibrate (a drifting line must not become the reference); pool when complete."""
+        if alarm:
+            self._restart_baseline()
+            return
+        self.baseline.append(score)
+        if len(self.baseline) < self.baseline_frames:
+            return
+        if self.state in (DRIFT_WARNING, DRIFT_RECALIBRATE):
+            self._restart_baseline()
+            return
+        self.switch_to_pool()
+
+    def _restart_baseline(self) -> None:
+        self.baseline = []
+        self.baseline_restarts += 1
+
+    def switch_to_pool(self) -> None:
+        """The baseline is complete: the reference becomes calibration + baseline, the CUSUMs restart with k and h
+        designed for the pooled n; the window's normal scores are recomputed against it."""
+        pooled = pooled_reference(self.calibration, self.baseline)
+        recent = self.baseline[-self.window:]
+        self._use(pooled)
+        self.source = SOURCE_POOLED
+        self.baseline = []
+        self.cusum = 0.0
+        self.warning_cusum = 0.0
+        self._z.clear()
+        self._z.extend(pooled.z(s) for s in recent)
+        self._sum = math.fsum(self._z)
 
     def _state(self) -> str:
         if self._last_alarm is not None and self.frames_seen - self._last_alarm < self.window:
@@ -221,4 +311,8 @@ class DriftMonitor:
             warning_per_frames=self.warning_per_frames,
             reference_frames=None if ref is None else ref.n_frames,
             reference_false_alarm_rate=None if ref is None else ref.false_alarm_rate,
+            reference_source=self.source,
+            calibration_frames=None if self.calibration is None else self.calibration.n_frames,
+            baseline_collected=len(self.baseline) if self.collecting_baseline else None,
+            baseline_target=self.baseline_frames, baseline_restarts=self.baseline_restarts,
         )

@@ -176,6 +176,8 @@ def status_payload(
 
 
 DRIFT_STATES = ("off", "collecting", "ok", "warning", "recalibrate")  # agent/drift.py's, in the schemas
+REFERENCE_SOURCES = ("calibration", "calibration+line")  # agent/drift.py's SOURCE_*
+_DRIFT_OPTIONAL_COUNTS = ("calibration_frames", "baseline_collected", "baseline_target", "baseline_restarts")
 _DRIFT_INTS = ("frames_seen", "alarms", "warnings", "window")
 _DRIFT_OPTIONAL_FLOATS = ("mean_z", "shift")
 _DRIFT_OPTIONAL_NON_NEGATIVE = ("cusum", "limit", "warning_cusum", "warning_limit", "k", "expected_delay",
@@ -203,6 +205,16 @@ def drift_figures(figures: Mapping[str, Any]) -> Dict[str, Any]:
         out[key] = _int(figures.get(key), f"drift.{key}", minimum=1)
     n = figures.get("reference_frames")
     out["reference_frames"] = None if n is None else _int(n, "drift.reference_frames", minimum=0)
+    # optional (agents before the baseline extension leave them out)
+    if "reference_source" in figures:
+        source = figures["reference_source"]
+        if source is not None and source not in REFERENCE_SOURCES:
+            raise ValueError(f"drift.reference_source must be one of {REFERENCE_SOURCES} or null, got {source!r}")
+        out["reference_source"] = source
+    for key in _DRIFT_OPTIONAL_COUNTS:
+        if key in figures:
+            value = figures[key]
+            out[key] = None if value is None else _int(value, f"drift.{key}", minimum=0)
     return out
 
 

@@ -12,9 +12,15 @@ frames sets the image threshold at --false-alarm-rate and the drift reference
   - delay: after 2 x window unchanged frames the scores move up (log-scale shift) so that the false-alarm
     rate at the image threshold doubles; frames (good-judged or not) from the shift to the alarm's next crossing,
     over --trials (each trial with its own calibration).
+Rows "calibrated on N (+B line frames)" run the agent's baseline extension (drift.baseline_frames = B): the
+monitor pools its first B good frames with the calibration's reference and restarts on the pool. Their spurious
+count covers every frame of each calibration's share, the baseline period included; their delay is measured from a
+shift that starts 2 x window frames after the switch to the pool, and (delay_during_baseline) from a shift at frame
+--shift-during (during the baseline: the calibration's CUSUM has to catch it, or the pool takes drifted frames).
 Prints a table and writes JSON under benchmarks/results/.
 
     python benchmarks/bench_drift.py     # 10 000 000 unchanged frames (1000 calibrations) and 1000 trials per row (~5 min, 1 core)
+    python benchmarks/bench_drift.py --skip-known --calibration-frames 300 1000 --baseline-frames 3000   # the extension
     python benchmarks/bench_drift.py --grid --trials 600 --calibration-frames 300 1000 3000   # how k's constants were picked
 """
 from __future__ import annotations
@@ -34,7 +40,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from agent.config import DriftConfig  # noqa: E402
-from agent.drift import DRIFT_RECALIBRATE, DRIFT_WARNING, DriftMonitor, DriftReference, reference_from_dict  # noqa: E402
+from agent.drift import (  # noqa: E402
+    DRIFT_RECALIBRATE,
+    DRIFT_WARNING,
+    SOURCE_POOLED,
+    DriftMonitor,
+    DriftReference,
+    reference_from_dict,
+)
 from calibration import stats  # noqa: E402
 from engine import drift_reference as drift_format  # noqa: E402
 
@@ -43,8 +56,9 @@ SEED = 0
 KNOWN_FRAMES = 10**9  # the "known" reference: its calibration noise (1 / sqrt(n)) is nil
 
 
-def monitor(cfg: DriftConfig, ref: DriftReference) -> DriftMonitor:
-    return DriftMonitor(cfg.window, cfg.alarm_per_frames, cfg.warning_per_frames, ref, cfg.detect_false_alarm_ratio)
+def monitor(cfg: DriftConfig, ref: DriftReference, baseline: int = 0) -> DriftMonitor:
+    return DriftMonitor(cfg.window, cfg.alarm_per_frames, cfg.warning_per_frames, ref, cfg.detect_false_alarm_ratio,
+                        baseline_frames=baseline)
 
 
 def feed(mon: DriftMonitor, scores: np.ndarray, threshold: float) -> Dict[str, int]:
@@ -75,17 +89,20 @@ def calibrate(dist: Any, n: int, rate: float, rng: np.random.Generator) -> Tuple
 
 
 def spurious(cfg: DriftConfig, dist: Any, frames: int, reference: Callable[[], Tuple[float, DriftReference]],
-             runs: int, rng: np.random.Generator) -> Dict[str, Any]:
+             runs: int, rng: np.random.Generator, baseline: int = 0) -> Dict[str, Any]:
     total = {DRIFT_WARNING: 0, DRIFT_RECALIBRATE: 0}
     crossings = 0
     per_run = frames // runs
     limits: List[float] = []
+    pooled = restarts = 0
     for _ in range(runs):
         thr, ref = reference()
-        mon = monitor(cfg, ref)
+        mon = monitor(cfg, ref, baseline)
         e = feed(mon, dist.rvs(size=per_run, random_state=rng), thr)
         crossings += mon.alarms
         limits.append(mon.design.limit)
+        pooled += mon.source == SOURCE_POOLED
+        restarts += mon.baseline_restarts
         for k in total:
             total[k] += e[k]
     n = per_run * runs
@@ -93,7 +110,7 @@ def spurious(cfg: DriftConfig, dist: Any, frames: int, reference: Callable[[], T
     return {"frames": n, "runs": runs, "crossings": crossings, "per_100k_ci95": [lo * 1e5 / n, hi * 1e5 / n], "recalibrate": total[DRIFT_RECALIBRATE],
             "warning": total[DRIFT_WARNING], "per_100k": crossings * 1e5 / n,
             "recalibrate_per_100k": total[DRIFT_RECALIBRATE] * 1e5 / n, "warning_per_100k": total[DRIFT_WARNING] * 1e5 / n,
-            "limit_median": float(np.median(limits))}
+            "limit_median": float(np.median(limits)), "runs_pooled": pooled, "baseline_restarts": restarts}
 
 
 def poisson_ci(count: int) -> Tuple[float, float]:
@@ -105,16 +122,27 @@ def poisson_ci(count: int) -> Tuple[float, float]:
 
 
 def delays(cfg: DriftConfig, dist: Any, shift: float, reference: Callable[[], Tuple[float, DriftReference]],
-           trials: int, max_delay: int, rng: np.random.Generator) -> Dict[str, Any]:
-    """Frames (all frames, good-judged or not) from the shift to the alarm's next crossing."""
+           trials: int, max_delay: int, rng: np.random.Generator, baseline: int = 0,
+           shift_at: int = -1) -> Dict[str, Any]:
+    """Frames (all frames, good-judged or not) from the shift to the alarm's next crossing. With a baseline: the
+    shift starts 2 x window frames after the switch to the pool, or at frame shift_at (>= 0) whatever the switch."""
     found: List[int] = []
     missed = 0
     k = []
+    pooled_before = pooled_after = 0
     for _ in range(trials):
         thr, ref = reference()
-        mon = monitor(cfg, ref)
+        mon = monitor(cfg, ref, baseline)
+        if shift_at >= 0:
+            feed(mon, dist.rvs(size=shift_at, random_state=rng), thr)
+        else:
+            for _tries in range(20):  # until the pool (a baseline restarted by a spurious alarm takes longer)
+                if mon.source == SOURCE_POOLED or not baseline:
+                    break
+                feed(mon, dist.rvs(size=baseline, random_state=rng), thr)
+            feed(mon, dist.rvs(size=2 * cfg.window, random_state=rng), thr)
         k.append(mon.design.k)
-        feed(mon, dist.rvs(size=2 * cfg.window, random_state=rng), thr)
+        pooled_before += mon.source == SOURCE_POOLED
         before = mon.alarms
         shifted = dist.rvs(size=max_delay, random_state=rng) * np.exp(shift)
         delay = -1
@@ -128,9 +156,11 @@ def delays(cfg: DriftConfig, dist: Any, shift: float, reference: Callable[[], Tu
             missed += 1
         else:
             found.append(delay)
+        pooled_after += mon.source == SOURCE_POOLED
     f = np.array(found + [max_delay + 1] * missed)  # a miss counts as later than every measured delay
     return {"trials": trials, "missed_within": max_delay, "missed": missed, "median": float(np.median(f)),
-            "p95": float(np.quantile(f, 0.95)), "within_500": float(np.mean(f <= 500)), "k_median": float(np.median(k))}
+            "p95": float(np.quantile(f, 0.95)), "within_500": float(np.mean(f <= 500)), "k_median": float(np.median(k)),
+            "shift_at": shift_at, "pooled_at_shift": pooled_before, "pooled_at_alarm": pooled_after}
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
@@ -147,13 +177,23 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     t0 = time.perf_counter()
     known = true_reference(threshold, rate)
-    refs: Dict[str, Callable[[], Tuple[float, DriftReference]]] = {"known (design)": lambda: (threshold, known)}
+    refs: List[Tuple[str, Callable[[], Tuple[float, DriftReference]], int]] = []
+    if not args.skip_known:
+        refs.append(("known (design)", lambda: (threshold, known), 0))
     for n in args.calibration_frames:
-        refs[f"calibrated on {n}"] = (lambda n=n: calibrate(dist, n, rate, rng))
-    for name, ref in refs.items():
+        if not args.skip_plain:
+            refs.append((f"calibrated on {n}", lambda n=n: calibrate(dist, n, rate, rng), 0))
+        if args.baseline_frames:
+            refs.append((f"calibrated on {n} (+{args.baseline_frames} line frames)",
+                         lambda n=n: calibrate(dist, n, rate, rng), args.baseline_frames))
+    for name, ref, base in refs:
         runs = 1 if name.startswith("known") else args.calibrations
-        row = {"reference": name, "spurious": spurious(cfg, dist, args.unchanged, ref, runs, rng),
-               "delay": delays(cfg, dist, shift, ref, args.trials, args.max_delay, rng)}
+        row = {"reference": name, "baseline_frames": base,
+               "spurious": spurious(cfg, dist, args.unchanged, ref, runs, rng, base),
+               "delay": delays(cfg, dist, shift, ref, args.trials, args.max_delay, rng, base)}
+        if base:
+            row["delay_during_baseline"] = delays(cfg, dist, shift, ref, args.trials, args.max_delay, rng, base,
+                                                  shift_at=args.shift_during)
         out["rows"].append(row)
         print(f"  {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     out["seconds"] = time.perf_counter() - t0
@@ -204,6 +244,11 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=1000)
     ap.add_argument("--max-delay", type=int, default=5000)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--baseline-frames", type=int, default=3000,
+                    help="rows with the baseline extension (drift.baseline_frames) for each calibration size; 0: none")
+    ap.add_argument("--shift-during", type=int, default=1000, help="frame of the shift inside the baseline")
+    ap.add_argument("--skip-known", action="store_true", help="leave out the known-reference row")
+    ap.add_argument("--skip-plain", action="store_true", help="leave out the rows without the extension")
     ap.add_argument("--grid", action="store_true", help="only the delays over a grid of the allowance's constants")
     args = ap.parse_args()
     if args.grid:
@@ -217,15 +262,20 @@ def main() -> int:
     print(f"drift alarm: CUSUM of good frames' normal scores, detect a {c['detect_false_alarm_ratio']:g}x false-alarm rate "
           f"(from {res['false_alarm_rate']:.0%}), <= 1 spurious recalibrate per {c['alarm_per_frames']} frames, warning per "
           f"{c['warning_per_frames']}, window {c['window']}; scores {res['score_distribution']}")
-    print(f"{'reference':<20} {'k':>5} {'h':>5} {'unchanged':>10} {'cross.':>6} {'/100k [95%]':>17} {'recal.':>6} "
+    print(f"{'reference':<38} {'k':>5} {'h':>5} {'unchanged':>10} {'cross.':>6} {'/100k [95%]':>17} {'recal.':>6} "
           f"{'warn/100k':>9} | "
           f"{'delay median':>12} {'p95':>6} {'<=500':>6} {'missed':>6}")
     for r in res["rows"]:
         sp, d = r["spurious"], r["delay"]
-        print(f"{r['reference']:<20} {d['k_median']:>5.3f} {sp['limit_median']:>5.1f} {sp['frames']:>10} "
+        print(f"{r['reference']:<38} {d['k_median']:>5.3f} {sp['limit_median']:>5.1f} {sp['frames']:>10} "
               f"{sp['crossings']:>6} {sp['per_100k']:>5.2f} [{sp['per_100k_ci95'][0]:.2f}, {sp['per_100k_ci95'][1]:.2f}] "
               f"{sp['recalibrate']:>6} {sp['warning_per_100k']:>9.1f} | "
               f"{d['median']:>12.0f} {d['p95']:>6.0f} {d['within_500']:>6.1%} {d['missed']:>6}")
+        if "delay_during_baseline" in r:
+            b = r["delay_during_baseline"]
+            print(f"{'  shift at frame ' + str(b['shift_at']) + ' (in the baseline)':<38} {b['k_median']:>5.3f} "
+                  f"{'':>5} {'':>10} {'':>6} {'':>17} {'':>6} {'':>9} | {b['median']:>12.0f} {b['p95']:>6.0f} "
+                  f"{b['within_500']:>6.1%} {b['missed']:>6}  pooled by the alarm: {b['pooled_at_alarm']}/{b['trials']}")
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = args.out / f"bench_drift-{stamp}.json"

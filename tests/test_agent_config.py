@@ -126,7 +126,7 @@ BAD = [
      "drift.window: got 10, expected a number >= 50"),
     ("drift unknown key", edit(lambda d: d.update(drift={"level": 0.5})),
      "drift.level: got unknown key 'level', expected one of enabled, detect_false_alarm_ratio, window, interval, "
-     "alarm_per_frames, warning_per_frames"),
+     "alarm_per_frames, warning_per_frames, baseline_frames, state_file"),
     ("top level not a mapping", ["camera"],
      "got a list of 1, expected a mapping with camera, model, thresholds, mqtt, spool"),
     ("empty file", "",

@@ -27,11 +27,16 @@ from agent.drift import (
     DRIFT_RECALIBRATE,
     DRIFT_WARNING,
     ENABLE_FIX,
+    SOURCE_CALIBRATION,
+    SOURCE_POOLED,
     DriftMonitor,
     DriftReference,
+    pooled_reference,
     reference_from_dict,
     reference_or_reason,
+    reference_to_dict,
 )
+from agent.drift_state import EMPTY, DriftStateFile, binding_of
 from agent.metrics_http import render_prometheus
 from agent.payloads import drift_payload, load_schema, status_payload
 from calibration import stats
@@ -436,3 +441,250 @@ def test_thresholds_with_the_older_reference_run_with_drift_off_and_say_how_to_e
     assert any("drift.interval in the config is ignored" in r.getMessage() for r in caplog.records)
     f = app.drift.figures()
     assert f.state == DRIFT_OFF and f.reason.endswith(ENABLE_FIX)
+
+
+# -- the baseline extension: the reference grows from the line's first good frames ---------------------------
+def normal_reference(n: int) -> DriftReference:
+    """N(0, 1) good scores, a calibration of n frames stated at its n Hazen quantiles (a valid drift_reference)."""
+    return DriftReference(n_frames=n, false_alarm_rate=RATE,
+                          quantiles=tuple(float(v) for v in st.norm.ppf(drift_format.levels(n))))
+
+
+def extended(ref, baseline, window=500):
+    return DriftMonitor(window, 100_000, 10_000, ref, 2.0, baseline_frames=baseline)
+
+
+def test_pool_keeps_sorted_scores_or_weights_a_quantile_summary_by_its_frames():
+    n, q = drift_format.pool([1.0, 3.0], 2, [2.0, 0.5])
+    assert (n, q) == (4, [0.5, 1.0, 2.0, 3.0])  # every value a frame, few: the sorted union, as calibration keeps it
+    rng = np.random.default_rng(5)
+    cal = np.sort(rng.normal(size=5000))
+    ref = stats.drift_reference(cal, float(cal.max()), RATE)  # 1000 quantiles standing for 5000 frames
+    line = rng.normal(loc=1.0, size=5000)  # another population, to see the weights
+    n, q = drift_format.pool(ref["quantiles"], ref["n_frames"], line)
+    assert n == 10_000 and len(q) == drift_format.MAX_QUANTILES and q == sorted(q)
+    both = np.sort(np.concatenate([cal, line]))
+    exact = np.interp(np.asarray(drift_format.levels(1000)) * both.size - 0.5, np.arange(both.size), both)  # Hazen
+    error = np.abs(np.asarray(q) - exact)
+    assert np.max(error[10:-10]) < 0.01 and np.max(error) < 0.1  # as pooling the frames themselves (tails: coarser)
+    with pytest.raises(ValueError):
+        drift_format.pool([1.0, 2.0, 3.0], 2, [1.0])
+
+
+def test_pooled_reference_narrows_k_and_the_offset_it_must_cover():
+    rng = np.random.default_rng(6)
+    cal = reference_from_dict(stats.drift_reference(rng.normal(size=300), 10.0, RATE))
+    pooled = pooled_reference(cal, rng.normal(size=3000).tolist())
+    assert pooled.n_frames == 3300 and pooled.false_alarm_rate == RATE and len(pooled.quantiles) == 1000
+    small, big = (cusum.design(RATE, 2.0, r.n_frames, 1e5, 1e4) for r in (cal, pooled))
+    assert big.k < small.k and big.k == pytest.approx(cusum.allowance(small.shift, 3300))
+    assert reference_from_dict(reference_to_dict(pooled)) == pooled
+
+
+def test_monitor_switches_to_the_pool_when_the_baseline_completes():
+    rng = np.random.default_rng(8)  # a calibration and baseline without a warning (seed 7 warns: not pooled, below)
+    cal = reference_from_dict(stats.drift_reference(rng.normal(size=300), 10.0, RATE))
+    mon = extended(cal, 1000)
+    f = mon.figures()
+    assert (f.reference_source, f.reference_frames, f.baseline_collected, f.baseline_target) == (
+        SOURCE_CALIBRATION, 300, 0, 1000)
+    k_before = f.k
+    scores = rng.normal(size=1200).tolist()
+    for s in scores[:999]:
+        mon.add(s)
+    assert mon.source == SOURCE_CALIBRATION and mon.figures().baseline_collected == 999
+    mon.add(scores[999])
+    f = mon.figures()
+    assert f.reference_source == SOURCE_POOLED and f.reference_frames == 1300 and f.calibration_frames == 300
+    assert f.baseline_collected is None and f.k < k_before and f.cusum == 0.0 and f.warning_cusum == 0.0
+    assert f.frames_seen == 1000 and f.window == 500 and abs(f.mean_z) < 4 / math.sqrt(500)
+    assert f.mean_z == pytest.approx(np.mean([mon.reference.z(s) for s in scores[500:1000]]))  # against the pool
+    for s in scores[1000:]:
+        mon.add(s)
+    assert mon.source == SOURCE_POOLED and mon.reference.n_frames == 1300 and mon.baseline == []
+    payload = status_payload(
+        station="s", state="running", fps=1.0, latency_ms={"p50": 1.0, "p99": 2.0}, frames_scored=1, frames_dropped=0,
+        defects=0, spool_depth=0, spool_dropped=0, camera_state="streaming", mqtt_connected=True, image_threshold=1.0,
+        pixel_threshold=1.0, bundle_name="b", bundle_sha256="0" * 64, uptime_s=1.0,
+        timestamp=datetime.now(timezone.utc), drift=mon.figures().to_dict())
+    jsonschema.Draft202012Validator(load_schema("status")).validate(payload)
+    assert payload["drift"]["reference_source"] == SOURCE_POOLED and payload["drift"]["reference_frames"] == 1300
+
+
+def test_a_drifting_line_does_not_become_the_reference():
+    # an alarm while collecting discards the baseline; the calibration's CUSUM keeps watching
+    mon = extended(normal_reference(300), 1000, window=50)
+    changes = [mon.state for _ in range(200) if mon.add(9.0)]
+    assert changes == [DRIFT_WARNING, DRIFT_RECALIBRATE] and mon.source == SOURCE_CALIBRATION
+    assert mon.baseline_restarts >= 1 and len(mon.baseline) < 200 and mon.alarms >= 1
+    # a baseline that completes while the state is warning (or recalibrate) is not pooled either: started again
+    mon = extended(normal_reference(300), 30, window=50)
+    for _ in range(29):
+        mon.add(0.0)
+    mon.state = DRIFT_WARNING  # as if the warning CUSUM had crossed within the window (no alarm: kept so far)
+    mon._last_warning = mon.frames_seen + 1
+    mon.add(0.0)
+    assert mon.source == SOURCE_CALIBRATION and mon.baseline == [] and mon.baseline_restarts == 1
+    # and once the line is quiet again, a full quiet baseline is pooled
+    for s in np.random.default_rng(8).normal(size=200).tolist():
+        mon.add(s)
+    assert mon.source == SOURCE_POOLED and mon.reference.n_frames == 330
+
+
+def test_no_extension_with_zero_baseline_frames_and_a_reset_starts_over():
+    mon = extended(normal_reference(300), 0)
+    for s in np.random.default_rng(9).normal(size=600).tolist():
+        mon.add(s)
+    assert mon.source == SOURCE_CALIBRATION and mon.baseline == [] and mon.figures().baseline_collected is None
+    mon = extended(normal_reference(300), 100)
+    pooled = pooled_reference(normal_reference(300), [0.0] * 100)
+    mon.reset(normal_reference(300), pooled=pooled)
+    assert mon.source == SOURCE_POOLED and mon.reference is pooled and mon.figures().calibration_frames == 300
+    mon.reset(normal_reference(300), baseline=[0.1] * 150)  # a saved partial baseline, clipped to the target
+    assert mon.source == SOURCE_CALIBRATION and len(mon.baseline) == 100
+    mon.reset(None, "why")
+    assert mon.source is None and mon.figures().reference_source is None and mon.baseline == []
+
+
+# -- the state file --------------------------------------------------------------------------------------
+BINDING = binding_of("a" * 64, {"n_frames": 300, "false_alarm_rate": RATE, "quantiles": [0.0, 1.0]})
+
+
+def now():
+    return datetime(2026, 12, 7, tzinfo=timezone.utc)
+
+
+def feed_and_save(mon, store, scores) -> int:
+    """As the agent does after each good frame; the number of switches to the pool."""
+    switches = 0
+    for s in scores.tolist():
+        mon.add(s)
+        switches += store.after_add(mon, now)
+    return switches
+
+
+def test_state_binding_follows_the_calibration_not_the_file():
+    ref = {"n_frames": 300, "false_alarm_rate": RATE, "quantiles": [0.0, 1.0]}
+    assert binding_of("a" * 64, dict(reversed(list(ref.items())))) == BINDING  # key order is not identity
+    assert binding_of("b" * 64, ref) != BINDING
+    assert binding_of("a" * 64, {**ref, "n_frames": 301}) != BINDING
+
+
+def test_state_file_round_trips_a_partial_baseline_and_the_pool(tmp_path):
+    path = tmp_path / "state" / "drift_state.json"
+    store = DriftStateFile(path)
+    assert store.load(BINDING) == DriftStateFile(path).load(BINDING) and not path.exists()
+    mon = extended(normal_reference(300), 1000)
+    feed_and_save(mon, store, np.random.default_rng(10).normal(size=600))
+    saved = json.loads(path.read_text())  # saved every SAVE_EVERY frames of the baseline
+    assert saved["pooled"] is None and len(saved["baseline"]) == 500 and saved["written"] == "2026-12-07T00:00:00Z"
+    assert store.save(mon, now) and DriftStateFile(path).load(BINDING).baseline == mon.baseline
+    switched = feed_and_save(mon, store, np.random.default_rng(11).normal(size=400))
+    assert switched == 1 and mon.source == SOURCE_POOLED
+    back = DriftStateFile(path).load(BINDING)
+    assert back.baseline == [] and back.pooled == mon.reference and back.pooled.n_frames == 1300
+    assert not list(path.parent.glob(".*.tmp"))  # atomic: no temporary left behind
+
+
+def test_state_file_for_other_thresholds_is_ignored_and_replaced(tmp_path, caplog):
+    path = tmp_path / "drift_state.json"
+    other = binding_of("b" * 64, {"n_frames": 300, "false_alarm_rate": RATE, "quantiles": [0.0, 1.0]})
+    mon = extended(normal_reference(300), 1000)
+    mon.reset(normal_reference(300), baseline=[0.5] * 10)
+    writer = DriftStateFile(path)
+    writer.load(other)
+    assert writer.save(mon, now)
+    caplog.set_level(logging.INFO)
+    store = DriftStateFile(path)
+    assert store.load(BINDING) == EMPTY
+    assert any("is for other thresholds: ignored" in r.getMessage() for r in caplog.records)
+    mon.reset(normal_reference(300))
+    assert store.save(mon, now) and json.loads(path.read_text())["bundle_sha256"] == "a" * 64
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{not json", "Expecting"),
+    ('{"version": 2}', "version 1"),
+    (json.dumps({"version": 1, "bundle_sha256": BINDING.bundle_sha256,
+                 "drift_reference_sha256": BINDING.drift_reference_sha256, "baseline": [1.0, "x"], "pooled": None}),
+     "`baseline`"),
+    (json.dumps({"version": 1, "bundle_sha256": BINDING.bundle_sha256,
+                 "drift_reference_sha256": BINDING.drift_reference_sha256, "baseline": [],
+                 "pooled": {"n_frames": 5, "false_alarm_rate": RATE, "quantiles": [2.0, 1.0]}}), "`pooled`"),
+])
+def test_corrupt_state_file_is_said_once_and_ignored(tmp_path, caplog, text, words):
+    path = tmp_path / "drift_state.json"
+    path.write_text(text)
+    caplog.set_level(logging.INFO)
+    assert DriftStateFile(path).load(BINDING) == EMPTY
+    said = [r.getMessage() for r in caplog.records if "drift: state file" in r.getMessage()]
+    assert len(said) == 1 and words in said[0] and "is corrupt" in said[0] and str(path) in said[0]
+
+
+def test_unwritable_state_dir_is_said_once_and_the_baseline_goes_on_in_memory(tmp_path, caplog):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state folder should be")
+    store = DriftStateFile(blocker / "drift_state.json")
+    store.load(BINDING)
+    mon = extended(normal_reference(300), 1000)
+    caplog.set_level(logging.INFO)
+    feed_and_save(mon, store, np.random.default_rng(12).normal(size=1100))
+    assert mon.source == SOURCE_POOLED and store.save_failures >= 4 and store.saves == 0
+    said = [r.getMessage() for r in caplog.records if "cannot write the state file" in r.getMessage()]
+    assert len(said) == 1 and "goes on in memory" in said[0]
+
+
+def test_agent_pools_the_line_baseline_and_keeps_the_pool_across_a_restart(tmp_path, template_bundle, mosquitto, caplog):
+    t = load_thresholds(old_thresholds(template_bundle, tmp_path / "old.yaml"), template_bundle)
+    # a reference above every good score: the line looks better than calibration, never an alarm
+    quiet = dataclasses.replace(t, drift_reference={"n_frames": 200, "false_alarm_rate": 0.01,
+                                                    "quantiles": [1e6 + i for i in range(200)]})
+    thresholds = save_thresholds(tmp_path / "thresholds.yaml", quiet)
+    folder = write_folder(tmp_path / "incoming", parts("g" * 30))
+    config = load_config(write_config(tmp_path, template_bundle, thresholds, mosquitto.port,
+                                      {"kind": "folder", "path": str(folder)},
+                                      drift={"window": 50, "baseline_frames": 20}))
+    state = tmp_path / "state" / "drift_state.json"
+    assert config.drift_state_file == state  # beside the spool (spool.path state/spool.db)
+    caplog.set_level(logging.INFO)
+    sub = Subscriber(mosquitto.port)
+    try:
+        app = App(config, notifier=quiet_notifier())
+        assert app.run() == 0 and app.frames_scored == 30
+        f = app.drift.figures()
+        assert (f.reference_source, f.reference_frames, f.calibration_frames) == (SOURCE_POOLED, 220, 200)
+        saved = json.loads(state.read_text())
+        assert saved["pooled"]["n_frames"] == 220 and saved["bundle_sha256"] == template_bundle.sha256
+        assert any("the line's first 20 good frames pooled with the calibration's 200: the reference is now 220"
+                   in r.getMessage() for r in caplog.records)
+        assert sub.wait(lambda s: any(p.get("reference_source") == SOURCE_POOLED for p in s.payloads("drift")))
+        switch = [p for p in sub.payloads("drift") if p.get("reference_source") == SOURCE_POOLED][0]
+        jsonschema.Draft202012Validator(load_schema("drift")).validate(switch)
+        assert switch["previous_state"] == switch["state"] and switch["reference_frames"] == 220
+        assert app.snapshot()["drift_changes_total"] == 0  # the reference changed, not the state
+
+        caplog.clear()  # a restart on the same thresholds starts from the pool, not from the calibration
+        again = App(config, notifier=quiet_notifier())
+        assert again.run() == 0
+        f = again.drift.figures()
+        assert (f.reference_source, f.reference_frames, f.baseline_collected) == (SOURCE_POOLED, 220, None)
+        assert any("drift: reference from" in r.getMessage() and "pooled with 20 of the line's" in r.getMessage()
+                   for r in caplog.records)
+        assert "averaged over calibrations of 220" in "".join(r.getMessage() for r in caplog.records)
+        assert sub.wait(lambda s: s.payloads("status")[-1]["drift"]["reference_source"] == SOURCE_POOLED)
+        jsonschema.Draft202012Validator(load_schema("status")).validate(sub.payloads("status")[-1])
+    finally:
+        sub.close()
+
+    # a new calibration: the state is for other thresholds, ignored; the baseline starts over and replaces it
+    save_thresholds(thresholds, dataclasses.replace(quiet, drift_reference={
+        "n_frames": 201, "false_alarm_rate": 0.01, "quantiles": [1e6 + i for i in range(201)]}))
+    caplog.clear()
+    third = App(config, notifier=quiet_notifier(), max_frames=10)
+    assert third.run() == 0
+    assert any("is for other thresholds: ignored" in r.getMessage() for r in caplog.records)
+    f = third.drift.figures()
+    assert (f.reference_source, f.reference_frames, f.baseline_collected) == (SOURCE_CALIBRATION, 201, 10)
+    saved = json.loads(state.read_text())  # the partial baseline, saved at stop, for the new calibration
+    assert saved["pooled"] is None and len(saved["baseline"]) == 10
+    assert saved["drift_reference_sha256"] == drift_format.digest(load_thresholds(thresholds, template_bundle).drift_reference)
