@@ -192,9 +192,10 @@ def _drift_reference(scores: np.ndarray, chosen: stats.ImageThreshold, rate: flo
         warnings.append(f"drift monitoring off for these thresholds: {exc}")
         return None
     if ref["n_frames"] < DRIFT_ADVISED_FRAMES:
-        warnings.append(f"the drift alarm's reference holds {ref['n_frames']} good frames: with fewer than "
-                        f"{DRIFT_ADVISED_FRAMES} it is slower to see a doubling of the false-alarm rate "
-                        f"({DRIFT_DELAY_NOTE}); capture more good frames for a quicker drift alarm")
+        warnings.append(f"the drift alarm's reference holds {ref['n_frames']} good frames: the agent adds the line's "
+                        f"first good frames to it (drift.baseline_frames, {DRIFT_ADVISED_FRAMES} by default) and is "
+                        f"slower to see a drift until then ({DRIFT_DELAY_NOTE}); keep the line as calibrated meanwhile, "
+                        "or capture more good frames")
     return ref
 
 
@@ -303,7 +304,7 @@ def summary_lines(result: ThresholdsFit, capture: Capture) -> List[str]:
     if ref is not None:
         lines.append(f"drift reference   {ref['n_frames']} good frames (at or below the image threshold) for the agent's "
                      f"drift alarm: it runs from {DRIFT_MIN_FRAMES}, reaches its target from {DRIFT_ADVISED_FRAMES} "
-                     f"({DRIFT_DELAY_NOTE})")
+                     f"({DRIFT_DELAY_NOTE}), counting the line's first good frames the agent adds to it")
     if result.best_f1 is not None and result.f1_at_chosen is not None:
         b, c = result.best_f1, result.f1_at_chosen
         lines.append(f"defects           best F1 {b.f1:.3f} at threshold {b.threshold:.6g} "
