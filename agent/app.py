@@ -584,10 +584,16 @@ class App:
             "drift_cusum": None if self.drift is None or self.drift.design is None else self.drift.cusum,
             "drift_cusum_limit": None if self.drift is None or self.drift.design is None else self.drift.design.limit,
             "drift_mean_z": None if self.drift is None else self.drift.mean_z,
+            **self._drift_reference_metrics(),
             "drift_changes_total": self.drift_changes,
             "drift_warnings_total": self.drift_warnings,
             "drift_alarms_total": self.drift_alarms,
         }
+
+    def _drift_reference_metrics(self) -> Dict[str, Any]:
+        figures = None if self.drift is None else self.drift.figures()
+        return {"drift_reference_frames": None if figures is None else figures.reference_frames,
+                "drift_baseline_frames": None if figures is None else figures.baseline_collected}
 
     # -- stop, in reverse --------------------------------------------------------------------------
     def stop_capture(self) -> None:

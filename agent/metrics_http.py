@@ -54,6 +54,8 @@ METRICS: Dict[str, Tuple[str, str]] = {
     "drift_cusum": ("gauge", "the drift alarm's CUSUM of good frames' normal scores (recalibrate above drift_cusum_limit)"),
     "drift_cusum_limit": ("gauge", "the CUSUM's limit h (set for the configured spurious-alarm rate)"),
     "drift_mean_z": ("gauge", "mean normal score of the drift window's good frames (0 as at calibration)"),
+    "drift_reference_frames": ("gauge", "good frames in the drift alarm's reference (calibration, + the line's baseline once pooled)"),
+    "drift_baseline_frames": ("gauge", "the line's good frames collected towards the drift reference (absent when off or pooled)"),
     "drift_changes_total": ("counter", "drift state changes (each published on the drift topic)"),
     "drift_warnings_total": ("counter", "entries into the drift state warning"),
     "drift_alarms_total": ("counter", "entries into the drift state recalibrate"),

@@ -344,7 +344,9 @@ def test_drift_payload_validates_and_refuses_unknown_states():
         drift_payload(station="s1", timestamp=now, previous_state=DRIFT_OK,
                       figures={**mon.figures().to_dict(), "cusum": -1.0}, bundle_name="b", bundle_sha256="0" * 64)
     text = render_prometheus({"drift_state": "recalibrate", "drift_alarms_total": 1, "drift_cusum": 3.5,
-                              "drift_cusum_limit": 33.5, "drift_mean_z": 0.3})
+                              "drift_cusum_limit": 33.5, "drift_mean_z": 0.3, "drift_reference_frames": 3300,
+                              "drift_baseline_frames": None})
+    assert "daad_agent_drift_reference_frames 3300" in text and "drift_baseline_frames " not in text
     assert 'daad_agent_drift_state{reason="recalibrate"} 1' in text and "daad_agent_drift_alarms_total 1" in text
     assert "daad_agent_drift_cusum 3.5" in text and "daad_agent_drift_cusum_limit 33.5" in text
 
@@ -397,6 +399,7 @@ def test_agent_publishes_recalibrate_when_good_parts_score_above_the_reference(
         snap = app.snapshot()
         assert snap["drift_alarms_total"] == 1 and snap["drift_changes_total"] == 2 and snap["drift_state"] == DRIFT_RECALIBRATE
         assert snap["drift_cusum_limit"] == pytest.approx(drift["limit"]) and snap["drift_mean_z"] > 2.5
+        assert snap["drift_reference_frames"] == drift["reference_frames"]  # also on /metrics
         assert any("drift: monitoring on: CUSUM" in r.getMessage() and "averaged over calibrations of 200" in r.getMessage()
                    for r in caplog.records)
         assert any("drift: warning -> recalibrate: mean normal score +" in r.getMessage()
