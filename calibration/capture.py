@@ -28,12 +28,13 @@ from camera.config import CameraConfig, camera_problems
 from camera.loop import CaptureLoop
 from camera.sources import open_source
 from engine.backend import Backend, open_backend
-from engine.bundle import Bundle, atomic_write_bytes, atomic_write_text, load_bundle, read_yaml
+from engine.bundle import Bundle, atomic_write_bytes, atomic_write_text, load_bundle
 from engine.config_file import load_yaml_model
 from engine.errors import CameraError, ConfigError, DaadError, ImageError
 from engine.model_section import ModelSection
 from engine.preprocess import images_in, read_image
 from engine.scoring import ScoredFrame, score_frame
+from engine.validation import read_yaml
 
 from . import stats
 

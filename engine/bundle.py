@@ -16,16 +16,16 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 from pydantic import Field, model_validator
 from typing_extensions import Annotated  # typing.Annotated is 3.9+; typing_extensions comes with pydantic
 
-from .errors import BundleError, DaadError
+from .errors import BundleError
 from .onnx_io import ELEM_FLOAT, read_graph_io
 from .preprocess import CHANNEL_ORDERS, RESIZE_MODES, PreprocessSpec
-from .validation import StrictModel, Text, show, validate
+from .validation import StrictModel, Text, read_yaml, show, validate
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +81,6 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
 
 def atomic_write_text(path: Union[str, Path], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def read_yaml(path: Path, error: Type[DaadError], fix: str) -> Any:
-    """Parse a YAML file; a syntax or encoding error becomes `error` naming the file and the fix."""
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise error(f"{path}: not valid YAML ({exc.__class__.__name__}); {fix}") from exc
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,10 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Tuple, Type, TypeVar, Union
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from .errors import ConfigError
-from .validation import StrictModel, dotted, format_errors, models_in, show
+from .validation import StrictModel, dotted, format_errors, models_in, read_yaml, show
 
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -34,14 +33,7 @@ def load_yaml_model(path: Union[str, Path], model: Type[M], missing_hint: str) -
     name = str(path)
     if not path.is_file():
         raise ConfigError(f"{name}: config file not found; {missing_hint}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
-        raise ConfigError(f"{name}: {where}: not valid YAML ({exc.problem}); fix the syntax") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{name}: not valid YAML ({exc.__class__.__name__})") from None
+    raw = read_yaml(path, ConfigError, "fix the syntax")
     if not isinstance(raw, dict):
         required = [info.alias or key for key, info in model.model_fields.items() if info.is_required()]
         raise ConfigError(f"{name}: got {show(raw)}, expected a mapping with {', '.join(required)}")

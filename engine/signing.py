@@ -20,8 +20,9 @@ from typing import Any, Dict, Union
 
 import yaml
 
-from .bundle import EXPORT_FIX, Bundle, atomic_write_text, read_yaml
+from .bundle import EXPORT_FIX, Bundle, atomic_write_text
 from .errors import BundleError, ConfigError, DaadError
+from .validation import read_yaml
 
 SIGNATURE_FILE = "bundle.sig"
 SIGNATURE_FORMAT_VERSION = 1

@@ -17,9 +17,9 @@ import yaml
 from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
 from typing_extensions import Annotated  # typing.Annotated is 3.9+; typing_extensions comes with pydantic
 
-from engine.bundle import Bundle, atomic_write_text, read_yaml
+from engine.bundle import Bundle, atomic_write_text
 from engine.errors import ThresholdsError
-from engine.validation import StrictModel, Text, show, validate
+from engine.validation import StrictModel, Text, read_yaml, show, validate
 
 logger = logging.getLogger(__name__)
 

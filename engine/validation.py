@@ -11,8 +11,10 @@ from __future__ import annotations
 import difflib
 import typing
 from datetime import date
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
+import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from typing_extensions import Annotated  # typing.Annotated is 3.9+; typing_extensions comes with pydantic
 
@@ -53,6 +55,19 @@ def validate(model: Type[M], data: Any, name: str, error: Type[DaadError], fix: 
     except ValidationError as exc:
         lines = format_errors(exc, data, model)
     raise error("\n".join(_line(name, line, fix) for line in lines)) from None
+
+
+def read_yaml(path: Path, error: Type[DaadError], fix: str) -> Any:
+    """Parse a YAML file; a syntax or encoding error becomes `error` naming the file, where, and the fix:
+    `FILE: line 3, column 8: not valid YAML (mapping values are not allowed here); fix`."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise error(f"{path}: {where}not valid YAML ({exc.problem}); {fix}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid YAML ({exc.__class__.__name__}); {fix}") from None
 
 
 def _line(name: str, problem: str, fix: str) -> str:

@@ -13,13 +13,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Type
 
-import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr,
                       ValidationError, create_model)
 from typing_extensions import Annotated  # typing.Annotated is 3.9+; typing_extensions comes with pydantic
 
 from engine.errors import ConfigError
-from engine.validation import StrictModel, format_errors, show, validate
+from engine.validation import StrictModel, format_errors, read_yaml, show, validate
 
 # Block size (r_h, r_w, r_c) per memory scale, from fine (1/2) to the 1/16 bottleneck. r_c = 0 means
 # "all channels". Each block covers 1/8 of its map's side at 128 px; the ablation is still to be run (README).
@@ -290,14 +289,7 @@ class _ConfigFile(StrictModel):
 
 def model_config_file(path: Path, base: ModelConfig) -> Tuple[ModelConfig, Dict[str, Any]]:
     """`base` with the `model:` section of the YAML file at `path` over it, and that section."""
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
-        raise ConfigError(f"{path}: {where}: not valid YAML ({exc.problem}); fix the syntax") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}); fix the syntax") from None
+    loaded = read_yaml(path, ConfigError, "fix the syntax")
     section = validate(_ConfigFile, loaded or {}, str(path), ConfigError).model or {}
     return from_dict(ModelConfig, {**to_dict(base), **section}, f"{path}: model"), section
 

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from engine import report_html as rh
-from engine.bundle import atomic_write_text, read_yaml
+from engine.bundle import atomic_write_text
 from engine.errors import ThresholdsError
 from engine.messages import pct
+from engine.validation import read_yaml
 
 from .metrics import AUPRO_FPR_LIMIT
 from .plots import Threshold
