@@ -11,16 +11,14 @@ thresholds.yaml back (or a new calibration): said, and checked where the config'
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Union
 
 import yaml
 
-from engine.bundle import BUNDLE_YAML, Bundle, load_bundle
+from engine.bundle import BUNDLE_YAML, Bundle, atomic_write_text, load_bundle
 from engine.errors import DaadError
 
 
@@ -91,29 +89,6 @@ def rewrite_bundle_line(text: str, new_path: str) -> Optional[str]:
     return None
 
 
-def write_keeping_mode(path: Path, text: str) -> None:
-    """Atomic replace of `path` with `text`, the file's permission bits kept (a config may be 0640 root:daad)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        st = path.stat()
-        os.chmod(tmp, st.st_mode & 0o7777)
-        try:
-            os.chown(tmp, st.st_uid, st.st_gid)
-        except OSError:
-            pass  # not root: the file stays ours, as any edit by this user would leave it
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _config_value(raw: Any, *keys: str) -> Any:
     for k in keys:
         raw = raw.get(k) if isinstance(raw, dict) else None
@@ -157,7 +132,7 @@ def point_config_back(config: Path, taught: Bundle, parent: Bundle) -> UndoResul
                         f"it to {parent.root} yourself")
     if _config_value(yaml.safe_load(new_text), "model", "bundle") != str(parent.root):
         raise UndoError(f"{config}: field `model.bundle` could not be rewritten safely; set it to {parent.root} yourself")
-    write_keeping_mode(config, new_text)
+    atomic_write_text(config, new_text, keep_mode=True)
     result = UndoResult(taught=taught, parent=parent, config=config, previous=current)
     thresholds = _config_value(raw, "thresholds", "path")
     if isinstance(thresholds, str) and "${" not in thresholds:

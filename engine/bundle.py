@@ -52,8 +52,9 @@ def sha256_file(path: Union[str, Path]) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over the target."""
+def atomic_write_bytes(path: Union[str, Path], data: bytes, keep_mode: bool = False) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over the target. With keep_mode, the
+    replaced file's permission bits and owner carry over (a config may be 0640 root:daad)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
@@ -62,6 +63,8 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if keep_mode:
+            _copy_mode_and_owner(target, tmp)
         os.replace(tmp, target)
     except BaseException:
         try:
@@ -79,8 +82,17 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
         pass
 
 
-def atomic_write_text(path: Union[str, Path], text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def _copy_mode_and_owner(source: Path, dest: str) -> None:
+    st = source.stat()
+    os.chmod(dest, st.st_mode & 0o7777)
+    try:
+        os.chown(dest, st.st_uid, st.st_gid)
+    except OSError:
+        pass  # not root: the file stays ours, as any edit by this user would leave it
+
+
+def atomic_write_text(path: Union[str, Path], text: str, keep_mode: bool = False) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), keep_mode)
 
 
 @dataclass(frozen=True)
