@@ -23,7 +23,6 @@ in mode every at full rate it includes the time a frame waits in the queue.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -41,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from agent.app import App  # noqa: E402
 from agent.config import AgentConfig  # noqa: E402
 from agent.sdnotify import SystemdNotifier  # noqa: E402
+from benchmarks.protocol import write_results  # noqa: E402
 from camera.sources import Frame, FrameSource  # noqa: E402
 from engine.backend import open_backend  # noqa: E402
 from engine.bundle import Bundle, load_bundle  # noqa: E402
@@ -338,11 +338,7 @@ def main() -> int:
         print(f"distinct frames flagged: defective {results['flagged_by_label']['defective']}, "
               f"good {results['flagged_by_label']['good']} (thresholds: {results['thresholds']})")
     print(f"goal >= {GOAL_RATIO:.0%} of bare: {'met' if results['goal_met'] else 'NOT met'}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = args.out / f"bench_agent-{stamp}.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(f"wrote {path}")
+    write_results(args.out, "bench_agent-", results, indent=2)
     return 0
 
 

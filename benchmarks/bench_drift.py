@@ -26,10 +26,8 @@ Prints a table and writes JSON under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -40,6 +38,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from agent.config import DriftConfig  # noqa: E402
+from benchmarks.protocol import write_results  # noqa: E402
 from agent.drift import (  # noqa: E402
     DRIFT_RECALIBRATE,
     DRIFT_WARNING,
@@ -252,10 +251,7 @@ def main() -> int:
     ap.add_argument("--grid", action="store_true", help="only the delays over a grid of the allowance's constants")
     args = ap.parse_args()
     if args.grid:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"bench_drift-grid-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
-        path.write_text(json.dumps(grid(args), indent=1))
-        print(f"wrote {path}")
+        write_results(args.out, "bench_drift-grid-", grid(args))
         return 0
     res = run(args)
     c = res["config"]
@@ -276,11 +272,7 @@ def main() -> int:
             print(f"{'  shift at frame ' + str(b['shift_at']) + ' (in the baseline)':<38} {b['k_median']:>5.3f} "
                   f"{'':>5} {'':>10} {'':>6} {'':>17} {'':>6} {'':>9} | {b['median']:>12.0f} {b['p95']:>6.0f} "
                   f"{b['within_500']:>6.1%} {b['missed']:>6}  pooled by the alarm: {b['pooled_at_alarm']}/{b['trials']}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = args.out / f"bench_drift-{stamp}.json"
-    path.write_text(json.dumps(res, indent=1))
-    print(f"wrote {path}")
+    write_results(args.out, "bench_drift-", res)
     return 0
 
 

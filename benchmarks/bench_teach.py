@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import re
 import shutil
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
@@ -45,6 +43,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from agent.config import DriftConfig  # noqa: E402
+from benchmarks.protocol import write_results  # noqa: E402
 from agent.drift import DRIFT_RECALIBRATE, DriftMonitor, reference_from_dict  # noqa: E402
 from calibration import stats  # noqa: E402
 from calibration.teach import teach_bundle  # noqa: E402
@@ -291,11 +290,7 @@ def main() -> int:
         print(f"{r['K']:>3} {r.get('teach_s', 0.0):>8.1f} {fa['flagged']:>4}/{fa['n']:<4} {fa['rate']:>6.1%} "
               f"[{fa['ci95'][0]:.1%}, {fa['ci95'][1]:.1%}] {fc['flagged']:>4}/{fc['n']:<4}  "
               f"{a['auroc']:.3f} [{a['low']:.3f}, {a['high']:.3f}] {r['miss_rate']:>6.1%}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = args.out / f"bench_teach-{args.dataset.name}-{stamp}.json"
-    path.write_text(json.dumps(res, indent=1, default=str))
-    print(f"wrote {path}")
+    write_results(args.out, f"bench_teach-{args.dataset.name}-", res, default=str)
     return 0
 
 

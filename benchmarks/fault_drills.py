@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 import paho.mqtt.client as mqtt  # noqa: E402
 
+from benchmarks.protocol import write_results  # noqa: E402
 from tests.full_disk import TinyDisk  # noqa: E402
 from tests.mqtt_broker import MosquittoBroker, broker_store, find_mosquitto, wait_for  # noqa: E402
 from tests.tls_pki import OPENSSL, Pki, make_pki  # noqa: E402
@@ -583,11 +584,7 @@ def main() -> int:
     print(f"\nfault_drills ({results['mode']}: {', '.join(f'{k} {v:g}' for k, v in durations.items())}; "
           f"{args.fps:g} frames/s, 1 in {args.defect_every} an event; {results['seconds']:.0f} s)")
     print_table(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = args.out / f"fault_drills-{stamp}.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(f"wrote {path}")
+    write_results(args.out, "fault_drills-", results, indent=2)
     return 0
 
 

@@ -10,9 +10,11 @@ Settings are chosen on `val` and reported once on `test`.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -35,6 +37,17 @@ DATASETS: Dict[str, Dataset] = {
     "magnetic_tile": Dataset("magnetic_tile", SHARED / "magnetic_tile", REPO / "benchmarks" / "groups" / "magnetic_tile.csv"),
     "ball_screw": Dataset("ball_screw", SHARED / "ball_screw", None),
 }
+
+
+def write_results(out: Path, prefix: str, results: Any, indent: int = 1,
+                  default: Optional[Callable[[Any], Any]] = None) -> Path:
+    """A benchmark's JSON summary, `<out>/<prefix><UTC time>.json`, written atomically; prints its path."""
+    from engine.bundle import atomic_write_text
+
+    path = out / f"{prefix}{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    atomic_write_text(path, json.dumps(results, indent=indent, default=default))
+    print(f"wrote {path}")
+    return path
 
 
 def dataset(name_or_path: str) -> Dataset:
