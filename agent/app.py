@@ -557,6 +557,7 @@ class App:
         stats = self.publisher.stats() if self.publisher is not None else {}
         lat = self.latency_ms()
         thresholds = self.watch.current if self.watch is not None else None
+        drift = self.drift.figures() if self.drift is not None else None
         return {
             "up": 1,
             "frames_scored_total": self.frames_scored,
@@ -580,20 +581,16 @@ class App:
             "thresholds_reloads_total": self.watch.reloads if self.watch else 0,
             "thresholds_rejected_total": self.watch.rejected if self.watch else 0,
             "uptime_seconds": self.clock.monotonic() - self._started_at,
-            "drift_state": None if self.drift is None else self.drift.state,
-            "drift_cusum": None if self.drift is None or self.drift.design is None else self.drift.cusum,
-            "drift_cusum_limit": None if self.drift is None or self.drift.design is None else self.drift.design.limit,
-            "drift_mean_z": None if self.drift is None else self.drift.mean_z,
-            **self._drift_reference_metrics(),
+            "drift_state": None if drift is None else drift.state,
+            "drift_cusum": None if drift is None else drift.cusum,
+            "drift_cusum_limit": None if drift is None else drift.limit,
+            "drift_mean_z": None if drift is None else drift.mean_z,
+            "drift_reference_frames": None if drift is None else drift.reference_frames,
+            "drift_baseline_frames": None if drift is None else drift.baseline_collected,
             "drift_changes_total": self.drift_changes,
             "drift_warnings_total": self.drift_warnings,
             "drift_alarms_total": self.drift_alarms,
         }
-
-    def _drift_reference_metrics(self) -> Dict[str, Any]:
-        figures = None if self.drift is None else self.drift.figures()
-        return {"drift_reference_frames": None if figures is None else figures.reference_frames,
-                "drift_baseline_frames": None if figures is None else figures.baseline_collected}
 
     # -- stop, in reverse --------------------------------------------------------------------------
     def stop_capture(self) -> None:
