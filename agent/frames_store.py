@@ -1,9 +1,9 @@
 """Defective frames saved as JPEG in a bounded folder, and the optional crop sent in an event.
 
 The folder never grows past max_files or max_bytes: after each save the oldest files go. Names
-start with the UTC time, so name order is age order, also across restarts, and end with the frame's defect
-event id (`<time>_<camera>_<seq>_<event_id>.jpg`), so `daad-calibrate teach --events ID` finds a false alarm's
-frame by the id its event carried. A failed write (disk full, read-only) is logged and counted; it never
+(engine.saved_frames) start with the UTC time, so name order is age order, also across restarts, and end with
+the frame's defect event id, so `daad-calibrate teach --events ID` finds a false alarm's frame by the id its
+event carried. A failed write (disk full, read-only) is logged and counted; it never
 stops scoring.
 """
 from __future__ import annotations
@@ -13,17 +13,17 @@ import logging
 import os
 import tempfile
 from collections import deque
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Deque, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from engine.regions import Region, union_bbox
+from engine.saved_frames import SUFFIX, frame_file_name
 
 logger = logging.getLogger(__name__)
 
-SUFFIX = ".jpg"
 CROP_MARGIN = 0.15  # context around the defect, as a fraction of the union box
 
 
@@ -64,12 +64,6 @@ def encode_crop(image: np.ndarray, regions: Sequence[Region], max_px: int, quali
         scale = max_px / longest
         crop = cv2.resize(crop, (max(1, int(w * scale)), max(1, int(h * scale))), interpolation=cv2.INTER_AREA)
     return base64.b64encode(encode_jpeg(crop, quality)).decode("ascii")
-
-
-def frame_file_name(timestamp: datetime, camera: str, seq: int, event_id: Optional[str] = None) -> str:
-    stamp = timestamp.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    tail = "" if event_id is None else f"_{event_id}"
-    return f"{stamp}_{camera}_{seq:08d}{tail}{SUFFIX}"
 
 
 class FramesStore:

@@ -4,7 +4,7 @@
     daad-calibrate teach --bundle B --events ID [ID ...] --frames-dir /var/lib/daad-inspect/frames --out B2
 
 A false alarm is taught by its event id: the agent names each saved frame `<time>_<camera>_<seq>_<event_id>.jpg`
-(agent/frames_store.py), and the taught bundle's provenance records the ids.
+(engine/saved_frames.py), and the taught bundle's provenance records the ids.
 
 The bundle's features graph (bundle.yaml `features`, written by `daad-train export` for generator-free models)
 turns each frame into the query vectors of each memory: (Q, D) rows, in the memory's own layout. They are
@@ -37,6 +37,7 @@ import numpy as np
 from engine.bundle import BUNDLE_YAML, Bundle, load_bundle, sha256_file, software_versions, write_bundle_yaml
 from engine.errors import DaadError
 from engine.preprocess import preprocess
+from engine.saved_frames import event_id_of
 
 from .capture import image_folder, read_image_files
 
@@ -47,7 +48,6 @@ NORMS_SUFFIX = ".half_sq_norms"  # (N,) initializer: |m|^2 / 2 per item
 CAP_KEYS = {"block_memory": "memory_items", "coarse_memory": "coarse_memory_items"}  # model config key of each cap
 DISTANCE_CHUNK = 1024  # rows per distance block: 1024 x 10 000 items x 4 B = 40 MB
 MAX_TAUGHT_FRAMES = 10_000  # a folder larger than this is a training set: retrain on the desktop instead
-FRAME_SUFFIX = ".jpg"  # the agent's saved frames: <time>_<camera>_<seq>_<event_id>.jpg (agent/frames_store.py)
 
 
 class TeachError(DaadError):
@@ -155,9 +155,9 @@ def frames_for_events(frames_dir: Union[str, Path], event_ids: Sequence[str]) ->
             wanted.append(eid)
     by_id: Dict[str, List[Path]] = {}
     for p in folder.iterdir():
-        stem = p.stem.lower()
-        if p.suffix.lower() == FRAME_SUFFIX and len(stem) > 37 and stem[-37] == "_" and p.is_file():
-            by_id.setdefault(stem[-36:], []).append(p)
+        frame_id = event_id_of(p)
+        if frame_id is not None and p.is_file():
+            by_id.setdefault(frame_id, []).append(p)
     missing = [e for e in wanted if e not in by_id]
     if missing:
         raise TeachError(f"{folder}: no saved frame for {len(missing)} of {len(wanted)} event id(s) "

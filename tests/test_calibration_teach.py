@@ -20,6 +20,7 @@ from engine.check import check_bundle
 from engine.errors import BundleError, ThresholdsError
 from engine.onnxruntime_backend import OnnxRuntimeBackend
 from engine.preprocess import list_images, preprocess, preprocess_batch, read_image
+from engine.saved_frames import event_id_of, frame_file_name
 from tests.bundle_factory import make_template_bundle
 from train.checkpoint import load_model
 from train.config import TrainConfig, preset
@@ -28,6 +29,19 @@ from train.fit import fit
 
 
 # -- pure: the memory's cap ------------------------------------------------------------------------
+def test_a_saved_frame_name_gives_back_its_event_id_and_only_that() -> None:
+    from datetime import datetime, timezone
+    import uuid
+
+    eid = str(uuid.uuid4())
+    when = datetime(2026, 12, 7, 11, 0, 0, 123456, tzinfo=timezone.utc)
+    name = frame_file_name(when, "cam0", 42, eid)
+    assert name.startswith("20261207T110000.123456Z_cam0_00000042_") and event_id_of(Path(name)) == eid
+    assert event_id_of(Path(name.upper().replace(".JPG", ".jpg"))) == eid  # ids compare in lower case
+    assert event_id_of(Path(frame_file_name(when, "cam0", 42))) is None  # saved before names carried the id
+    assert event_id_of(Path(name[:-4] + ".png")) is None and event_id_of(Path("x" + eid + ".jpg")) is None
+
+
 def test_near_duplicates_go_first_and_a_close_pair_keeps_one() -> None:
     old = np.array([[0.0, 0.0], [0.0, 0.01], [5.0, 5.0], [10.0, 0.0]], dtype=np.float32)
     new = np.array([[10.0, 0.02]], dtype=np.float32)  # a taught block right beside old item 3
