@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from engine.thresholds import Thresholds, save_thresholds
 from engine.errors import ThresholdsError
@@ -13,25 +14,38 @@ from train.report import calibrated_threshold, caught_counts, per_type_rows
 
 
 def test_the_calibrated_threshold_is_read_from_calibrations_own_file(tmp_path: Path) -> None:
-    path = save_thresholds(tmp_path / "thresholds.yaml", Thresholds(
-        image_threshold=6.4, pixel_threshold=9.0, min_defect_area=8, bundle_sha256="a" * 64, strategy="gpd",
-        target_false_alarm_rate=0.02))
+    path = thresholds_file(tmp_path / "thresholds.yaml")
     got = calibrated_threshold(path)
     assert got.value == 6.4 and got.calibrated
     assert got.label == "calibrated threshold 6.4 (the agent's, thresholds.yaml)"
 
 
-@pytest.mark.parametrize("text,expected", [
-    (None, "thresholds file not found"),  # no file at all
-    ("image_threshold: [1\n", "not valid YAML"),
-    ("pixel_threshold: 3\n", "missing field `image_threshold`"),
-    ("image_threshold: high\n", "field `image_threshold` is 'high', expected a finite number"),
-    ("image_threshold: .nan\n", "field `image_threshold` is nan, expected a finite number"),
+def thresholds_file(path: Path) -> Path:
+    return save_thresholds(path, Thresholds(
+        image_threshold=6.4, pixel_threshold=9.0, min_defect_area=8, bundle_sha256="a" * 64, strategy="gpd",
+        target_false_alarm_rate=0.02))
+
+
+@pytest.mark.parametrize("change,expected", [
+    ("missing", "thresholds file not found"),  # no file at all
+    ("yaml", "not valid YAML"),
+    ("drop", "image_threshold: got nothing, expected a value (this key is required)"),
+    ("high", "image_threshold: got 'high', expected a number"),
+    ("nan", "image_threshold: got nan, expected a finite number"),
 ])
-def test_a_bad_thresholds_file_is_one_line_naming_file_field_and_fix(tmp_path: Path, text: str, expected: str) -> None:
+def test_a_bad_thresholds_file_is_one_line_naming_file_field_and_fix(tmp_path: Path, change: str,
+                                                                      expected: str) -> None:
+    """The agent's own reader (engine.thresholds) reads the file, so eval refuses what the agent would refuse."""
     path = tmp_path / "t.yaml"
-    if text is not None:
-        path.write_text(text)
+    if change == "yaml":
+        path.write_text("image_threshold: [1\n")
+    elif change != "missing":
+        data = yaml.safe_load(thresholds_file(path).read_text())
+        if change == "drop":
+            del data["image_threshold"]
+        else:
+            data["image_threshold"] = {"high": "high", "nan": float("nan")}[change]
+        path.write_text(yaml.safe_dump(data))
     with pytest.raises(ThresholdsError) as info:
         calibrated_threshold(path)
     message = str(info.value)

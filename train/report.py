@@ -1,8 +1,8 @@
 """The evaluation report a trainer reads: report.html beside metrics.json and the plots of `daad-train eval`,
 built from the same pieces as the calibration report (engine.report_html).
 
-The calibrated threshold comes from a thresholds.yaml read here with YAML alone: train/ does not import
-calibration/ (which the agent's side owns), and only the threshold's value and origin are needed.
+The calibrated threshold comes from thresholds.yaml read by its one owner, engine.thresholds (the agent's reader), so
+a file the agent would refuse is refused here with the same message.
 """
 from __future__ import annotations
 
@@ -12,15 +12,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from engine import report_html as rh
 from engine.bundle import atomic_write_text
-from engine.errors import ThresholdsError
 from engine.messages import pct
-from engine.validation import read_yaml
+from engine.thresholds import load_thresholds
 
 from .metrics import AUPRO_FPR_LIMIT
 from .plots import Threshold
 
 REPORT_HTML = "report.html"
-FIX = "pass the thresholds.yaml written by `daad-calibrate fit`"
 
 
 def best_f1_threshold(value: float) -> Threshold:
@@ -28,21 +26,11 @@ def best_f1_threshold(value: float) -> Threshold:
 
 
 def calibrated_threshold(path: Path) -> Threshold:
-    """The image threshold the agent uses, from thresholds.yaml; one clear error when the file is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise ThresholdsError(f"{path}: thresholds file not found; {FIX}")
-    data = read_yaml(path, ThresholdsError, FIX)
-    if not isinstance(data, dict) or "image_threshold" not in data:
-        raise ThresholdsError(f"{path}: missing field `image_threshold`; {FIX}")
-    value = data["image_threshold"]
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not math.isfinite(number):
-        raise ThresholdsError(f"{path}: field `image_threshold` is {value!r}, expected a finite number; {FIX}")
-    return Threshold(number, f"calibrated threshold {number:.4g} (the agent's, {path.name})", calibrated=True)
+    """The image threshold the agent uses, from thresholds.yaml; ThresholdsError naming the file, field and fix.
+    Not bound to a bundle: `daad-train eval` scores a checkpoint, which has no bundle digest."""
+    thresholds = load_thresholds(path)
+    value = thresholds.image_threshold
+    return Threshold(value, f"calibrated threshold {value:.4g} (the agent's, {Path(path).name})", calibrated=True)
 
 
 def caught_counts(scores: Sequence[float], types: Sequence[str], threshold: Threshold) -> Dict[str, Tuple[int, int]]:
