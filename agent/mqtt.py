@@ -41,6 +41,7 @@ PUMP_IDLE_S = 0.5  # the pump wakes at least this often, even if nobody notifies
 # After a reconnect paho resends its unacknowledged messages itself; new events wait for the first
 # acknowledgement (which comes after those resends) so the order is kept. Bound that wait.
 RESEND_HOLD_MAX_S = 2.0
+DRIFT_BACKLOG = 100  # drift changes kept while they cannot be sent (they are minutes apart on a line)
 FLUSH_POLL_S = 0.05
 ERROR_LOG_INTERVAL_S = 30.0  # repeated pump errors (and memory drops) are logged at most this often
 SPOOL_RETRY_S = 0.5  # a full disk is retried this often (not on every event: each try costs an fsync)
@@ -147,6 +148,19 @@ class Topics(NamedTuple):
     defects: str
     status: str
     drift: str
+
+
+def queue_retained(waiting: List[Tuple[str, bytes]], message: Tuple[str, bytes, bool]) -> List[Tuple[str, bytes]]:
+    """`waiting` with (topic, payload, every) added last: a topic sent `every` time keeps its earlier payloads (its
+    DRIFT_BACKLOG latest), any other keeps only this one (the latest status is all a consumer needs)."""
+    topic, data, every = message
+    kept = [m for m in waiting if m[0] != topic] if not every else list(waiting)
+    kept.append((topic, data))
+    if every:
+        mine = [i for i, m in enumerate(kept) if m[0] == topic]
+        drop = set(mine[:-DRIFT_BACKLOG])
+        kept = [m for i, m in enumerate(kept) if i not in drop]
+    return kept
 
 
 def topics(settings: MqttSettings) -> Topics:
@@ -312,7 +326,8 @@ class EventPublisher:
         self._pending: Dict[int, Optional[str]] = {}  # paho mid -> event_id (None: availability/status)
         self._early_acks: Set[int] = set()  # acks that arrived before publish() returned their mid
         self._acked: List[str] = []  # acknowledged event ids not yet removed from the spool
-        self._latest_retained: Dict[str, bytes] = {}  # topic -> latest status / drift payload not yet sent
+        # Retained messages not yet sent, oldest first: the latest status only, every drift change (see queue_retained).
+        self._retained_waiting: List[Tuple[str, bytes]] = []
         self._wake = False
         self._stopping = False
         self._problem: Optional[ConnectProblem] = None  # why the attempts fail now; None once connected
@@ -461,16 +476,17 @@ class EventPublisher:
 
     def publish_status(self, payload: Dict[str, Any]) -> None:
         """Retained, QoS 1, not spooled: only the latest status is kept and sent once connected."""
-        self._publish_retained(self.topics.status, payload)
+        self._publish_retained(self.topics.status, payload, every=False)
 
     def publish_drift(self, payload: Dict[str, Any]) -> None:
-        """Retained, QoS 1, not spooled, like the status: the latest drift state is what a consumer needs."""
-        self._publish_retained(self.topics.drift, payload)
+        """Retained, QoS 1, not spooled: every change is sent, in order (a consumer may log each warning), even when
+        changes come faster than the pump sends or while the broker is away; beyond DRIFT_BACKLOG the oldest go."""
+        self._publish_retained(self.topics.drift, payload, every=True)
 
-    def _publish_retained(self, topic: str, payload: Dict[str, Any]) -> None:
+    def _publish_retained(self, topic: str, payload: Dict[str, Any], every: bool) -> None:
         data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
         with self._cv:
-            self._latest_retained[topic] = data
+            self._retained_waiting = queue_retained(self._retained_waiting, (topic, data, every))
             self._wake = True
             self._cv.notify_all()
 
@@ -724,10 +740,15 @@ class EventPublisher:
                 self._published += 1
 
     def _send_latest_status(self) -> None:
-        """The latest status and drift messages (retained); one that cannot be sent waits for the next try."""
+        """The waiting status and drift messages (retained), in order; from the first that cannot be sent on, they
+        wait for the next try, still in order and before any queued meanwhile."""
         with self._cv:
-            waiting, self._latest_retained = self._latest_retained, {}
-        for topic, data in waiting.items():
+            waiting, self._retained_waiting = self._retained_waiting, []
+        for i, (topic, data) in enumerate(waiting):
             if self._send(topic, data, retain=True, event_id=None) is None:
                 with self._cv:
-                    self._latest_retained.setdefault(topic, data)
+                    queued_meanwhile, self._retained_waiting = self._retained_waiting, []
+                    for topic_, data_ in waiting[i:] + queued_meanwhile:
+                        self._retained_waiting = queue_retained(
+                            self._retained_waiting, (topic_, data_, topic_ == self.topics.drift))
+                return

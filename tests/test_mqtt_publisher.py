@@ -25,12 +25,14 @@ import pytest
 from pydantic import ValidationError
 
 from agent.mqtt import (
+    DRIFT_BACKLOG,
     MAX_IN_FLIGHT,
     EventPublisher,
     MqttSettings,
     SpoolSettings,
     TlsSettings,
     resolve_password,
+    queue_retained,
     topics,
 )
 from agent.payloads import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE
@@ -375,6 +377,36 @@ def test_status_is_retained_latest_wins_and_not_spooled(
     assert wait_for(lambda: sub.last("status") == b'{"n":2}')
     assert {qos for _, _, qos in sub.on("status")} == {1}
     assert retained(mosquitto.port, "status") == b'{"n":2}'
+
+
+def test_queued_retained_keeps_the_latest_status_and_every_drift_change_in_order() -> None:
+    waiting: List[Tuple[str, bytes]] = []
+    for message in [("s", b"1", False), ("d", b"a", True), ("s", b"2", False), ("d", b"b", True)]:
+        waiting = queue_retained(waiting, message)
+    assert waiting == [("d", b"a"), ("s", b"2"), ("d", b"b")]
+    for n in range(DRIFT_BACKLOG + 5):
+        waiting = queue_retained(waiting, ("d", str(n).encode(), True))
+    drift = [data for topic, data in waiting if topic == "d"]
+    assert len(drift) == DRIFT_BACKLOG and drift[-1] == str(DRIFT_BACKLOG + 4).encode()  # the oldest gave way
+    assert ("s", b"2") in waiting
+
+
+def test_every_drift_change_made_while_the_broker_is_away_arrives_in_order(
+    mosquitto: MosquittoBroker, tmp_path: Path, stack: contextlib.ExitStack
+) -> None:
+    """A consumer may log each warning: drift changes are not merged into the latest, unlike the status."""
+    sub = persistent_subscriber(stack, mosquitto)
+    mosquitto.stop()
+    pub = started_publisher(stack, make_settings(mosquitto), open_spool(stack, tmp_path / "spool.db"))
+    states = ["collecting", "warning", "recalibrate", "warning", "ok"]
+    for n, state in enumerate(states):
+        pub.publish_drift({"state": state})
+        pub.publish_status({"n": n})
+    mosquitto.start()
+    assert wait_for(lambda: len(sub.on("drift")) >= len(states) and sub.last("status") == b'{"n":4}')
+    assert [json.loads(p)["state"] for p, _, _ in sub.on("drift")] == states
+    assert [p for p, _, _ in sub.on("status")] == [b'{"n":4}']
+    assert retained(mosquitto.port, "drift") == b'{"state":"ok"}'
 
 
 # -- outages and restarts -------------------------------------------------------------------------
