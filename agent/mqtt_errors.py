@@ -94,10 +94,12 @@ def from_tls_text(text: str, settings: Any) -> ConnectProblem:
         return ConnectProblem("tls-client-cert-refused", f"TLS: the broker refused this device's certificate "
                                                          f"{tls.cert_file} ({text}); have it signed by a CA the broker "
                                                          f"trusts, or renew it ({_tls_key('cert_file')})")
-    if "EOF" in upper and not has_cert:  # TLS 1.3: the broker may close before its alert is read
+    if "EOF" in upper:  # TLS 1.3: the broker may close before its alert (no certificate, or a refused one) is read
+        fix = (f"if it requires client certificates, check that {tls.cert_file} is signed by a CA the broker trusts "
+               f"and not expired ({_tls_key('cert_file')})" if has_cert else
+               f"if it requires client certificates, set {_tls_key('cert_file')} and {_tls_key('key_file')}")
         return ConnectProblem("tls-closed", f"TLS: the broker closed the connection right after the handshake "
-                                            f"({text}); if it requires client certificates, set "
-                                            f"{_tls_key('cert_file')} and {_tls_key('key_file')}")
+                                            f"({text}); {fix}")
     if any(name in upper for name in _NOT_TLS):
         return ConnectProblem("tls-not-tls", f"TLS: port {settings.port} does not speak TLS ({text}); use the broker's "
                                              f"TLS port (usually 8883) or remove {CONFIG_KEY}.tls")

@@ -40,6 +40,11 @@ def test_socket_errors_before_connack() -> None:
     assert from_socket_error(None, TLS).reason == "closed-before-connack"
     eof = from_socket_error("EOF occurred in violation of protocol (_ssl.c:2427)", TLS)  # TLS 1.3, alert not read
     assert eof.reason == "tls-closed" and "set mqtt.tls.cert_file" in eof.text
+    # with a certificate: the broker refused it, but closed before its alert was read (seen under load)
+    with_cert = MqttSettings(station="s", host="broker.local", port=8883, tls=TlsSettings(
+        ca_file=Path("/etc/ca.pem"), cert_file=Path("/etc/dev.pem"), key_file=Path("/etc/dev.key")))
+    eof = from_socket_error("EOF occurred in violation of protocol (_ssl.c:2427)", with_cert)
+    assert eof.reason == "tls-closed" and "check that /etc/dev.pem is signed by a CA the broker trusts" in eof.text
 
 
 @pytest.mark.parametrize(
