@@ -154,12 +154,10 @@ def queue_retained(waiting: List[Tuple[str, bytes]], message: Tuple[str, bytes, 
     """`waiting` with (topic, payload, every) added last: a topic sent `every` time keeps its earlier payloads (its
     DRIFT_BACKLOG latest), any other keeps only this one (the latest status is all a consumer needs)."""
     topic, data, every = message
-    kept = [m for m in waiting if m[0] != topic] if not every else list(waiting)
-    kept.append((topic, data))
-    if every:
-        mine = [i for i, m in enumerate(kept) if m[0] == topic]
-        drop = set(mine[:-DRIFT_BACKLOG])
-        kept = [m for i, m in enumerate(kept) if i not in drop]
+    kept = [m for m in waiting if every or m[0] != topic] + [(topic, data)]
+    mine = [m for m in kept if m[0] == topic]
+    if len(mine) > DRIFT_BACKLOG:  # one message is added at a time: at most the oldest goes
+        kept.remove(mine[0])
     return kept
 
 
@@ -476,19 +474,23 @@ class EventPublisher:
 
     def publish_status(self, payload: Dict[str, Any]) -> None:
         """Retained, QoS 1, not spooled: only the latest status is kept and sent once connected."""
-        self._publish_retained(self.topics.status, payload, every=False)
+        self._publish_retained(self.topics.status, payload)
 
     def publish_drift(self, payload: Dict[str, Any]) -> None:
         """Retained, QoS 1, not spooled: every change is sent, in order (a consumer may log each warning), even when
         changes come faster than the pump sends or while the broker is away; beyond DRIFT_BACKLOG the oldest go."""
-        self._publish_retained(self.topics.drift, payload, every=True)
+        self._publish_retained(self.topics.drift, payload)
 
-    def _publish_retained(self, topic: str, payload: Dict[str, Any], every: bool) -> None:
+    def _publish_retained(self, topic: str, payload: Dict[str, Any]) -> None:
         data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
         with self._cv:
-            self._retained_waiting = queue_retained(self._retained_waiting, (topic, data, every))
+            self._queue_retained(topic, data)
             self._wake = True
             self._cv.notify_all()
+
+    def _queue_retained(self, topic: str, data: bytes) -> None:
+        """Queue a retained message (the caller holds self._cv): every drift change, the latest status only."""
+        self._retained_waiting = queue_retained(self._retained_waiting, (topic, data, topic == self.topics.drift))
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until every spooled event is acknowledged; False on timeout."""
@@ -749,6 +751,5 @@ class EventPublisher:
                 with self._cv:
                     queued_meanwhile, self._retained_waiting = self._retained_waiting, []
                     for topic_, data_ in waiting[i:] + queued_meanwhile:
-                        self._retained_waiting = queue_retained(
-                            self._retained_waiting, (topic_, data_, topic_ == self.topics.drift))
+                        self._queue_retained(topic_, data_)
                 return
